@@ -1,0 +1,10 @@
+//! midas-serve: monocular depth estimation with MiDaS v2.1 small on Burn, served over HTTP.
+//!
+//! The crate is a library so that the binary, `model-import`, the integration tests and the
+//! benchmarks all drive the same code: [`model`] defines the network, [`weights`] fills it,
+//! [`backend`] picks the device, [`pipeline`] turns images into depth maps.
+
+pub mod backend;
+pub mod model;
+pub mod pipeline;
+pub mod weights;

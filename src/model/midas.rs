@@ -1,0 +1,89 @@
+//! `MidasNet_small` of `midas/midas_net_custom.py` with `features=64`, `expand=True`,
+//! `non_negative=True` and `align_corners=True`: the `midas_v21_small_256` model.
+
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::Conv2d;
+use burn::prelude::*;
+
+use super::{EfficientNetLite3, FeatureFusionBlock, OutputHead, conv2d};
+
+/// Decoder width (`features=64`); with `expand=True` the four levels use 64, 128, 256 and 512.
+const FEATURES: usize = 64;
+
+/// Encoder channels of `layer1`..`layer4` for EfficientNet-Lite3.
+const ENCODER_CHANNELS: [usize; 4] = [32, 48, 136, 384];
+
+/// Upstream's `scratch`: the 3x3 projections of the encoder features (`layerN_rn`, no bias),
+/// the four fusion blocks and the output head.
+#[derive(Module, Debug)]
+pub struct Scratch {
+    layer1_rn: Conv2d,
+    layer2_rn: Conv2d,
+    layer3_rn: Conv2d,
+    layer4_rn: Conv2d,
+    refinenet1: FeatureFusionBlock,
+    refinenet2: FeatureFusionBlock,
+    refinenet3: FeatureFusionBlock,
+    refinenet4: FeatureFusionBlock,
+    output_conv: OutputHead,
+}
+
+impl Scratch {
+    fn new(device: &Device) -> Self {
+        let width = |level: usize| FEATURES << level;
+        let projection = |level: usize| {
+            conv2d(
+                device,
+                [ENCODER_CHANNELS[level], width(level)],
+                3,
+                1,
+                1,
+                PaddingConfig2d::Explicit(1, 1, 1, 1),
+                false,
+            )
+        };
+        Self {
+            layer1_rn: projection(0),
+            layer2_rn: projection(1),
+            layer3_rn: projection(2),
+            layer4_rn: projection(3),
+            // refinenet1 is built without `expand` upstream, so it keeps 64 channels.
+            refinenet1: FeatureFusionBlock::new(device, width(0), false, true),
+            refinenet2: FeatureFusionBlock::new(device, width(1), true, true),
+            refinenet3: FeatureFusionBlock::new(device, width(2), true, true),
+            refinenet4: FeatureFusionBlock::new(device, width(3), true, false),
+            output_conv: OutputHead::new(device, FEATURES),
+        }
+    }
+}
+
+/// MiDaS v2.1 small: EfficientNet-Lite3 encoder (`pretrained`) and fusion decoder (`scratch`).
+///
+/// Input: `[batch, 3, H, W]`, normalised RGB with H and W multiples of 32.
+/// Output: `[batch, H, W]` relative inverse depth (larger is nearer), non-negative.
+#[derive(Module, Debug)]
+pub struct MidasSmall {
+    pretrained: EfficientNetLite3,
+    scratch: Scratch,
+}
+
+impl MidasSmall {
+    /// Builds the network with every parameter zero; fill it with [`crate::weights`].
+    pub fn new(device: &Device) -> Self {
+        Self {
+            pretrained: EfficientNetLite3::new(device),
+            scratch: Scratch::new(device),
+        }
+    }
+
+    /// Runs the network.
+    pub fn forward(&self, input: Tensor<4>) -> Tensor<3> {
+        let [layer1, layer2, layer3, layer4] = self.pretrained.forward(input);
+        let s = &self.scratch;
+        let path4 = s.refinenet4.forward(s.layer4_rn.forward(layer4), None);
+        let path3 = s.refinenet3.forward(path4, Some(s.layer3_rn.forward(layer3)));
+        let path2 = s.refinenet2.forward(path3, Some(s.layer2_rn.forward(layer2)));
+        let path1 = s.refinenet1.forward(path2, Some(s.layer1_rn.forward(layer1)));
+        s.output_conv.forward(path1).squeeze_dim(1)
+    }
+}

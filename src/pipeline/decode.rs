@@ -1,0 +1,192 @@
+//! Step 1: bytes to RGB pixels. JPEG, PNG and WebP through the `image` crate; alpha is dropped
+//! and grey expanded, as upstream's `cv2.imread(path)` does.
+//!
+//! [`probe`] reads only the header, so a caller holding the first bytes of an upload can refuse
+//! an image whose declared size exceeds its pixel budget before a single pixel is decoded.
+
+use std::io::{Cursor, ErrorKind};
+
+use image::{ImageDecoder, ImageReader, Limits, RgbImage};
+use serde::Serialize;
+
+/// The image formats the service accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    /// JPEG / JFIF.
+    Jpeg,
+    /// PNG (8 or 16 bits, any colour type).
+    Png,
+    /// WebP, lossy or lossless.
+    Webp,
+}
+
+impl ImageFormat {
+    /// The format with this file extension (case-insensitive), if accepted.
+    pub fn from_extension(extension: &str) -> Option<Self> {
+        match extension.to_ascii_lowercase().as_str() {
+            "jpg" | "jpeg" | "jpe" | "jfif" => Some(Self::Jpeg),
+            "png" => Some(Self::Png),
+            "webp" => Some(Self::Webp),
+            _ => None,
+        }
+    }
+
+    /// The format a file's first bytes announce, if accepted.
+    pub fn sniff(bytes: &[u8]) -> Option<Self> {
+        match image::guess_format(bytes).ok()? {
+            image::ImageFormat::Jpeg => Some(Self::Jpeg),
+            image::ImageFormat::Png => Some(Self::Png),
+            image::ImageFormat::WebP => Some(Self::Webp),
+            _ => None,
+        }
+    }
+
+    fn as_image(self) -> image::ImageFormat {
+        match self {
+            Self::Jpeg => image::ImageFormat::Jpeg,
+            Self::Png => image::ImageFormat::Png,
+            Self::Webp => image::ImageFormat::WebP,
+        }
+    }
+}
+
+/// What an image's header says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageHeader {
+    /// The container format.
+    pub format: ImageFormat,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+}
+
+/// Why an image could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The bytes are not JPEG, PNG or WebP.
+    #[error("not a JPEG, PNG or WebP image")]
+    UnsupportedFormat,
+    /// The file ends before the image does.
+    #[error("the {0:?} image is truncated")]
+    Truncated(ImageFormat),
+    /// The header declares more pixels than allowed.
+    #[error("the image is {width}x{height} ({pixels} pixels), above the limit of {limit} pixels")]
+    TooManyPixels {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// width x height.
+        pixels: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A zero width or height.
+    #[error("the image has no pixels ({width}x{height})")]
+    Empty {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+    },
+    /// The decoder rejected the data.
+    #[error("the {format:?} image is corrupt: {message}")]
+    Corrupt {
+        /// The format the bytes claimed.
+        format: ImageFormat,
+        /// The decoder's message.
+        message: String,
+    },
+}
+
+fn classify(format: ImageFormat, error: image::ImageError) -> DecodeError {
+    match &error {
+        image::ImageError::IoError(io) if io.kind() == ErrorKind::UnexpectedEof => DecodeError::Truncated(format),
+        image::ImageError::Limits(_) => DecodeError::Corrupt {
+            format,
+            message: format!("exceeds the decoder's memory limit ({error})"),
+        },
+        _ => DecodeError::Corrupt { format, message: error.to_string() },
+    }
+}
+
+/// Reads the header from the first bytes of an image.
+///
+/// `Ok(None)` means more bytes are needed to see the whole header; the answer is final once
+/// `complete` is true (the caller has the whole file).
+pub fn probe(bytes: &[u8], complete: bool) -> Result<Option<ImageHeader>, DecodeError> {
+    let Some(format) = ImageFormat::sniff(bytes) else {
+        // A dozen bytes are enough for every signature we accept.
+        return if bytes.len() < 16 && !complete { Ok(None) } else { Err(DecodeError::UnsupportedFormat) };
+    };
+    let decoder = ImageReader::with_format(Cursor::new(bytes), format.as_image()).into_decoder();
+    match decoder {
+        Ok(decoder) => {
+            let (width, height) = decoder.dimensions();
+            Ok(Some(ImageHeader { format, width, height }))
+        }
+        Err(error) => match classify(format, error) {
+            DecodeError::Truncated(_) if !complete => Ok(None),
+            other => Err(other),
+        },
+    }
+}
+
+/// Bounds on what [`decode`] accepts, checked on the header before any pixel is decoded.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeLimits {
+    /// Largest width x height.
+    pub max_pixels: u64,
+}
+
+impl DecodeLimits {
+    /// Refuses a header whose pixel count is zero or above the limit.
+    pub fn check(&self, header: &ImageHeader) -> Result<(), DecodeError> {
+        let (width, height) = (header.width, header.height);
+        let pixels = u64::from(width) * u64::from(height);
+        if pixels == 0 {
+            return Err(DecodeError::Empty { width, height });
+        }
+        if pixels > self.max_pixels {
+            return Err(DecodeError::TooManyPixels { width, height, pixels, limit: self.max_pixels });
+        }
+        Ok(())
+    }
+}
+
+/// Decodes a whole image to 8-bit RGB.
+pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, DecodeError> {
+    let header = probe(bytes, true)?.ok_or(DecodeError::UnsupportedFormat)?;
+    limits.check(&header)?;
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), header.format.as_image());
+    let mut decoder_limits = Limits::default();
+    // Room for the decoded image at up to 16 bits and 4 channels, plus decoder scratch.
+    decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    reader.limits(decoder_limits);
+    let image = reader.decode().map_err(|e| classify(header.format, e))?;
+    Ok(image.into_rgb8())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extension_and_signature() {
+        assert_eq!(ImageFormat::from_extension("JPG"), Some(ImageFormat::Jpeg));
+        assert_eq!(ImageFormat::from_extension("gif"), None);
+        assert_eq!(ImageFormat::sniff(b"\x89PNG\r\n\x1a\n...."), Some(ImageFormat::Png));
+        assert_eq!(ImageFormat::sniff(b"GIF89a......"), None);
+    }
+
+    #[test]
+    fn probe_waits_for_more_bytes_then_decides() {
+        let png = b"\x89PNG\r\n\x1a\n";
+        assert!(matches!(probe(png, false), Ok(None)));
+        assert!(matches!(probe(png, true), Err(DecodeError::Truncated(ImageFormat::Png))));
+        assert!(matches!(probe(b"hello", false), Ok(None)));
+        assert!(matches!(probe(b"hello", true), Err(DecodeError::UnsupportedFormat)));
+    }
+}

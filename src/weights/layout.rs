@@ -1,0 +1,114 @@
+//! How upstream's state-dict keys name this crate's parameters.
+//!
+//! Burn names a parameter by its field path; upstream's names come from `nn.Sequential` indices
+//! and camel-case attributes. Each rename below is a prefix substitution, so it runs both ways:
+//! upstream to Burn when loading a checkpoint, Burn to upstream when generating the synthetic
+//! weights from the upstream keys. Keys no rule matches are already the same on both sides
+//! (`scratch.layer1_rn.weight`, `scratch.refinenet2.out_conv.bias`, ...).
+
+/// `(upstream prefix, Burn prefix)` pairs.
+const RENAMES: &[(&str, &str)] = &[
+    // MiDaS wraps the backbone's pieces into `layer1`..`layer4` sequentials:
+    // layer1 = [conv_stem, bn1, act1, blocks[0], blocks[1]], layer2 = [blocks[2]],
+    // layer3 = [blocks[3], blocks[4]], layer4 = [blocks[5], blocks[6]].
+    ("pretrained.layer1.0.", "pretrained.conv_stem."),
+    ("pretrained.layer1.1.", "pretrained.bn1."),
+    ("pretrained.layer1.3.0.", "pretrained.stem_block."),
+    ("pretrained.layer1.4.", "pretrained.stages.0."),
+    ("pretrained.layer2.0.", "pretrained.stages.1."),
+    ("pretrained.layer3.0.", "pretrained.stages.2."),
+    ("pretrained.layer3.1.", "pretrained.stages.3."),
+    ("pretrained.layer4.0.", "pretrained.stages.4."),
+    ("pretrained.layer4.1.", "pretrained.stages.5."),
+    // The fusion blocks' camel-case units.
+    ("scratch.refinenet1.resConfUnit1.", "scratch.refinenet1.res_conf_unit1."),
+    ("scratch.refinenet1.resConfUnit2.", "scratch.refinenet1.res_conf_unit2."),
+    ("scratch.refinenet2.resConfUnit1.", "scratch.refinenet2.res_conf_unit1."),
+    ("scratch.refinenet2.resConfUnit2.", "scratch.refinenet2.res_conf_unit2."),
+    ("scratch.refinenet3.resConfUnit1.", "scratch.refinenet3.res_conf_unit1."),
+    ("scratch.refinenet3.resConfUnit2.", "scratch.refinenet3.res_conf_unit2."),
+    ("scratch.refinenet4.resConfUnit2.", "scratch.refinenet4.res_conf_unit2."),
+    // The output head's sequential: [conv, interpolate, conv, relu, conv, relu, identity].
+    ("scratch.output_conv.0.", "scratch.output_conv.conv1."),
+    ("scratch.output_conv.2.", "scratch.output_conv.conv2."),
+    ("scratch.output_conv.4.", "scratch.output_conv.conv3."),
+];
+
+/// The key whose presence identifies a MiDaS small state dict and reveals any prefix before it.
+pub const ANCHOR_KEY: &str = "pretrained.layer1.0.weight";
+
+/// Prefixes fine-tuning scripts commonly leave on keys (`DataParallel`'s `module.`, Lightning's
+/// `model.`), detected and removed automatically.
+pub const KNOWN_PREFIXES: &[&str] = &["module.", "model."];
+
+fn rename(key: &str, from_upstream: bool) -> String {
+    for (upstream, burn) in RENAMES {
+        let (from, to) = if from_upstream { (upstream, burn) } else { (burn, upstream) };
+        if let Some(rest) = key.strip_prefix(from) {
+            return format!("{to}{rest}");
+        }
+    }
+    key.to_string()
+}
+
+/// The Burn parameter path for an upstream key.
+pub fn to_burn(upstream_key: &str) -> String {
+    rename(upstream_key, true)
+}
+
+/// The upstream key for a Burn parameter path (BatchNorm's `gamma`/`beta` keep Burn's names;
+/// see [`super::synthetic`] for where they become `weight`/`bias`).
+pub fn to_upstream(burn_path: &str) -> String {
+    rename(burn_path, false)
+}
+
+/// Upstream keys that exist in every MiDaS small state dict but hold nothing the forward pass
+/// uses: BatchNorm's step counters, and the first residual unit of the deepest fusion block,
+/// which upstream builds but never calls (it has no skip input).
+pub fn is_unused_upstream_key(key: &str) -> bool {
+    key.ends_with(".num_batches_tracked") || key.starts_with("scratch.refinenet4.resConfUnit1.")
+}
+
+/// Where the state dict starts inside a flattened checkpoint: `""` for a bare state dict,
+/// `"module."` for a `DataParallel` save, `"state_dict."` or `"model."` for a checkpoint dict
+/// (nested dicts are flattened with `.`), or a combination of those. `None` if no key looks like
+/// MiDaS small.
+pub fn detect_prefix<'a>(keys: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    keys.into_iter()
+        .filter_map(|key| key.strip_suffix(ANCHOR_KEY))
+        .filter(|prefix| prefix.is_empty() || prefix.ends_with('.'))
+        .min_by_key(|prefix| prefix.len())
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renames_round_trip() {
+        for upstream in [
+            "pretrained.layer1.0.weight",
+            "pretrained.layer1.3.0.conv_dw.weight",
+            "pretrained.layer4.1.0.bn3.running_var",
+            "scratch.refinenet3.resConfUnit1.conv2.bias",
+            "scratch.output_conv.4.weight",
+            "scratch.layer2_rn.weight",
+        ] {
+            assert_eq!(to_upstream(&to_burn(upstream)), upstream);
+        }
+        assert_eq!(to_burn("pretrained.layer3.1.2.conv_pw.weight"), "pretrained.stages.3.2.conv_pw.weight");
+    }
+
+    #[test]
+    fn prefix_detection() {
+        let keys = ["model.pretrained.layer1.0.weight", "model.scratch.layer1_rn.weight"];
+        assert_eq!(detect_prefix(keys), Some("model.".to_string()));
+        assert_eq!(detect_prefix(["pretrained.layer1.0.weight"]), Some(String::new()));
+        assert_eq!(
+            detect_prefix(["state_dict.module.pretrained.layer1.0.weight", "epoch"]),
+            Some("state_dict.module.".to_string())
+        );
+        assert_eq!(detect_prefix(["xpretrained.layer1.0.weight", "fc.weight"]), None);
+    }
+}

@@ -1,0 +1,141 @@
+//! Deterministic weights from a formula, used when no weights are given and by the parity tests.
+//!
+//! `scripts/reference/synthetic.py` implements the same formula bit for bit, which is what lets
+//! the tests compare against PyTorch on the full-size network without shipping 85 MB of weights.
+//! Each tensor is a SplitMix64 stream seeded by the FNV-1a hash of its upstream key, turned into
+//! f32 values in [-1, 1) with 24 exact bits and scaled with f32 arithmetic both languages perform
+//! identically. The scales keep activations well inside f32 range through the whole network;
+//! the result is a well-conditioned network, not a trained one.
+
+use burn::store::ModuleSnapshot;
+use burn::store::burn_pack::{Bytes, DType, Tensor as PackTensor};
+
+use super::layout;
+use crate::model::MidasSmall;
+
+const FNV_OFFSET: u64 = 0xCBF2_9CE4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01B3;
+const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+fn fnv1a64(text: &str) -> u64 {
+    text.bytes()
+        .fold(FNV_OFFSET, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(FNV_PRIME))
+}
+
+/// `count` values in [-1, 1) from the stream named `name`.
+pub fn uniform(name: &str, count: usize) -> Vec<f32> {
+    let seed = fnv1a64(name);
+    (1..=count as u64)
+        .map(|index| {
+            let mut x = seed.wrapping_add(index.wrapping_mul(GOLDEN_GAMMA));
+            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            x ^= x >> 31;
+            (x >> 40) as f32 * f32::powi(2.0, -23) - 1.0
+        })
+        .collect()
+}
+
+/// What a tensor is, which decides its scale.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A convolution kernel: LeCun-uniform, bound `sqrt(3 / fan_in)` (He's `sqrt(6 / fan_in)`
+    /// makes the untrained network so ill-conditioned that f32 rounding alone moves the output
+    /// by 5e-4 of its range).
+    ConvWeight,
+    /// A convolution bias: within ±0.05.
+    ConvBias,
+    /// BatchNorm scale: 1 ± 0.1.
+    BnWeight,
+    /// BatchNorm shift: within ±0.1.
+    BnBias,
+    /// BatchNorm running mean: within ±0.1.
+    BnRunningMean,
+    /// BatchNorm running variance: 0.75 ± 0.25.
+    BnRunningVar,
+}
+
+/// The synthetic values of the tensor with upstream key `key`.
+pub fn values(key: &str, shape: &[usize], role: Role) -> Vec<f32> {
+    let count = shape.iter().product();
+    let u = uniform(key, count);
+    let affine = |offset: f32, scale: f32| u.iter().map(|v| offset + v * scale).collect();
+    match role {
+        Role::ConvWeight => {
+            let fan_in: usize = shape[1..].iter().product();
+            let bound = (3.0 / fan_in as f64).sqrt() as f32;
+            u.iter().map(|v| v * bound).collect()
+        }
+        Role::ConvBias => u.iter().map(|v| v * 0.05).collect(),
+        Role::BnWeight => affine(1.0, 0.1),
+        Role::BnBias | Role::BnRunningMean => u.iter().map(|v| v * 0.1).collect(),
+        Role::BnRunningVar => affine(0.75, 0.25),
+    }
+}
+
+/// A normalised `[1, 3, height, width]` network input in [-2, 2), as the forward fixtures use.
+pub fn network_input(width: usize, height: usize) -> Vec<f32> {
+    uniform(&format!("input.{width}x{height}"), 3 * height * width)
+        .into_iter()
+        .map(|v| v * 2.0)
+        .collect()
+}
+
+/// The upstream key and role of a Burn parameter path.
+fn upstream_key_and_role(burn_path: &str, rank: usize) -> (String, Role) {
+    let upstream = layout::to_upstream(burn_path);
+    let (parent, leaf) = upstream.rsplit_once('.').unwrap_or(("", &upstream));
+    let (leaf, role) = match leaf {
+        "gamma" => ("weight", Role::BnWeight),
+        "beta" => ("bias", Role::BnBias),
+        "running_mean" => (leaf, Role::BnRunningMean),
+        "running_var" => (leaf, Role::BnRunningVar),
+        "weight" if rank == 4 => (leaf, Role::ConvWeight),
+        _ => (leaf, Role::ConvBias),
+    };
+    (format!("{parent}.{leaf}"), role)
+}
+
+/// Fills every parameter of `model` from the formula, keyed by its upstream name.
+pub fn fill(model: &mut MidasSmall) -> usize {
+    let tensors: Vec<PackTensor> = model
+        .collect(None, None, false)
+        .into_iter()
+        .map(|tensor| {
+            let shape = tensor.shape.to_vec();
+            let (key, role) = upstream_key_and_role(&tensor.name, shape.len());
+            let data = values(&key, &shape, role);
+            PackTensor::new(tensor.name, DType::F32, shape, None, Bytes::from_elems(data))
+        })
+        .collect();
+    let count = tensors.len();
+    model.apply(tensors, None, None, false);
+    count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_is_stable_and_in_range() {
+        let values = uniform("pretrained.layer1.0.weight", 1000);
+        assert!(values.iter().all(|v| (-1.0..1.0).contains(v)));
+        // Pinned against scripts/reference/synthetic.py.
+        assert_eq!(fnv1a64("a"), 0xAF63_DC4C_8601_EC8C);
+        let mean = values.iter().sum::<f32>() / values.len() as f32;
+        assert!(mean.abs() < 0.1, "mean {mean}");
+    }
+
+    #[test]
+    fn batch_norm_leaves_map_to_upstream_names() {
+        assert_eq!(
+            upstream_key_and_role("pretrained.stages.0.1.bn2.gamma", 1),
+            ("pretrained.layer1.4.1.bn2.weight".to_string(), Role::BnWeight)
+        );
+        assert_eq!(
+            upstream_key_and_role("scratch.output_conv.conv3.weight", 4),
+            ("scratch.output_conv.4.weight".to_string(), Role::ConvWeight)
+        );
+    }
+}
