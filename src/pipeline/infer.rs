@@ -11,6 +11,13 @@ use crate::model::MidasSmall;
 #[error("inference failed: {0}")]
 pub struct InferenceError(String);
 
+impl InferenceError {
+    /// An error with this message (to hand one failure to every job of a batch).
+    pub fn from_message(message: String) -> Self {
+        Self(message)
+    }
+}
+
 /// The network on its device.
 #[derive(Debug)]
 pub struct DepthModel {

@@ -17,6 +17,10 @@ pub use preprocess::{NET_SIZE, NetInput, preprocess, target_size};
 
 use bytes::Bytes;
 
+use crate::backend::{Backend, BackendError};
+use crate::config::ModelArgs;
+use crate::weights::{self, FetchOptions, WeightsError, WeightsReport};
+
 /// How a prediction is rendered.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RenderOptions {
@@ -54,4 +58,78 @@ pub fn render(depth: &DepthMap, original: (u32, u32), options: RenderOptions) ->
         }
         OutputFormat::Npy => Box::new(std::iter::once(npy(&depth.data, depth.width, depth.height))),
     })
+}
+
+/// Why a model could not be made ready.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The backend did not start.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The weights could not be fetched or loaded.
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+}
+
+/// Why one image could not be turned into a depth map.
+#[derive(Debug, thiserror::Error)]
+pub enum PredictError {
+    /// The image could not be decoded.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// The forward pass failed.
+    #[error(transparent)]
+    Inference(#[from] InferenceError),
+    /// Post-processing or encoding failed.
+    #[error(transparent)]
+    Render(#[from] RenderError),
+}
+
+/// A model ready to run, with what it is and where its weights came from.
+#[derive(Debug)]
+pub struct Pipeline {
+    /// The network on its device.
+    pub model: DepthModel,
+    /// The backend running it.
+    pub backend: Backend,
+    /// The weights' provenance.
+    pub weights: WeightsReport,
+}
+
+impl Pipeline {
+    /// Starts the backend and loads the weights `args` names (or the untrained model, loudly).
+    pub async fn load(args: &ModelArgs) -> Result<Self, LoadError> {
+        let backend = Backend::init(args.backend)?;
+        match &backend.adapter {
+            Some(adapter) => tracing::info!(backend = %backend.kind, adapter = ?adapter, "backend ready"),
+            None => tracing::info!(backend = %backend.kind, "backend ready"),
+        }
+        let options = FetchOptions { cache_dir: args.cache_dir(), sha256: args.weights_sha256.clone() };
+        let (model, report) = weights::load(args.weights.as_ref(), &options, args.key_prefix.as_deref(), &backend.device).await?;
+        if report.untrained {
+            tracing::warn!(
+                "NO WEIGHTS GIVEN: running the UNTRAINED deterministic model; its depth maps are meaningless. Pass --weights (or MIDAS_WEIGHTS) with a MiDaS v2.1 small checkpoint"
+            );
+        } else {
+            tracing::info!(
+                source = %report.source,
+                format = ?report.format,
+                sha256 = report.sha256.as_deref().unwrap_or(""),
+                tensors = report.tensors,
+                parameters = report.parameters,
+                prefix_stripped = report.prefix_stripped.as_deref().unwrap_or(""),
+                "weights loaded"
+            );
+        }
+        let model = DepthModel::new(model, backend.device.clone());
+        Ok(Self { model, backend, weights: report })
+    }
+
+    /// The whole pipeline for one encoded image, as `midas-serve predict` runs it.
+    pub fn predict(&self, bytes: &[u8], limits: &DecodeLimits, options: RenderOptions) -> Result<EncodedChunks, PredictError> {
+        let image = decode(bytes, limits)?;
+        let original = image.dimensions();
+        let depth = self.model.predict(preprocess(&image))?;
+        Ok(render(&depth, original, options)?)
+    }
 }

@@ -3,8 +3,14 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::{Duration, Instant};
 
-use super::WeightsError;
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use super::{WeightsError, hex, sha256_file};
+use crate::storage::gcs;
 
 /// Where weights come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,13 +73,170 @@ pub struct FetchOptions {
     pub sha256: Option<String>,
 }
 
+/// How long a download may stall before it is abandoned.
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A download logs its progress every this many bytes.
+const PROGRESS_EVERY: u64 = 8 << 20;
+
 impl WeightsLocation {
     /// The cache file for a remote location: a hash of the location plus its file name.
     fn cache_path(&self, cache_dir: &Path) -> PathBuf {
         let text = self.to_string();
-        let digest = super::hex(&<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()));
+        let digest = hex(&Sha256::digest(text.as_bytes()));
         let name = text.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or("weights");
         let safe: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || ".-_".contains(c) { c } else { '_' }).collect();
         cache_dir.join(format!("{}-{safe}", &digest[..16]))
+    }
+}
+
+/// Returns a local file holding the weights: the path itself, or the cached download (made now
+/// if absent, or if a pinned sha256 does not match the cached copy).
+pub async fn fetch(location: &WeightsLocation, options: &FetchOptions) -> Result<PathBuf, WeightsError> {
+    let path = match location {
+        WeightsLocation::Path(path) => {
+            if !path.is_file() {
+                let source = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+                return Err(WeightsError::Io { path: path.clone(), source });
+            }
+            return Ok(path.clone());
+        }
+        remote => remote.cache_path(&options.cache_dir),
+    };
+    if path.is_file() {
+        match &options.sha256 {
+            None => {
+                tracing::info!(location = %location, path = %path.display(), "using cached weights");
+                return Ok(path);
+            }
+            Some(expected) => {
+                let actual = sha256_file(&path).map_err(|source| WeightsError::Io { path: path.clone(), source })?;
+                if actual.eq_ignore_ascii_case(expected) {
+                    tracing::info!(location = %location, path = %path.display(), "using cached weights (sha256 verified)");
+                    return Ok(path);
+                }
+                tracing::warn!(location = %location, "cached weights do not match the pinned sha256; downloading again");
+            }
+        }
+    }
+    let download_error = |message: String| WeightsError::Download { location: location.to_string(), message };
+    tokio::fs::create_dir_all(&options.cache_dir)
+        .await
+        .map_err(|e| download_error(format!("cannot create cache directory {}: {e}", options.cache_dir.display())))?;
+    let partial = path.with_extension("partial");
+    let result = download(location, &partial).await.map_err(download_error);
+    let digest = match result {
+        Ok(digest) => digest,
+        Err(error) => {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(error);
+        }
+    };
+    if let Some(expected) = &options.sha256
+        && !digest.eq_ignore_ascii_case(expected)
+    {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(WeightsError::Checksum { location: location.to_string(), expected: expected.clone(), actual: digest });
+    }
+    tokio::fs::rename(&partial, &path)
+        .await
+        .map_err(|e| download_error(format!("cannot move the download into the cache: {e}")))?;
+    Ok(path)
+}
+
+/// Streams a remote location into `target`, logging progress; returns the sha256.
+async fn download(location: &WeightsLocation, target: &Path) -> Result<String, String> {
+    let mut file = tokio::fs::File::create(target).await.map_err(|e| format!("cannot create {}: {e}", target.display()))?;
+    let mut hasher = Sha256::new();
+    let mut progress = Progress::new(location);
+    let mut write = async |chunk: &[u8], total: Option<u64>| -> Result<(), String> {
+        hasher.update(chunk);
+        file.write_all(chunk).await.map_err(|e| format!("cannot write {}: {e}", target.display()))?;
+        progress.add(chunk.len() as u64, total);
+        Ok(())
+    };
+    match location {
+        WeightsLocation::Url(url) => {
+            let client = reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .read_timeout(STALL_TIMEOUT)
+                .build()
+                .map_err(|e| e.to_string())?;
+            let response = client.get(url).send().await.map_err(|e| describe_reqwest(&e))?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(format!("the server answered {status}"));
+            }
+            let total = response.content_length();
+            let mut body = response.bytes_stream();
+            while let Some(chunk) = body.next().await {
+                write(&chunk.map_err(|e| describe_reqwest(&e))?, total).await?;
+            }
+        }
+        WeightsLocation::Gcs { bucket, object } => {
+            let client = gcs::Client::from_env().await.map_err(|e| e.to_string())?;
+            let mut reader = client.read(bucket, object).await.map_err(|e| e.to_string())?;
+            let total = reader.size();
+            while let Some(chunk) = reader.next_chunk().await.map_err(|e| e.to_string())? {
+                write(&chunk, total).await?;
+            }
+        }
+        WeightsLocation::Path(_) => unreachable!("local paths are not downloaded"),
+    }
+    file.flush().await.map_err(|e| e.to_string())?;
+    file.sync_all().await.map_err(|e| e.to_string())?;
+    progress.done();
+    Ok(hex(&hasher.finalize()))
+}
+
+/// reqwest's error with its causes, which carry the useful part ("connection refused").
+fn describe_reqwest(error: &reqwest::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+/// Logs a download's progress every few megabytes.
+struct Progress {
+    location: String,
+    received: u64,
+    next_report: u64,
+    started: Instant,
+}
+
+impl Progress {
+    fn new(location: &WeightsLocation) -> Self {
+        tracing::info!(location = %location, "downloading weights");
+        Self { location: location.to_string(), received: 0, next_report: PROGRESS_EVERY, started: Instant::now() }
+    }
+
+    fn add(&mut self, bytes: u64, total: Option<u64>) {
+        self.received += bytes;
+        if self.received >= self.next_report {
+            self.next_report += PROGRESS_EVERY;
+            let percent = total.map(|t| format!("{:.0}%", 100.0 * self.received as f64 / t.max(1) as f64));
+            tracing::info!(
+                location = %self.location,
+                received_mib = self.received >> 20,
+                total_mib = total.map(|t| t >> 20),
+                percent = percent.as_deref().unwrap_or("?"),
+                "downloading weights"
+            );
+        }
+    }
+
+    fn done(&self) {
+        let seconds = self.started.elapsed().as_secs_f64();
+        tracing::info!(
+            location = %self.location,
+            bytes = self.received,
+            seconds = format!("{seconds:.1}"),
+            "download complete"
+        );
     }
 }

@@ -25,7 +25,7 @@ use burn::store::{
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-pub use fetch::{FetchOptions, WeightsLocation};
+pub use fetch::{FetchOptions, WeightsLocation, fetch};
 
 use crate::model::MidasSmall;
 
@@ -228,6 +228,28 @@ pub fn untrained(device: &Device) -> (MidasSmall, WeightsReport) {
         outside_state_dict: 0,
     };
     (model, report)
+}
+
+/// Builds the model from `location` (downloaded once into the cache if remote), or the
+/// untrained synthetic model when there is no location.
+pub async fn load(
+    location: Option<&WeightsLocation>,
+    options: &FetchOptions,
+    key_prefix: Option<&str>,
+    device: &Device,
+) -> Result<(MidasSmall, WeightsReport), WeightsError> {
+    let Some(location) = location else {
+        return Ok(untrained(device));
+    };
+    let path = fetch(location, options).await?;
+    let (model, mut report) = load_file(&path, key_prefix, device)?;
+    if let (Some(expected), Some(actual)) = (&options.sha256, &report.sha256)
+        && !actual.eq_ignore_ascii_case(expected)
+    {
+        return Err(WeightsError::Checksum { location: location.to_string(), expected: expected.clone(), actual: actual.clone() });
+    }
+    report.source = location.to_string();
+    Ok((model, report))
 }
 
 /// Loads a local weights file of any supported format.

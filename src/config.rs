@@ -1,0 +1,199 @@
+//! Every setting, as one typed tree filled from command-line flags and environment variables.
+//! `midas-serve --help` (and each subcommand's `--help`) is generated from the doc comments here.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::backend::BackendKind;
+use crate::pipeline::{Colormap, OutputFormat};
+use crate::weights::WeightsLocation;
+
+/// Depth maps from photos with MiDaS v2.1 small, on Burn.
+#[derive(Parser, Debug)]
+#[command(name = "midas-serve", version, about, long_about = None)]
+pub struct Cli {
+    /// Log format: `json` (one object per line), `text`, or `auto` (text on a terminal, else JSON).
+    #[arg(long, env = "MIDAS_LOG_FORMAT", default_value = "auto", global = true)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Text on a terminal, JSON otherwise.
+    Auto,
+    /// One JSON object per line.
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the raw network on a normalised float32 [N,3,H,W] .npy tensor and write [N,H,W].
+    Forward(ForwardArgs),
+    /// Write the depth map the service would return for each image file.
+    Predict(PredictArgs),
+    /// Serve the HTTP API.
+    Serve(Box<ServeArgs>),
+}
+
+/// Which model runs, and where.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Weights: a file path, an https:// URL or gs://bucket/object; PyTorch .pt/.pth,
+    /// .safetensors (upstream MiDaS keys) or .bpk from model-import. Without it the untrained
+    /// deterministic model runs, and every output says so.
+    #[arg(long, env = "MIDAS_WEIGHTS", value_parser = parse_location)]
+    pub weights: Option<WeightsLocation>,
+    /// Expected sha256 (hex) of the weights file; a mismatch stops start-up.
+    #[arg(long, env = "MIDAS_WEIGHTS_SHA256")]
+    pub weights_sha256: Option<String>,
+    /// Prefix to strip from every state-dict key (detected automatically when absent; give ""
+    /// for none).
+    #[arg(long, env = "MIDAS_KEY_PREFIX")]
+    pub key_prefix: Option<String>,
+    /// Backend that runs the network.
+    #[arg(long, env = "MIDAS_BACKEND", default_value_t = default_backend())]
+    pub backend: BackendKind,
+    /// Directory for downloaded weights [default: $XDG_CACHE_HOME/midas-serve or ~/.cache/midas-serve].
+    #[arg(long, env = "MIDAS_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+fn parse_location(text: &str) -> Result<WeightsLocation, String> {
+    text.parse().map_err(|e: crate::weights::WeightsError| e.to_string())
+}
+
+/// flex where it is compiled in (the fastest CPU backend), else the first backend there is.
+fn default_backend() -> BackendKind {
+    let compiled = BackendKind::compiled();
+    if compiled.contains(&BackendKind::Flex) { BackendKind::Flex } else { compiled.first().copied().unwrap_or(BackendKind::Flex) }
+}
+
+impl ModelArgs {
+    /// The download cache directory, resolved.
+    pub fn cache_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.cache_dir {
+            return dir.clone();
+        }
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+            .unwrap_or_else(std::env::temp_dir);
+        base.join("midas-serve")
+    }
+}
+
+/// `midas-serve forward`.
+#[derive(Args, Debug)]
+pub struct ForwardArgs {
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Input tensor: float32 [N,3,H,W], already normalised, H and W multiples of 32.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output tensor: float32 [N,H,W], the raw network output.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Time N forward passes after one warm-up and print a JSON summary on stdout.
+    #[arg(long)]
+    pub repeat: Option<usize>,
+}
+
+/// `midas-serve predict`.
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Directory the results are written to, as `<file stem>.<png|npy>`.
+    #[arg(long)]
+    pub out_dir: PathBuf,
+    /// Colour map of the PNG output.
+    #[arg(long, default_value = "inferno")]
+    pub colormap: Colormap,
+    /// Output: colourised PNG, 16-bit grey PNG or raw float32 .npy.
+    #[arg(long, default_value = "png")]
+    pub format: OutputFormat,
+    /// Largest accepted image, in pixels (width x height), checked before decoding.
+    #[arg(long, env = "MIDAS_MAX_PIXELS", default_value_t = 24_000_000)]
+    pub max_pixels: u64,
+    /// JPEG, PNG or WebP images.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+/// `midas-serve serve`.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, env = "MIDAS_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port to listen on (Cloud Run sets PORT).
+    #[arg(long, env = "PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Where uploads and predictions are stored: a directory (a mounted bucket or plain disk),
+    /// or gs://BUCKET[/PREFIX] through the Cloud Storage API (honours STORAGE_EMULATOR_HOST).
+    #[arg(long, env = "MIDAS_STORE", default_value = "./data")]
+    pub store: String,
+    /// Largest request body, in bytes (413 above).
+    #[arg(long, env = "MIDAS_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes: u64,
+    /// Largest image, in pixels (413 above), checked on the header before decoding.
+    #[arg(long, env = "MIDAS_MAX_PIXELS", default_value_t = 24_000_000)]
+    pub max_pixels: u64,
+    /// Requests waiting for the model beyond the one running; when full, 503 with Retry-After.
+    #[arg(long, env = "MIDAS_QUEUE_SIZE", default_value_t = 16)]
+    pub queue_size: usize,
+    /// Most inputs run through the network together when requests queue up (1 disables batching).
+    #[arg(long, env = "MIDAS_MAX_BATCH", default_value_t = 1)]
+    pub max_batch: usize,
+    /// Most simultaneous connections; further ones wait in the kernel's accept queue.
+    #[arg(long, env = "MIDAS_MAX_CONNECTIONS", default_value_t = 512)]
+    pub max_connections: usize,
+    /// Seconds a client may take to send its request headers.
+    #[arg(long, env = "MIDAS_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_timeout_secs: u64,
+    /// Seconds a whole request may take, upload included (408 or 504 after).
+    #[arg(long, env = "MIDAS_REQUEST_TIMEOUT_SECS", default_value_t = 60)]
+    pub request_timeout_secs: u64,
+    /// Seconds in-flight requests get to finish after SIGTERM (Cloud Run allows 10).
+    #[arg(long, env = "MIDAS_GRACE_PERIOD_SECS", default_value_t = 8)]
+    pub grace_period_secs: u64,
+    /// Seconds a single storage call may take before it counts as failed.
+    #[arg(long, env = "MIDAS_STORE_TIMEOUT_SECS", default_value_t = 30)]
+    pub store_timeout_secs: u64,
+}
+
+impl ServeArgs {
+    /// `--header-timeout-secs` as a duration.
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_timeout_secs)
+    }
+
+    /// `--request-timeout-secs` as a duration.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+
+    /// `--grace-period-secs` as a duration.
+    pub fn grace_period(&self) -> Duration {
+        Duration::from_secs(self.grace_period_secs)
+    }
+
+    /// `--store-timeout-secs` as a duration.
+    pub fn store_timeout(&self) -> Duration {
+        Duration::from_secs(self.store_timeout_secs)
+    }
+}

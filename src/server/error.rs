@@ -1,0 +1,127 @@
+//! The one place request failures become HTTP statuses: every refusal is a JSON body
+//! `{"error": code, "message": ..., "request_id": ...}`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::{Response, StatusCode};
+
+use super::Body;
+use crate::pipeline::DecodeError;
+use crate::storage::StoreError;
+
+/// Why a request was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No route for this path.
+    #[error("no such path: {0}")]
+    NotFound(String),
+    /// The path exists but not for this method.
+    #[error("method {method} is not allowed here; use {allowed}")]
+    MethodNotAllowed {
+        /// The method used.
+        method: String,
+        /// The methods the path accepts.
+        allowed: &'static str,
+    },
+    /// The body is not `multipart/form-data` with a boundary.
+    #[error("{0}")]
+    NotMultipart(String),
+    /// The multipart body is malformed.
+    #[error("malformed multipart body: {0}")]
+    BadMultipart(String),
+    /// No part named `file`.
+    #[error("the form has no 'file' field")]
+    MissingFile,
+    /// A form field other than one `file`.
+    #[error("unexpected form field {0:?}: send exactly one field, named 'file'")]
+    UnexpectedField(String),
+    /// The `file` part has no file name.
+    #[error("the 'file' field has no filename")]
+    MissingFilename,
+    /// The `file` part is empty.
+    #[error("the uploaded file is empty")]
+    EmptyFile,
+    /// The file name's extension is not an accepted image type.
+    #[error("file extension of {0:?} is not accepted; send a .jpg, .jpeg, .png or .webp image")]
+    DisallowedExtension(String),
+    /// The bytes are not the image type the file name declares.
+    #[error("the file is named as {declared} but its content is {found}")]
+    TypeMismatch {
+        /// The type the extension declares.
+        declared: String,
+        /// What the bytes are.
+        found: String,
+    },
+    /// The image could not be decoded.
+    #[error(transparent)]
+    Image(#[from] DecodeError),
+    /// A query parameter has an unknown value.
+    #[error("{0}")]
+    BadQuery(String),
+    /// The body exceeds the byte limit.
+    #[error("the request body exceeds the limit of {0} bytes")]
+    BodyTooLarge(u64),
+    /// The client took longer than the request timeout.
+    #[error("the request was not completed within {0:?}")]
+    Timeout(Duration),
+    /// The inference queue is full.
+    #[error("the model is busy: the queue of {0} requests is full; retry shortly")]
+    Overloaded(usize),
+    /// The server is shutting down.
+    #[error("the server is shutting down")]
+    Draining,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Anything else that went wrong on our side.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// HTTP status and machine-readable code.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::NotMultipart(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "not_multipart"),
+            Self::BadMultipart(_) => (StatusCode::BAD_REQUEST, "bad_multipart"),
+            Self::MissingFile => (StatusCode::BAD_REQUEST, "missing_file"),
+            Self::UnexpectedField(_) => (StatusCode::BAD_REQUEST, "unexpected_field"),
+            Self::MissingFilename => (StatusCode::BAD_REQUEST, "missing_filename"),
+            Self::EmptyFile => (StatusCode::BAD_REQUEST, "empty_file"),
+            Self::DisallowedExtension(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_extension"),
+            Self::TypeMismatch { .. } => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "type_mismatch"),
+            Self::Image(DecodeError::UnsupportedFormat) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_image"),
+            Self::Image(DecodeError::TooManyPixels { .. }) => (StatusCode::PAYLOAD_TOO_LARGE, "too_many_pixels"),
+            Self::Image(DecodeError::Truncated(_)) => (StatusCode::UNPROCESSABLE_ENTITY, "truncated_image"),
+            Self::Image(DecodeError::Empty { .. }) => (StatusCode::UNPROCESSABLE_ENTITY, "empty_image"),
+            Self::Image(DecodeError::Corrupt { .. }) => (StatusCode::UNPROCESSABLE_ENTITY, "corrupt_image"),
+            Self::BadQuery(_) => (StatusCode::BAD_REQUEST, "bad_query"),
+            Self::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            Self::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+            Self::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            Self::Draining => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            Self::Store(StoreError::Timeout(_)) => (StatusCode::GATEWAY_TIMEOUT, "store_timeout"),
+            Self::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    /// The JSON response for this error.
+    pub fn into_response(self, request_id: &str) -> Response<Body> {
+        let (status, code) = self.status_and_code();
+        let body = serde_json::json!({ "error": code, "message": self.to_string(), "request_id": request_id });
+        let mut response = Response::new(Full::new(Bytes::from(body.to_string())).map_err(|never| match never {}).boxed());
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

@@ -1,0 +1,230 @@
+//! `midas-serve serve`: the HTTP API on hyper and tokio.
+//!
+//! Start-up order is weights, backend, store check, warm-up, and only then the listening
+//! socket, so "listening" means "ready". Requests are handled on the async runtime; decoding
+//! and encoding run on blocking threads, the forward pass on the model's own thread.
+
+pub mod error;
+mod inference;
+mod metrics;
+mod page;
+mod predict;
+mod routes;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::backend::AdapterInfo;
+use crate::config::ServeArgs;
+use crate::pipeline::{DecodeLimits, LoadError, Pipeline, RenderOptions};
+use crate::storage::{Store, StoreError};
+use crate::weights::WeightsReport;
+pub use inference::InferenceQueue;
+pub use metrics::Metrics;
+
+/// An error while streaming a response body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Every response body: a full buffer or a stream of chunks.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Why the server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The model could not be made ready.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The store could not be opened.
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    /// The warm-up prediction failed.
+    #[error("warm-up failed: {0}")]
+    WarmUp(String),
+    /// The socket could not be bound, or a thread not started.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// What the server knows about its model, for `/`, `/readyz` and response headers.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    /// Backend name.
+    pub backend: &'static str,
+    /// For wgpu, the adapter.
+    pub adapter: Option<AdapterInfo>,
+    /// Weights provenance.
+    pub weights: WeightsReport,
+}
+
+/// State shared by every request.
+pub struct AppState {
+    /// Settings.
+    pub config: ServeArgs,
+    /// Where uploads and predictions go.
+    pub store: Store,
+    /// The model's queue.
+    pub queue: InferenceQueue,
+    /// Metrics registry.
+    pub metrics: Metrics,
+    /// The model's description.
+    pub model: ModelInfo,
+    /// Limits every image is checked against before decoding.
+    pub limits: DecodeLimits,
+    /// Bounds how many images are decoded and rendered at once (each holds full-size pixels),
+    /// so memory stays bounded however many uploads arrive together.
+    pub pixel_work: Semaphore,
+    /// True between warm-up and the start of shutdown; `/readyz` reports it.
+    pub ready: AtomicBool,
+    /// The welcome page, rendered once.
+    pub page: String,
+}
+
+/// Starts the server and runs until SIGTERM or SIGINT (then drains and returns).
+pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
+    let started = Instant::now();
+    let pipeline = Pipeline::load(&config.model).await?;
+    let store = Store::open(&config.store, config.store_timeout()).await?;
+    tracing::info!(store = %store, "store ready");
+    let limits = DecodeLimits { max_pixels: config.max_pixels };
+    warm_up(&pipeline, &limits)?;
+    let model = ModelInfo { backend: pipeline.backend.kind.name(), adapter: pipeline.backend.adapter.clone(), weights: pipeline.weights.clone() };
+    let metrics = Metrics::default();
+    let (queue, _worker) = InferenceQueue::start(pipeline.model, config.queue_size, config.max_batch, metrics.clone())
+        .map_err(|source| ServerError::Io { context: "cannot start the inference thread".into(), source })?;
+    let address = format!("{}:{}", config.host, config.port);
+    let listener = TcpListener::bind(&address)
+        .await
+        .map_err(|source| ServerError::Io { context: format!("cannot listen on {address}"), source })?;
+    let local = listener.local_addr().map_err(|source| ServerError::Io { context: "no local address".into(), source })?;
+    let page = page::render(&model, &store, &config);
+    let workers = std::thread::available_parallelism().map_or(2, usize::from);
+    let state = Arc::new(AppState {
+        store,
+        queue,
+        metrics,
+        model,
+        limits,
+        pixel_work: Semaphore::new(workers),
+        ready: AtomicBool::new(true),
+        page,
+        config,
+    });
+    tracing::info!(addr = %local, startup_ms = started.elapsed().as_millis() as u64, "listening");
+    serve(listener, state, shutdown_signal()).await;
+    Ok(())
+}
+
+/// One full prediction on a synthetic 640x480 image, so the first request does not pay for
+/// lazy initialisation (thread pools, allocations, shader compilation on wgpu).
+fn warm_up(pipeline: &Pipeline, limits: &DecodeLimits) -> Result<(), ServerError> {
+    let started = Instant::now();
+    let image = image::RgbImage::from_fn(640, 480, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8]));
+    let mut png = Vec::new();
+    image
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| ServerError::WarmUp(e.to_string()))?;
+    let chunks = pipeline.predict(&png, limits, RenderOptions::default()).map_err(|e| ServerError::WarmUp(e.to_string()))?;
+    for chunk in chunks {
+        chunk.map_err(|e| ServerError::WarmUp(e.to_string()))?;
+    }
+    tracing::info!(ms = started.elapsed().as_millis() as u64, "warm-up done");
+    Ok(())
+}
+
+/// Resolves on SIGTERM (Cloud Run's stop signal) or SIGINT.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM; only SIGINT stops the server");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => tracing::info!("SIGINT received"),
+            _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
+
+/// Accepts connections until `shutdown` resolves, then stops accepting, marks the server not
+/// ready and gives in-flight requests the grace period to finish.
+pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(state.config.header_timeout());
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(state.config.max_connections.max(1)));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let state = state.clone();
+        let service = service_fn(move |request| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(routes::handle(state, request, peer).await) }
+        });
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, error = %error, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    state.ready.store(false, Ordering::SeqCst);
+    drop(listener);
+    let grace = state.config.grace_period();
+    tracing::info!(grace_secs = grace.as_secs(), "draining: no new connections, waiting for in-flight requests");
+    match tokio::time::timeout(grace, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("all connections closed; exiting"),
+        Err(_) => tracing::warn!("grace period over; closing the remaining connections"),
+    }
+}
+
+/// Address helper for logs.
+fn peer_ip(peer: SocketAddr) -> String {
+    peer.ip().to_string()
+}

@@ -1,0 +1,124 @@
+//! Request routing, and the small routes: the welcome page, health, readiness and metrics.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+
+use super::error::ApiError;
+use super::metrics::{RequestLabels, RouteLabels};
+use super::{AppState, Body, predict};
+
+/// A response with a complete body.
+pub fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed());
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
+    full(status, "application/json", value.to_string())
+}
+
+/// The routes and the methods they accept; anything else is 404, a wrong method 405.
+fn route(path: &str) -> Option<(&'static str, &'static [Method], &'static str)> {
+    Some(match path {
+        "/" => ("/", &[Method::GET, Method::HEAD], "GET, HEAD"),
+        "/predict" => ("/predict", &[Method::POST], "POST"),
+        "/healthz" => ("/healthz", &[Method::GET, Method::HEAD], "GET, HEAD"),
+        "/readyz" => ("/readyz", &[Method::GET, Method::HEAD], "GET, HEAD"),
+        "/metrics" => ("/metrics", &[Method::GET], "GET"),
+        _ => return None,
+    })
+}
+
+/// Answers one request; never fails (errors become JSON responses).
+pub async fn handle(state: Arc<AppState>, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let started = Instant::now();
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    state.metrics.in_flight.inc();
+
+    let (label, response) = match route(&path) {
+        None => ("other", ApiError::NotFound(path.clone()).into_response(&request_id)),
+        Some((label, methods, allowed)) if !methods.contains(&method) => {
+            let mut response = ApiError::MethodNotAllowed { method: method.to_string(), allowed }.into_response(&request_id);
+            response.headers_mut().insert(ALLOW, HeaderValue::from_static(allowed));
+            (label, response)
+        }
+        Some((label, _, _)) => {
+            let response = match label {
+                "/predict" => predict::handle(&state, request, &request_id, peer).await,
+                "/healthz" => json(StatusCode::OK, serde_json::json!({ "status": "ok" })),
+                "/readyz" => readiness(&state),
+                "/metrics" => metrics(&state),
+                _ => welcome(&state),
+            };
+            (label, response)
+        }
+    };
+
+    let mut response = response;
+    let status = response.status().as_u16();
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        headers.insert("x-request-id", value);
+    }
+    if state.model.weights.untrained {
+        headers.insert(
+            "x-model-warning",
+            HeaderValue::from_static("untrained deterministic weights: depth maps are meaningless"),
+        );
+    }
+    state.metrics.in_flight.dec();
+    state.metrics.requests.get_or_create(&RequestLabels { route: label, status }).inc();
+    state.metrics.latency.get_or_create(&RouteLabels { route: label }).observe(started.elapsed().as_secs_f64());
+    // /predict logs its own line once the streamed body is complete.
+    if label != "/predict" || status != 200 {
+        tracing::info!(
+            request_id = %request_id,
+            method = %method,
+            path = %path,
+            status,
+            peer = %peer,
+            ms = started.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
+    }
+    response
+}
+
+fn welcome(state: &AppState) -> Response<Body> {
+    let mut response = full(StatusCode::OK, "text/html; charset=utf-8", state.page.clone());
+    response.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+fn readiness(state: &AppState) -> Response<Body> {
+    let ready = state.ready.load(Ordering::SeqCst);
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json(
+        status,
+        serde_json::json!({
+            "ready": ready,
+            "backend": state.model.backend,
+            "adapter": state.model.adapter,
+            "untrained": state.model.weights.untrained,
+            "weights": state.model.weights.source,
+            "queue_depth": state.queue.waiting(),
+        }),
+    )
+}
+
+fn metrics(state: &AppState) -> Response<Body> {
+    state.metrics.queue_depth.set(state.queue.waiting() as i64);
+    full(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", state.metrics.encode())
+}
