@@ -5,6 +5,9 @@
 //! [`backend`] picks the device, [`pipeline`] turns images into depth maps.
 
 pub mod backend;
+pub mod config;
 pub mod model;
 pub mod pipeline;
+pub mod server;
+pub mod storage;
 pub mod weights;

@@ -12,7 +12,6 @@ mod predict;
 mod routes;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -222,9 +221,4 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
         Ok(()) => tracing::info!("all connections closed; exiting"),
         Err(_) => tracing::warn!("grace period over; closing the remaining connections"),
     }
-}
-
-/// Address helper for logs.
-fn peer_ip(peer: SocketAddr) -> String {
-    peer.ip().to_string()
 }

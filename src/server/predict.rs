@@ -150,12 +150,19 @@ async fn respond(state: &AppState, request: Request<Incoming>, request_id: &str,
         if header.is_none() {
             header = check_header(state, &buffer, true, declared)?;
         }
-        if let Some(extra) = multipart.next_field().await.map_err(|e| multipart_error(e, limit))? {
-            return Err(ApiError::UnexpectedField(extra.name().unwrap_or_default().to_string()));
-        }
         Ok(())
     }
     .await;
+    // multer hands out the next part only once the current one is dropped.
+    drop(field);
+    let received = match received {
+        Ok(()) => match multipart.next_field().await {
+            Ok(None) => Ok(()),
+            Ok(Some(extra)) => Err(ApiError::UnexpectedField(extra.name().unwrap_or_default().to_string())),
+            Err(error) => Err(multipart_error(error, limit)),
+        },
+        Err(error) => Err(error),
+    };
     if let Err(error) = received {
         if matches!(error, ApiError::Store(_)) {
             state.metrics.store_errors.get_or_create(&ObjectLabels { kind: "input" }).inc();

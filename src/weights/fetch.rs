@@ -174,14 +174,14 @@ async fn download(location: &WeightsLocation, target: &Path) -> Result<String, S
             }
         }
         WeightsLocation::Gcs { bucket, object } => {
-            let client = gcs::Client::from_env().await.map_err(|e| e.to_string())?;
+            let client = gcs::Client::from_env(STALL_TIMEOUT).await.map_err(|e| e.to_string())?;
             let mut reader = client.read(bucket, object).await.map_err(|e| e.to_string())?;
             let total = reader.size();
             while let Some(chunk) = reader.next_chunk().await.map_err(|e| e.to_string())? {
                 write(&chunk, total).await?;
             }
         }
-        WeightsLocation::Path(_) => unreachable!("local paths are not downloaded"),
+        WeightsLocation::Path(path) => return Err(format!("{} is local and needs no download", path.display())),
     }
     file.flush().await.map_err(|e| e.to_string())?;
     file.sync_all().await.map_err(|e| e.to_string())?;

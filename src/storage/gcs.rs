@@ -1,0 +1,226 @@
+//! Google Cloud Storage through the official `google-cloud-storage` client.
+//!
+//! On Cloud Run the client uses Application Default Credentials. For local runs and tests,
+//! `STORAGE_EMULATOR_HOST` (as the other Google SDKs read it) points it at an emulator with
+//! anonymous credentials; the crate does not read that variable itself.
+//!
+//! Every upload is a resumable upload fed by a channel, so the request body goes to the bucket
+//! while it arrives, a transient error is retried from the client's buffer without replaying the
+//! request, and an abandoned upload is never finalised: no object appears. Retries are short
+//! and every call is bounded in time (the crate's defaults retry for minutes).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use google_cloud_gax::exponential_backoff::ExponentialBackoffBuilder;
+use google_cloud_gax::retry_policy::{Aip194Strict, RetryPolicyExt};
+use google_cloud_storage::client::Storage;
+use google_cloud_storage::read_object::ReadObjectResponse;
+use google_cloud_storage::streaming_source::StreamingSource;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Piece, StoreError};
+
+/// The environment variable naming an emulator endpoint (`host:port` or a URL).
+pub const EMULATOR_ENV: &str = "STORAGE_EMULATOR_HOST";
+
+/// Attempts per call before an error is final.
+const ATTEMPTS: u32 = 3;
+
+/// Bytes buffered by a resumable upload (also the unit a retry can resend).
+const UPLOAD_BUFFER: usize = 8 << 20;
+
+fn unavailable(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+/// A configured Cloud Storage client.
+#[derive(Clone, Debug)]
+pub struct Client {
+    storage: Storage,
+    timeout: Duration,
+    endpoint: Option<String>,
+}
+
+impl Client {
+    /// A client for the emulator named by `STORAGE_EMULATOR_HOST`, or for Cloud Storage with
+    /// Application Default Credentials; every call gives up after `timeout`.
+    pub async fn from_env(timeout: Duration) -> Result<Self, StoreError> {
+        let backoff = ExponentialBackoffBuilder::new()
+            .with_initial_delay(Duration::from_millis(100))
+            .with_maximum_delay(Duration::from_secs(2))
+            .build()
+            .map_err(unavailable)?;
+        let mut builder = Storage::builder()
+            .with_retry_policy(Aip194Strict.with_attempt_limit(ATTEMPTS).with_time_limit(timeout))
+            .with_backoff_policy(backoff)
+            .with_resumable_upload_threshold(0usize)
+            .with_resumable_upload_buffer_size(UPLOAD_BUFFER);
+        let endpoint = std::env::var(EMULATOR_ENV).ok().filter(|v| !v.is_empty()).map(|host| {
+            if host.contains("://") { host } else { format!("http://{host}") }
+        });
+        if let Some(endpoint) = &endpoint {
+            builder = builder
+                .with_endpoint(endpoint.clone())
+                .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build());
+        }
+        let storage = tokio::time::timeout(timeout, builder.build())
+            .await
+            .map_err(|_| StoreError::Timeout(timeout))?
+            .map_err(|e| StoreError::Unavailable(format!("cannot create the Cloud Storage client: {e}")))?;
+        Ok(Self { storage, timeout, endpoint })
+    }
+
+    /// Opens an object for reading.
+    pub async fn read(&self, bucket: &str, object: &str) -> Result<ObjectReader, StoreError> {
+        let request = self.storage.read_object(bucket_path(bucket), object).send();
+        let response = tokio::time::timeout(self.timeout, request)
+            .await
+            .map_err(|_| StoreError::Timeout(self.timeout))?
+            .map_err(|e| StoreError::Unavailable(format!("gs://{bucket}/{object}: {}", describe(&e))))?;
+        Ok(ObjectReader { response, timeout: self.timeout })
+    }
+}
+
+/// The resource name the API expects for a bucket.
+fn bucket_path(bucket: &str) -> String {
+    format!("projects/_/buckets/{bucket}")
+}
+
+/// The client's error with its HTTP status, which is what tells "no such bucket" from "down".
+fn describe(error: &google_cloud_storage::Error) -> String {
+    match error.http_status_code() {
+        Some(status) => format!("HTTP {status}: {error}"),
+        None => error.to_string(),
+    }
+}
+
+/// An object being read.
+#[derive(Debug)]
+pub struct ObjectReader {
+    response: ReadObjectResponse,
+    timeout: Duration,
+}
+
+impl ObjectReader {
+    /// The object's size in bytes.
+    pub fn size(&self) -> Option<u64> {
+        u64::try_from(self.response.object().size).ok()
+    }
+
+    /// The next chunk of the object, `None` at the end.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, StoreError> {
+        match tokio::time::timeout(self.timeout, self.response.next()).await {
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+            Ok(None) => Ok(None),
+            Ok(Some(chunk)) => chunk.map(Some).map_err(|e| unavailable(describe(&e))),
+        }
+    }
+}
+
+/// Objects under `gs://bucket/prefix/`.
+#[derive(Clone, Debug)]
+pub struct GcsStore {
+    client: Client,
+    bucket: String,
+    prefix: String,
+}
+
+impl GcsStore {
+    /// Connects and checks that the bucket answers, so a wrong bucket or an unreachable
+    /// endpoint stops start-up with a clear message.
+    pub async fn open(bucket: &str, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
+        let client = Client::from_env(timeout).await?;
+        let store = Self { client, bucket: bucket.to_string(), prefix: prefix.to_string() };
+        let probe = store.object_name(".midas-serve-probe");
+        match store.client.read(bucket, &probe).await {
+            Ok(_) => {}
+            // The probe object does not exist: the service answered, which is what we check.
+            Err(StoreError::Unavailable(message)) if message.contains("HTTP 404") && !message.contains("bucket") => {}
+            Err(StoreError::Unavailable(message)) => {
+                let endpoint = store.client.endpoint.as_deref().unwrap_or("storage.googleapis.com");
+                return Err(StoreError::Unavailable(format!("bucket {bucket} at {endpoint} is not usable: {message}")));
+            }
+            Err(other) => return Err(other),
+        }
+        Ok(store)
+    }
+
+    /// `gs://bucket/prefix`.
+    pub fn describe(&self) -> String {
+        match &self.prefix {
+            prefix if prefix.is_empty() => format!("gs://{}", self.bucket),
+            prefix => format!("gs://{}/{prefix}", self.bucket),
+        }
+    }
+
+    fn object_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() { name.to_string() } else { format!("{}/{name}", self.prefix) }
+    }
+
+    /// Streams an object's pieces into a resumable upload; commits on [`Piece::Finish`] only.
+    pub(super) async fn write(self, name: String, pieces: mpsc::Receiver<Piece>) -> Result<u64, StoreError> {
+        let object = self.object_name(&name);
+        let (ended, end_signal) = oneshot::channel();
+        let source = ChannelSource { pieces, bytes: 0, ended: Some(ended) };
+        let upload = self
+            .client
+            .storage
+            .write_object(bucket_path(&self.bucket), object.clone(), source)
+            .set_if_generation_match(0)
+            .send_buffered();
+        tokio::pin!(upload);
+        let timeout = self.client.timeout;
+        // While the client sends, the upload goes at its pace; once the last byte has been
+        // handed over, committing it may take at most the store timeout.
+        let result = tokio::select! {
+            result = &mut upload => result,
+            Ok(()) = end_signal => match tokio::time::timeout(timeout, &mut upload).await {
+                Ok(result) => result,
+                Err(_) => return Err(StoreError::Timeout(timeout)),
+            },
+        };
+        match result {
+            Ok(stored) => Ok(u64::try_from(stored.size).unwrap_or_default()),
+            Err(error) if error.http_status_code() == Some(412) => Err(StoreError::Exists(object)),
+            Err(error) if error.to_string().contains(CANCELLED) => Err(StoreError::Cancelled),
+            Err(error) => Err(StoreError::Unavailable(format!("gs://{}/{object}: {}", self.bucket, describe(&error)))),
+        }
+    }
+}
+
+/// The message of the error a cancelled upload's source returns.
+const CANCELLED: &str = "upload cancelled by the writer";
+
+/// The error a source returns when its writer went away before finishing.
+#[derive(Debug, thiserror::Error)]
+#[error("upload cancelled by the writer")]
+struct Cancelled;
+
+/// The upload's data: pieces from the request handler, ending at [`Piece::Finish`].
+struct ChannelSource {
+    pieces: mpsc::Receiver<Piece>,
+    bytes: u64,
+    ended: Option<oneshot::Sender<()>>,
+}
+
+impl StreamingSource for ChannelSource {
+    type Error = Cancelled;
+
+    async fn next(&mut self) -> Option<Result<Bytes, Self::Error>> {
+        match self.pieces.recv().await {
+            Some(Piece::Chunk(chunk)) => {
+                self.bytes += chunk.len() as u64;
+                Some(Ok(chunk))
+            }
+            Some(Piece::Finish) => {
+                if let Some(ended) = self.ended.take() {
+                    let _ = ended.send(());
+                }
+                None
+            }
+            // The writer dropped its end without finishing: fail so nothing is committed.
+            None => Some(Err(Cancelled)),
+        }
+    }
+}
