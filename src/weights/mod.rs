@@ -202,7 +202,7 @@ pub struct WeightsReport {
     pub sha256: Option<String>,
     /// Tensors set in the model.
     pub tensors: usize,
-    /// Scalar parameters in the model.
+    /// Values in the model (parameters and BatchNorm statistics).
     pub parameters: usize,
     /// The key prefix that was removed (`module.`, `state_dict.`, ...), if any.
     pub prefix_stripped: Option<String>,
@@ -355,6 +355,20 @@ fn mismatch(result: &ApplyResult, name: impl Fn(&str) -> String) -> MismatchDeta
     details.missing.sort();
     details.unexpected.sort();
     details
+}
+
+/// Writes the model's parameters as a burnpack (Burn's native format: parameter names as the
+/// model uses them, so loading needs no remapping), refusing to replace an existing file.
+pub fn save_burnpack(model: &MidasSmall, path: &Path, metadata: &[(&str, &str)]) -> Result<(), WeightsError> {
+    let mut store = BurnpackStore::from_file(path).auto_extension(false);
+    for (key, value) in metadata {
+        store = store.metadata(*key, *value);
+    }
+    model.save_into(&mut store).map_err(|e| WeightsError::Corrupt {
+        path: path.to_path_buf(),
+        format: WeightsFormat::Burnpack,
+        message: e.to_string(),
+    })
 }
 
 /// sha256 of a file, lowercase hex.

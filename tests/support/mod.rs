@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod checkpoints;
+
 /// `tests/fixtures/<relative>`.
 pub fn fixture(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(relative)
