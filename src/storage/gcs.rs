@@ -13,7 +13,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use google_cloud_gax::exponential_backoff::ExponentialBackoffBuilder;
-use google_cloud_gax::retry_policy::{Aip194Strict, RetryPolicyExt};
+use google_cloud_gax::retry_policy::{RetryPolicy, RetryPolicyExt};
+use google_cloud_gax::retry_result::RetryResult;
+use google_cloud_gax::retry_state::RetryState;
+use google_cloud_storage::read_resume_policy::{ReadResumePolicyExt, Recommended};
 use google_cloud_storage::client::Storage;
 use google_cloud_storage::read_object::ReadObjectResponse;
 use google_cloud_storage::streaming_source::StreamingSource;
@@ -52,7 +55,8 @@ impl Client {
             .build()
             .map_err(unavailable)?;
         let mut builder = Storage::builder()
-            .with_retry_policy(Aip194Strict.with_attempt_limit(ATTEMPTS).with_time_limit(timeout))
+            .with_retry_policy(HttpStatusOnly.with_attempt_limit(ATTEMPTS).with_time_limit(timeout))
+            .with_read_resume_policy(Recommended.with_attempt_limit(ATTEMPTS))
             .with_backoff_policy(backoff)
             .with_resumable_upload_threshold(0usize)
             .with_resumable_upload_buffer_size(UPLOAD_BUFFER);
@@ -79,6 +83,23 @@ impl Client {
             .map_err(|_| StoreError::Timeout(self.timeout))?
             .map_err(|e| StoreError::Unavailable(format!("gs://{bucket}/{object}: {}", describe(&e))))?;
         Ok(ObjectReader { response, timeout: self.timeout })
+    }
+}
+
+/// Retries only failures the service answered with a retryable HTTP status.
+///
+/// google-cloud-storage 1.21 drops the unacknowledged chunk of a resumable upload when it
+/// retries a transport error (no HTTP status), finalising a truncated object; such errors are
+/// therefore final here, and the request fails with a 503 instead of storing a corrupt object.
+#[derive(Debug)]
+struct HttpStatusOnly;
+
+impl RetryPolicy for HttpStatusOnly {
+    fn on_error(&self, state: &RetryState, error: google_cloud_storage::Error) -> RetryResult {
+        match error.http_status_code() {
+            Some(408 | 429 | 500..=599) if state.idempotent => RetryResult::Continue(error),
+            _ => RetryResult::Permanent(error),
+        }
     }
 }
 
@@ -135,8 +156,10 @@ impl GcsStore {
         let probe = store.object_name(".midas-serve-probe");
         match store.client.read(bucket, &probe).await {
             Ok(_) => {}
-            // The probe object does not exist: the service answered, which is what we check.
-            Err(StoreError::Unavailable(message)) if message.contains("HTTP 404") && !message.contains("bucket") => {}
+            // The probe object does not exist: the service answered, which is what we check (a
+            // missing bucket also answers 404, with a message naming the bucket).
+            Err(StoreError::Unavailable(message))
+                if message.contains("HTTP 404") && !message.to_ascii_lowercase().contains("bucket") => {}
             Err(StoreError::Unavailable(message)) => {
                 let endpoint = store.client.endpoint.as_deref().unwrap_or("storage.googleapis.com");
                 return Err(StoreError::Unavailable(format!("bucket {bucket} at {endpoint} is not usable: {message}")));

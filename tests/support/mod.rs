@@ -5,9 +5,11 @@ use std::path::{Path, PathBuf};
 
 pub mod checkpoints;
 
-/// `tests/fixtures/<relative>`.
+/// `tests/fixtures/<relative>` of the workspace (also from `model-import`'s tests).
 pub fn fixture(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(relative)
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = if manifest.join("tests/fixtures").is_dir() { manifest } else { manifest.parent().unwrap() };
+    root.join("tests/fixtures").join(relative)
 }
 
 /// A float32 `.npy` file's shape and values.

@@ -1,0 +1,70 @@
+//! `model-import` converts upstream-layout weights to a burnpack that loads and predicts the same.
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+use std::process::Command;
+
+use burn::prelude::*;
+use midas_serve::weights::{self, WeightsFormat};
+use support::checkpoints::{as_dict, synthetic_state_dict, write_pt, write_safetensors};
+
+fn import(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_model-import")).args(args).output().unwrap()
+}
+
+#[test]
+fn converts_pt_and_safetensors_to_a_verified_burnpack() {
+    let dir = tempfile::tempdir().unwrap();
+    let pt = dir.path().join("midas.pt");
+    write_pt(&pt, as_dict(synthetic_state_dict("module.")));
+    let safetensors = dir.path().join("midas.safetensors");
+    write_safetensors(&safetensors, &synthetic_state_dict(""));
+
+    for (input, prefix) in [(&pt, "module."), (&safetensors, "none")] {
+        let output = dir.path().join(format!("{}.bpk", input.extension().unwrap().to_str().unwrap()));
+        let result = import(&[input.to_str().unwrap(), "-o", output.to_str().unwrap()]);
+        let stdout = String::from_utf8_lossy(&result.stdout);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(result.status.success(), "{stderr}");
+        for step in ["[1/4]", "[2/4]", "[3/4]", "[4/4]"] {
+            assert!(stderr.contains(step), "progress step {step} missing: {stderr}");
+        }
+        let input_sha = weights::sha256_file(input).unwrap();
+        let output_sha = weights::sha256_file(&output).unwrap();
+        assert!(stdout.contains(&format!("input sha256     {input_sha}")), "{stdout}");
+        assert!(stdout.contains(&format!("output sha256    {output_sha}")), "{stdout}");
+        assert!(stdout.contains(&format!("prefix stripped  {prefix}")), "{stdout}");
+        assert!(stdout.contains("verified"), "{stdout}");
+
+        let (model, report) = weights::load_file(&output, None, &Device::flex()).unwrap();
+        assert_eq!(report.format, Some(WeightsFormat::Burnpack));
+        let (untrained, _) = weights::untrained(&Device::flex());
+        let probe = |m| {
+            midas_serve::pipeline::DepthModel::new(m, Device::flex())
+                .forward(weights::synthetic::network_input(256, 128), 1, 128, 256)
+                .unwrap()
+        };
+        assert_eq!(probe(model), probe(untrained));
+
+        // Never overwrites.
+        let again = import(&[input.to_str().unwrap(), "-o", output.to_str().unwrap()]);
+        assert!(!again.status.success());
+        assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
+    }
+}
+
+#[test]
+fn refuses_weights_that_do_not_fit_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tensors = synthetic_state_dict("");
+    tensors.retain(|t| !t.key.starts_with("scratch.refinenet1."));
+    let input = dir.path().join("partial.pt");
+    write_pt(&input, as_dict(tensors));
+    let output = dir.path().join("partial.bpk");
+    let result = import(&[input.to_str().unwrap(), "-o", output.to_str().unwrap()]);
+    assert!(!result.status.success());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("missing") && stderr.contains("scratch.refinenet1.out_conv.weight"), "{stderr}");
+    assert!(!output.exists());
+}
