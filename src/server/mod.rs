@@ -46,18 +46,18 @@ pub enum ServerError {
     #[error(transparent)]
     Load(#[from] LoadError),
     /// The store could not be opened.
-    #[error("cannot open the store: {0}")]
+    #[error("cannot open the store")]
     Store(#[from] StoreError),
     /// The warm-up prediction failed.
     #[error("warm-up failed: {0}")]
     WarmUp(String),
     /// The socket could not be bound, or a thread not started.
-    #[error("{context}: {source}")]
+    #[error("{context}: {error}")]
     Io {
         /// What was being done.
         context: String,
         /// The error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -106,12 +106,12 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
     let model = ModelInfo { backend: pipeline.backend.kind.name(), adapter: pipeline.backend.adapter.clone(), weights: pipeline.weights.clone() };
     let metrics = Metrics::default();
     let (queue, _worker) = InferenceQueue::start(pipeline.model, config.queue_size, config.max_batch, metrics.clone())
-        .map_err(|source| ServerError::Io { context: "cannot start the inference thread".into(), source })?;
+        .map_err(|error| ServerError::Io { context: "cannot start the inference thread".into(), error })?;
     let address = format!("{}:{}", config.host, config.port);
     let listener = TcpListener::bind(&address)
         .await
-        .map_err(|source| ServerError::Io { context: format!("cannot listen on {address}"), source })?;
-    let local = listener.local_addr().map_err(|source| ServerError::Io { context: "no local address".into(), source })?;
+        .map_err(|error| ServerError::Io { context: format!("cannot listen on {address}"), error })?;
+    let local = listener.local_addr().map_err(|error| ServerError::Io { context: "no local address".into(), error })?;
     let page = page::render(&model, &store, &config);
     let workers = std::thread::available_parallelism().map_or(2, usize::from);
     let state = Arc::new(AppState {

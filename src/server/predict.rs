@@ -223,7 +223,8 @@ async fn respond(state: &AppState, request: Request<Incoming>, request_id: &str,
     *response.status_mut() = StatusCode::OK;
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static(options.format.content_type()));
-    for (name, value) in [("x-input-object", &names.input), ("x-output-object", &names.output), ("server-timing", &timings.header())] {
+    let (input_key, output_key) = (state.store.object_key(&names.input), state.store.object_key(&names.output));
+    for (name, value) in [("x-input-object", &input_key), ("x-output-object", &output_key), ("server-timing", &timings.header())] {
         if let Ok(value) = HeaderValue::from_str(value) {
             headers.insert(name, value);
         }

@@ -81,7 +81,10 @@ impl Client {
         let response = tokio::time::timeout(self.timeout, request)
             .await
             .map_err(|_| StoreError::Timeout(self.timeout))?
-            .map_err(|e| StoreError::Unavailable(format!("gs://{bucket}/{object}: {}", describe(&e))))?;
+            .map_err(|e| match e.http_status_code() {
+                Some(404) => StoreError::NotFound(format!("gs://{bucket}/{object}")),
+                _ => StoreError::Unavailable(format!("gs://{bucket}/{object}: {}", describe(&e))),
+            })?;
         Ok(ObjectReader { response, timeout: self.timeout })
     }
 }
@@ -156,10 +159,10 @@ impl GcsStore {
         let probe = store.object_name(".midas-serve-probe");
         match store.client.read(bucket, &probe).await {
             Ok(_) => {}
-            // The probe object does not exist: the service answered, which is what we check (a
-            // missing bucket also answers 404, with a message naming the bucket).
-            Err(StoreError::Unavailable(message))
-                if message.contains("HTTP 404") && !message.to_ascii_lowercase().contains("bucket") => {}
+            // The probe object does not exist: the service answered, which is what this checks. (A
+            // missing bucket answers 404 too; the data-plane API cannot tell them apart, so that
+            // shows up as 503s on the first uploads, with the bucket named in the log.)
+            Err(StoreError::NotFound(_)) => {}
             Err(StoreError::Unavailable(message)) => {
                 let endpoint = store.client.endpoint.as_deref().unwrap_or("storage.googleapis.com");
                 return Err(StoreError::Unavailable(format!("bucket {bucket} at {endpoint} is not usable: {message}")));
@@ -177,7 +180,8 @@ impl GcsStore {
         }
     }
 
-    fn object_name(&self, name: &str) -> String {
+    /// `prefix/name`, the object's name in the bucket.
+    pub fn object_name(&self, name: &str) -> String {
         if self.prefix.is_empty() { name.to_string() } else { format!("{}/{name}", self.prefix) }
     }
 

@@ -32,6 +32,9 @@ pub enum StoreError {
     /// The object exists already (names carry a request id, so this signals a bug or a clash).
     #[error("object {0} exists already")]
     Exists(String),
+    /// The object does not exist (or its bucket does not).
+    #[error("object {0} not found")]
+    NotFound(String),
     /// The writer stopped before the upload was finished.
     #[error("the upload was cancelled")]
     Cancelled,
@@ -71,6 +74,14 @@ impl Store {
         match self {
             Self::Local(store) => store.root().display().to_string(),
             Self::Gcs(store) => store.describe(),
+        }
+    }
+
+    /// The full object name of `name` inside the bucket or directory (with the GCS prefix).
+    pub fn object_key(&self, name: &str) -> String {
+        match self {
+            Self::Local(_) => name.to_string(),
+            Self::Gcs(store) => store.object_name(name),
         }
     }
 

@@ -96,8 +96,8 @@ pub async fn fetch(location: &WeightsLocation, options: &FetchOptions) -> Result
     let path = match location {
         WeightsLocation::Path(path) => {
             if !path.is_file() {
-                let source = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
-                return Err(WeightsError::Io { path: path.clone(), source });
+                let error = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+                return Err(WeightsError::Io { path: path.clone(), error });
             }
             return Ok(path.clone());
         }
@@ -110,7 +110,7 @@ pub async fn fetch(location: &WeightsLocation, options: &FetchOptions) -> Result
                 return Ok(path);
             }
             Some(expected) => {
-                let actual = sha256_file(&path).map_err(|source| WeightsError::Io { path: path.clone(), source })?;
+                let actual = sha256_file(&path).map_err(|error| WeightsError::Io { path: path.clone(), error })?;
                 if actual.eq_ignore_ascii_case(expected) {
                     tracing::info!(location = %location, path = %path.display(), "using cached weights (sha256 verified)");
                     return Ok(path);

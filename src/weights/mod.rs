@@ -39,12 +39,12 @@ pub enum WeightsError {
     #[error("invalid weights location {0:?}: expected a file path, an https:// URL or gs://bucket/object")]
     InvalidLocation(String),
     /// The local file does not exist or cannot be read.
-    #[error("cannot read weights file {path}: {source}")]
+    #[error("cannot read weights file {path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: io::Error,
+        error: io::Error,
     },
     /// Downloading from a URL or bucket failed.
     #[error("cannot download weights from {location}: {message}")]
@@ -165,7 +165,7 @@ impl fmt::Display for WeightsFormat {
 impl WeightsFormat {
     /// Detects the format from the first bytes of a file.
     pub fn detect(path: &Path) -> Result<Self, WeightsError> {
-        let io_error = |source| WeightsError::Io { path: path.to_path_buf(), source };
+        let io_error = |error| WeightsError::Io { path: path.to_path_buf(), error };
         let mut head = Vec::with_capacity(512);
         File::open(path).map_err(io_error)?.take(512).read_to_end(&mut head).map_err(io_error)?;
         let unknown = || WeightsError::UnknownFormat { path: path.to_path_buf() };
@@ -271,7 +271,7 @@ pub fn load_file(path: &Path, key_prefix: Option<&str>, device: &Device) -> Resu
         source: path.display().to_string(),
         untrained: false,
         format: Some(format),
-        sha256: Some(sha256_file(path).map_err(|source| WeightsError::Io { path: path.to_path_buf(), source })?),
+        sha256: Some(sha256_file(path).map_err(|error| WeightsError::Io { path: path.to_path_buf(), error })?),
         tensors: 0,
         parameters: 0,
         prefix_stripped: None,
