@@ -102,35 +102,46 @@ pub enum DecodeError {
 }
 
 fn classify(format: ImageFormat, error: image::ImageError) -> DecodeError {
+    let message = error.to_string();
     match &error {
         image::ImageError::IoError(io) if io.kind() == ErrorKind::UnexpectedEof => DecodeError::Truncated(format),
+        // zune-jpeg reports running out of data as a format error.
+        image::ImageError::Decoding(_) if message.contains("Not enough bytes") => DecodeError::Truncated(format),
         image::ImageError::Limits(_) => DecodeError::Corrupt {
             format,
             message: format!("exceeds the decoder's memory limit ({error})"),
         },
-        _ => DecodeError::Corrupt { format, message: error.to_string() },
+        _ => DecodeError::Corrupt { format, message: message.trim().to_string() },
     }
 }
 
 /// Reads the header from the first bytes of an image.
 ///
 /// `Ok(None)` means more bytes are needed to see the whole header; the answer is final once
-/// `complete` is true (the caller has the whole file).
+/// `complete` is true (the caller has the whole file). Dimensions come from `imagesize`, which
+/// reads them from the first bytes alone (a PNG's IHDR, a JPEG's frame header, WebP's VP8
+/// header) without needing the rest of the file the way a decoder does.
 pub fn probe(bytes: &[u8], complete: bool) -> Result<Option<ImageHeader>, DecodeError> {
     let Some(format) = ImageFormat::sniff(bytes) else {
         // A dozen bytes are enough for every signature we accept.
         return if bytes.len() < 16 && !complete { Ok(None) } else { Err(DecodeError::UnsupportedFormat) };
     };
-    let decoder = ImageReader::with_format(Cursor::new(bytes), format.as_image()).into_decoder();
-    match decoder {
+    if let Ok(size) = imagesize::blob_size(bytes)
+        && let (Ok(width), Ok(height)) = (u32::try_from(size.width), u32::try_from(size.height))
+    {
+        return Ok(Some(ImageHeader { format, width, height }));
+    }
+    if !complete {
+        // Metadata before the frame header can be long: wait for more.
+        return Ok(None);
+    }
+    // The whole file is here and still has no readable header: let the decoder say why.
+    match ImageReader::with_format(Cursor::new(bytes), format.as_image()).into_decoder() {
         Ok(decoder) => {
             let (width, height) = decoder.dimensions();
             Ok(Some(ImageHeader { format, width, height }))
         }
-        Err(error) => match classify(format, error) {
-            DecodeError::Truncated(_) if !complete => Ok(None),
-            other => Err(other),
-        },
+        Err(error) => Err(classify(format, error)),
     }
 }
 

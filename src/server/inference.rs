@@ -29,6 +29,9 @@ pub struct Inference {
     pub batch: usize,
 }
 
+/// Where a queued job's result arrives.
+pub type Reply = oneshot::Receiver<Result<Inference, InferenceError>>;
+
 struct Job {
     input: NetInput,
     submitted: Instant,
@@ -62,7 +65,7 @@ impl InferenceQueue {
     }
 
     /// Queues an input; `Err` when the queue is full.
-    pub fn submit(&self, input: NetInput) -> Result<oneshot::Receiver<Result<Inference, InferenceError>>, QueueFull> {
+    pub fn submit(&self, input: NetInput) -> Result<Reply, QueueFull> {
         let (reply, receiver) = oneshot::channel();
         let job = Job { input, submitted: Instant::now(), reply };
         self.waiting.fetch_add(1, Ordering::SeqCst);

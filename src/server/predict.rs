@@ -19,6 +19,7 @@ use hyper::{Request, Response, StatusCode};
 use multer::{Constraints, Multipart, SizeLimit};
 
 use super::error::ApiError;
+use super::inference::Reply;
 use super::metrics::ObjectLabels;
 use super::{AppState, Body, BoxError};
 use crate::pipeline::{self, ImageFormat, ImageHeader, NetInput, OutputFormat, RenderOptions};
@@ -174,14 +175,30 @@ async fn respond(state: &AppState, request: Request<Incoming>, request_id: &str,
     let input_bytes = upload.bytes();
     state.metrics.stage("upload", timings.upload / 1000.0);
 
-    // The store commits the upload while the image is decoded and run through the model.
+    // A file that does not decode is refused before its upload is committed, so it leaves
+    // nothing behind; then the store commits the upload while the model runs.
+    let input = match decode(state, buffer.freeze(), &mut timings).await {
+        Ok(input) => input,
+        Err(error) => {
+            upload.abort().await;
+            return Err(error);
+        }
+    };
+    // Admission next: a full queue refuses before anything is committed.
+    let reply = match state.queue.submit(input.0) {
+        Ok(reply) => reply,
+        Err(full) => {
+            upload.abort().await;
+            return Err(ApiError::Overloaded(full.capacity));
+        }
+    };
     let stored = tokio::spawn(upload.finish());
-    let result = infer(state, buffer.freeze(), &mut timings).await;
+    let result = infer(state, reply, &mut timings).await;
     let stored = stored.await.map_err(|e| ApiError::Internal(e.to_string()))?;
     let (input, original) = match (result, stored) {
-        (Ok(ok), Ok(size)) => {
+        (Ok(depth), Ok(size)) => {
             state.metrics.stored_bytes.get_or_create(&ObjectLabels { kind: "input" }).inc_by(size);
-            ok
+            (depth, input.1)
         }
         (_, Err(error)) => {
             state.metrics.store_errors.get_or_create(&ObjectLabels { kind: "input" }).inc();
@@ -232,9 +249,9 @@ async fn respond(state: &AppState, request: Request<Incoming>, request_id: &str,
     Ok(response)
 }
 
-/// Decodes and pre-processes (on a blocking thread), then runs the model (on its thread).
-async fn infer(state: &AppState, bytes: Bytes, timings: &mut Timings) -> Result<(pipeline::DepthMap, (u32, u32)), ApiError> {
-    let decode_started = Instant::now();
+/// Decodes and pre-processes on a blocking thread; returns the input and the original size.
+async fn decode(state: &AppState, bytes: Bytes, timings: &mut Timings) -> Result<(NetInput, (u32, u32)), ApiError> {
+    let started = Instant::now();
     let permit = state.pixel_work.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
     let limits = state.limits;
     let decoded = tokio::task::spawn_blocking(move || -> Result<(NetInput, (u32, u32)), ApiError> {
@@ -245,11 +262,13 @@ async fn infer(state: &AppState, bytes: Bytes, timings: &mut Timings) -> Result<
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?;
     drop(permit);
-    let (input, original) = decoded?;
-    timings.decode = millis(decode_started);
+    timings.decode = millis(started);
     state.metrics.stage("decode", timings.decode / 1000.0);
+    decoded
+}
 
-    let reply = state.queue.submit(input).map_err(|full| ApiError::Overloaded(full.capacity))?;
+/// Waits for the model's thread to run a queued input.
+async fn infer(state: &AppState, reply: Reply, timings: &mut Timings) -> Result<pipeline::DepthMap, ApiError> {
     let inference = reply
         .await
         .map_err(|_| ApiError::Internal("the inference thread stopped".to_string()))?
@@ -258,7 +277,7 @@ async fn infer(state: &AppState, bytes: Bytes, timings: &mut Timings) -> Result<
     timings.forward = inference.forward.as_secs_f64() * 1000.0;
     state.metrics.stage("queue", inference.queued.as_secs_f64());
     state.metrics.stage("forward", inference.forward.as_secs_f64());
-    Ok((inference.depth, original))
+    Ok(inference.depth)
 }
 
 /// What the final log line of a `/predict` request reports.
