@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod checkpoints;
+pub mod gcs;
 pub mod server;
 
 /// `tests/fixtures/<relative>` of the workspace (also from `model-import`'s tests).

@@ -1,0 +1,105 @@
+//! A real Cloud Storage emulator (fake-gcs-server, installed by `scripts/test-deps.sh`) for the
+//! GCS store's tests.
+//!
+//! The official client sends `Host` without a port and the emulator builds resumable-upload
+//! URLs from it, so each emulator listens on port 80 of its own loopback address.
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+static NEXT_ADDRESS: AtomicU8 = AtomicU8::new(20);
+
+/// Where the emulator binary is: `FAKE_GCS_SERVER`, or where the test script installs it.
+fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("FAKE_GCS_SERVER") {
+        return PathBuf::from(path);
+    }
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let path = manifest.join("target/test-tools/bin/fake-gcs-server");
+    assert!(path.exists(), "fake-gcs-server is not installed: run scripts/test-deps.sh (scripts/test.sh does)");
+    path
+}
+
+/// A running emulator.
+pub struct FakeGcs {
+    child: Child,
+    /// `127.0.0.N`: the value for `STORAGE_EMULATOR_HOST`.
+    pub host: String,
+}
+
+impl FakeGcs {
+    /// Starts an emulator on a fresh loopback address, port 80, in-memory.
+    pub fn start() -> Self {
+        let host = format!("127.0.0.{}", NEXT_ADDRESS.fetch_add(1, Ordering::SeqCst));
+        let child = Command::new(binary())
+            .args(["-scheme", "http", "-host", &host, "-port", "80", "-backend", "memory", "-log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("fake-gcs-server starts");
+        let started = Instant::now();
+        while TcpStream::connect((host.as_str(), 80)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(20), "fake-gcs-server did not listen on {host}:80");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, host }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.host)
+    }
+
+    /// Creates a bucket through the emulator's JSON API.
+    pub fn create_bucket(&self, name: &str) {
+        let response = reqwest::blocking::Client::new()
+            .post(self.url("/storage/v1/b"))
+            .json(&serde_json::json!({ "name": name }))
+            .send()
+            .unwrap();
+        assert!(response.status().is_success(), "{:?}", response.text());
+    }
+
+    /// Uploads an object (simple media upload).
+    pub fn put(&self, bucket: &str, name: &str, data: Vec<u8>) {
+        let response = reqwest::blocking::Client::new()
+            .post(self.url(&format!("/upload/storage/v1/b/{bucket}/o")))
+            .query(&[("uploadType", "media"), ("name", name)])
+            .body(data)
+            .send()
+            .unwrap();
+        assert!(response.status().is_success(), "{:?}", response.text());
+    }
+
+    /// Names of the objects in a bucket.
+    pub fn list(&self, bucket: &str) -> Vec<String> {
+        let listing: serde_json::Value =
+            reqwest::blocking::get(self.url(&format!("/storage/v1/b/{bucket}/o"))).unwrap().json().unwrap();
+        let mut names: Vec<String> =
+            listing["items"].as_array().into_iter().flatten().map(|o| o["name"].as_str().unwrap().to_string()).collect();
+        names.sort();
+        names
+    }
+
+    /// An object's bytes.
+    pub fn get(&self, bucket: &str, name: &str) -> Vec<u8> {
+        let url = self.url(&format!("/storage/v1/b/{bucket}/o/{}", name.replace('/', "%2F")));
+        let response = reqwest::blocking::Client::new().get(url).query(&[("alt", "media")]).send().unwrap();
+        assert!(response.status().is_success(), "{name}: {}", response.status());
+        response.bytes().unwrap().to_vec()
+    }
+
+    /// Kills the emulator (its in-memory objects go with it).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for FakeGcs {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
