@@ -37,3 +37,11 @@ fn flex_matches_pytorch() {
 fn ndarray_matches_pytorch() {
     check_backend(BackendKind::Ndarray, 1e-4);
 }
+
+/// Needs a Vulkan, Metal or DX12 adapter; on a machine without a GPU, Mesa's lavapipe provides
+/// one (`scripts/test-deps.sh` installs it).
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_matches_pytorch() {
+    check_backend(BackendKind::Wgpu, 1e-3);
+}
