@@ -79,7 +79,9 @@ pub struct Backend {
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     /// The binary was built without this backend's Cargo feature.
-    #[error("backend '{requested}' is not compiled into this binary (available: {available}); rebuild with `--features {requested}`")]
+    #[error(
+        "backend '{requested}' is not compiled into this binary (available: {available}); rebuild with `--features {requested}`"
+    )]
     NotCompiled {
         /// What was asked for.
         requested: BackendKind,
@@ -87,10 +89,14 @@ pub enum BackendError {
         available: String,
     },
     /// wgpu found no adapter, or could not create a device on it.
-    #[error("wgpu could not start: {0}. On Linux without a GPU, Mesa's lavapipe (apt install mesa-vulkan-drivers) provides a Vulkan adapter")]
+    #[error(
+        "wgpu could not start: {0}. On Linux without a GPU, Mesa's lavapipe (apt install mesa-vulkan-drivers) provides a Vulkan adapter"
+    )]
     NoAdapter(String),
     /// The adapter runs on OpenGL, where Burn's bilinear upsampling is known to be wrong.
-    #[error("wgpu selected the OpenGL adapter '{0}', which gives wrong results for this model; install a Vulkan driver (e.g. mesa-vulkan-drivers) or use --backend flex")]
+    #[error(
+        "wgpu selected the OpenGL adapter '{0}', which gives wrong results for this model; install a Vulkan driver (e.g. mesa-vulkan-drivers) or use --backend flex"
+    )]
     OpenGl(String),
 }
 
@@ -99,20 +105,29 @@ impl Backend {
     pub fn init(kind: BackendKind) -> Result<Self, BackendError> {
         let not_compiled = || BackendError::NotCompiled {
             requested: kind,
-            available: BackendKind::compiled().iter().map(|k| k.name()).collect::<Vec<_>>().join(", "),
+            available: BackendKind::compiled()
+                .iter()
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(", "),
         };
         let device = match kind {
             #[cfg(feature = "flex")]
             BackendKind::Flex => Device::flex(),
             #[cfg(feature = "ndarray")]
-            #[allow(deprecated)] // ndarray stays selectable as the design asks, beside flex
+            #[allow(deprecated)]
+            // ndarray stays selectable as the design asks, beside flex
             BackendKind::Ndarray => Device::ndarray(),
             #[cfg(feature = "wgpu")]
             BackendKind::Wgpu => return init_wgpu(),
             #[allow(unreachable_patterns)] // reachable when a feature is off
             _ => return Err(not_compiled()),
         };
-        Ok(Self { kind, device, adapter: None })
+        Ok(Self {
+            kind,
+            device,
+            adapter: None,
+        })
     }
 }
 
@@ -125,11 +140,17 @@ fn init_wgpu() -> Result<Backend, BackendError> {
     let adapter = AdapterInfo {
         name: info.name.clone(),
         device_type: format!("{:?}", info.device_type),
-        driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
+        driver: format!("{} {}", info.driver, info.driver_info)
+            .trim()
+            .to_string(),
         api: format!("{:?}", info.backend),
     };
     if adapter.api == "Gl" {
         return Err(BackendError::OpenGl(adapter.name));
     }
-    Ok(Backend { kind: BackendKind::Wgpu, device, adapter: Some(adapter) })
+    Ok(Backend {
+        kind: BackendKind::Wgpu,
+        device,
+        adapter: Some(adapter),
+    })
 }

@@ -10,7 +10,9 @@ use npyz::WriterBuilder;
 
 /// Runs a subcommand to completion.
 pub fn run(command: Command) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match command {
         Command::Forward(args) => runtime.block_on(forward(args)),
         Command::Predict(args) => runtime.block_on(predict(args)),
@@ -21,18 +23,28 @@ pub fn run(command: Command) -> anyhow::Result<()> {
 /// Reads a float32 `.npy` file.
 fn read_npy(path: &Path) -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let npy = npyz::NpyFile::new(&bytes[..]).with_context(|| format!("{} is not a .npy file", path.display()))?;
+    let npy = npyz::NpyFile::new(&bytes[..])
+        .with_context(|| format!("{} is not a .npy file", path.display()))?;
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
-    let data = npy.into_vec::<f32>().with_context(|| format!("{} does not hold float32 values", path.display()))?;
+    let data = npy
+        .into_vec::<f32>()
+        .with_context(|| format!("{} does not hold float32 values", path.display()))?;
     Ok((shape, data))
 }
 
 async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
     let (shape, data) = read_npy(&args.input)?;
     let &[batch, channels, height, width] = shape.as_slice() else {
-        bail!("{}: expected shape [N,3,H,W], found {shape:?}", args.input.display());
+        bail!(
+            "{}: expected shape [N,3,H,W], found {shape:?}",
+            args.input.display()
+        );
     };
-    ensure!(batch > 0 && channels == 3, "{}: expected shape [N,3,H,W], found {shape:?}", args.input.display());
+    ensure!(
+        batch > 0 && channels == 3,
+        "{}: expected shape [N,3,H,W], found {shape:?}",
+        args.input.display()
+    );
     ensure!(
         height >= 32 && width >= 32 && height % 32 == 0 && width % 32 == 0,
         "{}: H and W must be positive multiples of 32 (the network downsamples 32 times), found {height}x{width}",
@@ -53,7 +65,11 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
                 times.push(start.elapsed().as_secs_f64() * 1000.0);
             }
             times.sort_by(f64::total_cmp);
-            let median = if runs % 2 == 1 { times[runs / 2] } else { (times[runs / 2 - 1] + times[runs / 2]) / 2.0 };
+            let median = if runs % 2 == 1 {
+                times[runs / 2]
+            } else {
+                (times[runs / 2 - 1] + times[runs / 2]) / 2.0
+            };
             let summary = serde_json::json!({
                 "backend": pipeline.backend.kind.name(),
                 "shape": shape,
@@ -74,26 +90,42 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
         .begin_nd()?;
     writer.extend(output)?;
     writer.finish()?;
-    std::fs::write(&args.output, bytes).with_context(|| format!("cannot write {}", args.output.display()))?;
+    std::fs::write(&args.output, bytes)
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
     Ok(())
 }
 
 async fn predict(args: PredictArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.out_dir).with_context(|| format!("cannot create {}", args.out_dir.display()))?;
+    std::fs::create_dir_all(&args.out_dir)
+        .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
     let pipeline = Pipeline::load(&args.model).await?;
-    let limits = DecodeLimits { max_pixels: args.max_pixels };
-    let options = RenderOptions { colormap: args.colormap, format: args.format };
+    let limits = DecodeLimits {
+        max_pixels: args.max_pixels,
+    };
+    let options = RenderOptions {
+        colormap: args.colormap,
+        format: args.format,
+    };
     for file in &args.files {
         let start = Instant::now();
-        let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-        let chunks = pipeline.predict(&bytes, &limits, options).with_context(|| format!("{}", file.display()))?;
-        let stem = file.file_stem().with_context(|| format!("{} has no file name", file.display()))?;
-        let target = args.out_dir.join(stem).with_extension(options.format.extension());
+        let bytes =
+            std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let chunks = pipeline
+            .predict(&bytes, &limits, options)
+            .with_context(|| format!("{}", file.display()))?;
+        let stem = file
+            .file_stem()
+            .with_context(|| format!("{} has no file name", file.display()))?;
+        let target = args
+            .out_dir
+            .join(stem)
+            .with_extension(options.format.extension());
         let mut encoded = Vec::new();
         for chunk in chunks {
             encoded.extend_from_slice(&chunk?);
         }
-        std::fs::write(&target, &encoded).with_context(|| format!("cannot write {}", target.display()))?;
+        std::fs::write(&target, &encoded)
+            .with_context(|| format!("cannot write {}", target.display()))?;
         tracing::info!(
             input = %file.display(),
             output = %target.display(),

@@ -68,13 +68,18 @@ pub struct ModelArgs {
 }
 
 fn parse_location(text: &str) -> Result<WeightsLocation, String> {
-    text.parse().map_err(|e: crate::weights::WeightsError| e.to_string())
+    text.parse()
+        .map_err(|e: crate::weights::WeightsError| e.to_string())
 }
 
 /// flex where it is compiled in (the fastest CPU backend), else the first backend there is.
 fn default_backend() -> BackendKind {
     let compiled = BackendKind::compiled();
-    if compiled.contains(&BackendKind::Flex) { BackendKind::Flex } else { compiled.first().copied().unwrap_or(BackendKind::Flex) }
+    if compiled.contains(&BackendKind::Flex) {
+        BackendKind::Flex
+    } else {
+        compiled.first().copied().unwrap_or(BackendKind::Flex)
+    }
 }
 
 impl ModelArgs {

@@ -26,13 +26,21 @@ impl Drop for Driver {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Driver {
     fn start() -> Self {
-        let binary = std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "/usr/bin/chromedriver".to_string());
-        assert!(std::path::Path::new(&binary).exists(), "{binary} missing: run scripts/test-deps.sh (scripts/test.sh does)");
+        let binary =
+            std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "/usr/bin/chromedriver".to_string());
+        assert!(
+            std::path::Path::new(&binary).exists(),
+            "{binary} missing: run scripts/test-deps.sh (scripts/test.sh does)"
+        );
         let port = free_port();
         let child = Command::new(binary)
             .arg(format!("--port={port}"))
@@ -40,17 +48,32 @@ impl Driver {
             .stderr(Stdio::null())
             .spawn()
             .expect("chromedriver starts");
-        let driver = Self { child, base: format!("http://127.0.0.1:{port}"), client: reqwest::blocking::Client::new() };
+        let driver = Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            client: reqwest::blocking::Client::new(),
+        };
         let started = Instant::now();
-        while driver.client.get(format!("{}/status", driver.base)).send().is_err() {
-            assert!(started.elapsed() < Duration::from_secs(20), "chromedriver did not start");
+        while driver
+            .client
+            .get(format!("{}/status", driver.base))
+            .send()
+            .is_err()
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "chromedriver did not start"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         driver
     }
 
     fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let mut request = self.client.request(method, format!("{}{path}", self.base)).timeout(Duration::from_secs(60));
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .timeout(Duration::from_secs(60));
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -81,20 +104,35 @@ fn the_page_turns_an_uploaded_photo_into_a_depth_map() {
     );
     let id = session["sessionId"].as_str().unwrap().to_string();
     let path = |suffix: &str| format!("/session/{id}{suffix}");
-    let post = |suffix: &str, body: Value| driver.call(reqwest::Method::POST, &path(suffix), Some(body));
+    let post =
+        |suffix: &str, body: Value| driver.call(reqwest::Method::POST, &path(suffix), Some(body));
 
     post("/window/rect", json!({ "width": 1280, "height": 1400 }));
     post("/url", json!({ "url": server.url("/") }));
-    let warning = post("/execute/sync", json!({ "script": "return document.getElementById('untrained').textContent", "args": [] }));
+    let warning = post(
+        "/execute/sync",
+        json!({ "script": "return document.getElementById('untrained').textContent", "args": [] }),
+    );
     assert!(warning.as_str().unwrap().contains("untrained"));
 
     let find = |css: &str| {
         let element = post("/element", json!({ "using": "css selector", "value": css }));
-        element.as_object().unwrap().values().next().unwrap().as_str().unwrap().to_string()
+        element
+            .as_object()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string()
     };
     let photo = fixture("images/rocket.jpg");
     let input = find("#file");
-    post(&format!("/element/{input}/value"), json!({ "text": photo.to_str().unwrap() }));
+    post(
+        &format!("/element/{input}/value"),
+        json!({ "text": photo.to_str().unwrap() }),
+    );
     let button = find("#submit");
     post(&format!("/element/{button}/click"), json!({}));
 
@@ -105,21 +143,39 @@ fn the_page_turns_an_uploaded_photo_into_a_depth_map() {
             json!({ "script": "const r = document.getElementById('result'); return [r.dataset.loaded || '', r.naturalWidth, r.naturalHeight, document.getElementById('status').textContent];", "args": [] }),
         );
         if state[0] == "true" {
-            break (state[1].as_u64().unwrap(), state[2].as_u64().unwrap(), state[3].as_str().unwrap().to_string());
+            break (
+                state[1].as_u64().unwrap(),
+                state[2].as_u64().unwrap(),
+                state[3].as_str().unwrap().to_string(),
+            );
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "no depth map appeared: {state}");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no depth map appeared: {state}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!((size.0, size.1), (640, 427), "the depth map has the photo's size");
+    assert_eq!(
+        (size.0, size.1),
+        (640, 427),
+        "the depth map has the photo's size"
+    );
     assert!(size.2.starts_with("Done in"), "{}", size.2);
 
     // Keep a screenshot for people to look at.
     let screenshot = driver.call(reqwest::Method::GET, &path("/screenshot"), None);
-    let png = base64::engine::general_purpose::STANDARD.decode(screenshot.as_str().unwrap()).unwrap();
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(screenshot.as_str().unwrap())
+        .unwrap();
     assert!(image::load_from_memory(&png).is_ok());
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("welcome-page.png");
     std::fs::write(&out, png).unwrap();
     driver.call(reqwest::Method::DELETE, &path(""), None);
     // The upload went through the real pipeline and store.
-    assert_eq!(std::fs::read_dir(store.path().join("uploads")).unwrap().count(), 1);
+    assert_eq!(
+        std::fs::read_dir(store.path().join("uploads"))
+            .unwrap()
+            .count(),
+        1
+    );
 }

@@ -13,7 +13,10 @@ fn midas(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_midas-serve"))
         .args(args)
         .env("MIDAS_LOG_FORMAT", "text")
-        .env("MIDAS_CACHE_DIR", std::env::temp_dir().join("midas-serve-test-cache"))
+        .env(
+            "MIDAS_CACHE_DIR",
+            std::env::temp_dir().join("midas-serve-test-cache"),
+        )
         .output()
         .expect("the binary runs")
 }
@@ -24,7 +27,12 @@ fn text(bytes: &[u8]) -> String {
 
 fn write_npy(path: &Path, shape: &[u64], values: &[f32]) {
     let mut bytes = Vec::new();
-    let mut writer = npyz::WriteOptions::new().default_dtype().shape(shape).writer(&mut bytes).begin_nd().unwrap();
+    let mut writer = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(shape)
+        .writer(&mut bytes)
+        .begin_nd()
+        .unwrap();
     writer.extend(values.iter().copied()).unwrap();
     writer.finish().unwrap();
     std::fs::write(path, bytes).unwrap();
@@ -45,7 +53,11 @@ fn forward_writes_the_raw_output_and_times_it() {
     let dir = tempfile::tempdir().unwrap();
     let (width, height) = (256, 192);
     let input = dir.path().join("in.npy");
-    write_npy(&input, &[1, 3, height, width], &synthetic::network_input(width as usize, height as usize));
+    write_npy(
+        &input,
+        &[1, 3, height, width],
+        &synthetic::network_input(width as usize, height as usize),
+    );
     let (_, expected) = read_npy(&fixture("forward/256x192.npy"));
     let mut backends = vec![];
     if cfg!(feature = "flex") {
@@ -57,20 +69,38 @@ fn forward_writes_the_raw_output_and_times_it() {
     for backend in backends {
         let output_path = dir.path().join(format!("out-{backend}.npy"));
         let output = midas(&[
-            "forward", "--backend", backend, "--input", input.to_str().unwrap(), "--output", output_path.to_str().unwrap(), "--repeat", "3",
+            "forward",
+            "--backend",
+            backend,
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output_path.to_str().unwrap(),
+            "--repeat",
+            "3",
         ]);
         assert!(output.status.success(), "{}", text(&output.stderr));
-        assert!(text(&output.stderr).contains("UNTRAINED"), "the untrained model must be announced");
-        let summary: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
+        assert!(
+            text(&output.stderr).contains("UNTRAINED"),
+            "the untrained model must be announced"
+        );
+        let summary: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
         assert_eq!(summary["backend"], backend);
         assert_eq!(summary["shape"], serde_json::json!([1, 3, 192, 256]));
         assert_eq!(summary["runs"], 3);
-        let (median, min) = (summary["median_ms"].as_f64().unwrap(), summary["min_ms"].as_f64().unwrap());
+        let (median, min) = (
+            summary["median_ms"].as_f64().unwrap(),
+            summary["min_ms"].as_f64().unwrap(),
+        );
         assert!(min > 0.0 && min <= median, "{summary}");
 
         let (shape, actual) = read_npy(&output_path);
         assert_eq!(shape, vec![1, 192, 256]);
-        assert!(max_abs_diff(&actual, &expected) <= 1e-4 * value_range(&expected), "{backend}");
+        assert!(
+            max_abs_diff(&actual, &expected) <= 1e-4 * value_range(&expected),
+            "{backend}"
+        );
     }
 }
 
@@ -79,19 +109,51 @@ fn forward_refuses_bad_input_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("odd.npy");
     write_npy(&input, &[1, 3, 100, 100], &vec![0.0; 30_000]);
-    let output = midas(&["forward", "--input", input.to_str().unwrap(), "--output", "/dev/null"]);
+    let output = midas(&[
+        "forward",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        "/dev/null",
+    ]);
     assert!(!output.status.success());
-    assert!(text(&output.stderr).contains("multiples of 32"), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).contains("multiples of 32"),
+        "{}",
+        text(&output.stderr)
+    );
 
-    let output = midas(&["forward", "--input", "/nonexistent.npy", "--output", "/dev/null"]);
+    let output = midas(&[
+        "forward",
+        "--input",
+        "/nonexistent.npy",
+        "--output",
+        "/dev/null",
+    ]);
     assert!(!output.status.success());
-    assert!(text(&output.stderr).contains("cannot read /nonexistent.npy"), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).contains("cannot read /nonexistent.npy"),
+        "{}",
+        text(&output.stderr)
+    );
 
     if !cfg!(feature = "wgpu") {
         write_npy(&input, &[1, 3, 32, 32], &vec![0.0; 3 * 32 * 32]);
-        let output = midas(&["forward", "--backend", "wgpu", "--input", input.to_str().unwrap(), "--output", "/dev/null"]);
+        let output = midas(&[
+            "forward",
+            "--backend",
+            "wgpu",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            "/dev/null",
+        ]);
         assert!(!output.status.success());
-        assert!(text(&output.stderr).contains("not compiled into this binary"), "{}", text(&output.stderr));
+        assert!(
+            text(&output.stderr).contains("not compiled into this binary"),
+            "{}",
+            text(&output.stderr)
+        );
     }
 }
 
@@ -99,10 +161,21 @@ fn forward_refuses_bad_input_clearly() {
 fn predict_writes_one_file_per_image_in_each_format() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let images = [fixture("images/rocket.jpg"), fixture("images/camera_odd.png")];
+    let images = [
+        fixture("images/rocket.jpg"),
+        fixture("images/camera_odd.png"),
+    ];
     for (format, extension) in [("png", "png"), ("png16", "png"), ("npy", "npy")] {
         let target = out.join(format);
-        let mut args = vec!["predict", "--out-dir", target.to_str().unwrap(), "--format", format, "--colormap", "viridis"];
+        let mut args = vec![
+            "predict",
+            "--out-dir",
+            target.to_str().unwrap(),
+            "--format",
+            format,
+            "--colormap",
+            "viridis",
+        ];
         args.extend(images.iter().map(|p| p.to_str().unwrap()));
         let output = midas(&args);
         assert!(output.status.success(), "{}", text(&output.stderr));
@@ -118,7 +191,14 @@ fn predict_writes_one_file_per_image_in_each_format() {
                     let image = image::open(&path).unwrap();
                     assert_eq!((image.width(), image.height()), size);
                     let color = image.color();
-                    assert_eq!(color, if format == "png" { image::ColorType::Rgb8 } else { image::ColorType::L16 });
+                    assert_eq!(
+                        color,
+                        if format == "png" {
+                            image::ColorType::Rgb8
+                        } else {
+                            image::ColorType::L16
+                        }
+                    );
                 }
             }
         }
@@ -132,8 +212,16 @@ fn predict_refuses_a_corrupt_image() {
     let mut bytes = std::fs::read(fixture("images/camera_odd.png")).unwrap();
     bytes.truncate(bytes.len() / 2);
     std::fs::write(&broken, bytes).unwrap();
-    let output = midas(&["predict", "--out-dir", dir.path().to_str().unwrap(), broken.to_str().unwrap()]);
+    let output = midas(&[
+        "predict",
+        "--out-dir",
+        dir.path().to_str().unwrap(),
+        broken.to_str().unwrap(),
+    ]);
     assert!(!output.status.success());
     let stderr = text(&output.stderr);
-    assert!(stderr.contains("broken.png") && stderr.contains("truncated"), "{stderr}");
+    assert!(
+        stderr.contains("broken.png") && stderr.contains("truncated"),
+        "{stderr}"
+    );
 }

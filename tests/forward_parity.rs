@@ -17,12 +17,20 @@ fn check_backend(kind: BackendKind, relative_tolerance: f32) {
     for (width, height) in SIZES {
         let (shape, expected) = read_npy(&fixture(&format!("forward/{width}x{height}.npy")));
         assert_eq!(shape, vec![1, height, width]);
-        let output = model.forward(synthetic::network_input(width, height), 1, height, width).unwrap();
+        let output = model
+            .forward(synthetic::network_input(width, height), 1, height, width)
+            .unwrap();
         let range = value_range(&expected);
         let diff = max_abs_diff(&output, &expected);
-        println!("{kind} {width}x{height}: max |diff| {diff:.3e}, range {range:.3}, ratio {:.3e}", diff / range);
+        println!(
+            "{kind} {width}x{height}: max |diff| {diff:.3e}, range {range:.3}, ratio {:.3e}",
+            diff / range
+        );
         assert!(range > 1.0, "reference output is degenerate");
-        assert!(diff <= relative_tolerance * range, "{kind} {width}x{height}: max |diff| {diff} > {relative_tolerance} x {range}");
+        assert!(
+            diff <= relative_tolerance * range,
+            "{kind} {width}x{height}: max |diff| {diff} > {relative_tolerance} x {range}"
+        );
     }
 }
 

@@ -18,16 +18,30 @@ fn image(name: &str) -> Vec<u8> {
 fn uploads_and_predictions_land_in_the_bucket_byte_for_byte() {
     let gcs = FakeGcs::start();
     gcs.create_bucket("depth");
-    let server = Server::start(&["--store", "gs://depth/service"], &[("STORAGE_EMULATOR_HOST", &gcs.host)]);
-    let ready: serde_json::Value = reqwest::blocking::get(server.url("/readyz")).unwrap().json().unwrap();
+    let server = Server::start(
+        &["--store", "gs://depth/service"],
+        &[("STORAGE_EMULATOR_HOST", &gcs.host)],
+    );
+    let ready: serde_json::Value = reqwest::blocking::get(server.url("/readyz"))
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(ready["ready"], true);
     for name in ["rocket.jpg", "chelsea.webp"] {
         let upload = image(name);
         let response = predict(&server, name, &upload, "");
-        assert_eq!(response.status, 200, "{}", String::from_utf8_lossy(&response.body));
+        assert_eq!(
+            response.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&response.body)
+        );
         let input = response.header("x-input-object").unwrap();
         let output = response.header("x-output-object").unwrap();
-        assert!(input.starts_with("service/uploads/") && output.starts_with("service/predictions/"), "{input} {output}");
+        assert!(
+            input.starts_with("service/uploads/") && output.starts_with("service/predictions/"),
+            "{input} {output}"
+        );
         assert_eq!(gcs.get("depth", input), upload);
         assert_eq!(gcs.get("depth", output), response.body);
     }
@@ -59,12 +73,27 @@ fn an_emulator_killed_mid_upload_gives_a_5xx_and_no_object() {
     gcs.kill();
     stream.write_all(&body[half..]).unwrap();
     let response = read_response(&mut stream);
-    assert!((500..600).contains(&response.status), "got {}", response.status);
+    assert!(
+        (500..600).contains(&response.status),
+        "got {}",
+        response.status
+    );
     assert_eq!(response.json()["error"], "store_unavailable");
-    let metrics = reqwest::blocking::get(server.url("/metrics")).unwrap().text().unwrap();
-    assert!(metrics.contains("midas_store_errors_total{kind=\"input\"} 1"), "{metrics}");
+    let metrics = reqwest::blocking::get(server.url("/metrics"))
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        metrics.contains("midas_store_errors_total{kind=\"input\"} 1"),
+        "{metrics}"
+    );
     // The server itself is still healthy.
-    assert_eq!(reqwest::blocking::get(server.url("/healthz")).unwrap().status(), 200);
+    assert_eq!(
+        reqwest::blocking::get(server.url("/healthz"))
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[test]
@@ -72,12 +101,18 @@ fn an_unreachable_store_stops_start_up_with_a_clear_error() {
     let gcs = FakeGcs::start();
     let host = gcs.host.clone();
     drop(gcs);
-    let logs = match Server::try_start(&["--store", "gs://depth", "--store-timeout-secs", "3"], &[("STORAGE_EMULATOR_HOST", &host)]) {
+    let logs = match Server::try_start(
+        &["--store", "gs://depth", "--store-timeout-secs", "3"],
+        &[("STORAGE_EMULATOR_HOST", &host)],
+    ) {
         Ok(_) => panic!("the server started without its store"),
         Err(logs) => logs,
     };
     assert!(logs.contains("cannot open the store"), "{logs}");
-    assert!(logs.contains(&format!("http://{host}")) && logs.contains("depth"), "{logs}");
+    assert!(
+        logs.contains(&format!("http://{host}")) && logs.contains("depth"),
+        "{logs}"
+    );
 }
 
 #[test]
@@ -91,27 +126,54 @@ fn weights_load_from_a_gs_url() {
     let cache = dir.path().join("cache");
     let store = dir.path().join("store");
     let server = Server::start(
-        &["--store", store.to_str().unwrap(), "--weights", "gs://models/midas/v1.pt", "--cache-dir", cache.to_str().unwrap()],
+        &[
+            "--store",
+            store.to_str().unwrap(),
+            "--weights",
+            "gs://models/midas/v1.pt",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ],
         &[("STORAGE_EMULATOR_HOST", &gcs.host)],
     );
-    let ready: serde_json::Value = reqwest::blocking::get(server.url("/readyz")).unwrap().json().unwrap();
+    let ready: serde_json::Value = reqwest::blocking::get(server.url("/readyz"))
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(ready["untrained"], false);
     assert_eq!(ready["weights"], "gs://models/midas/v1.pt");
     let response = predict(&server, "rocket.jpg", &image("rocket.jpg"), "");
     assert_eq!(response.status, 200);
     assert!(response.header("x-model-warning").is_none());
-    let page = reqwest::blocking::get(server.url("/")).unwrap().text().unwrap();
+    let page = reqwest::blocking::get(server.url("/"))
+        .unwrap()
+        .text()
+        .unwrap();
     assert!(page.contains("gs://models/midas/v1.pt") && !page.contains("id=\"untrained\""));
     assert!(page.contains(&midas_serve::weights::sha256_file(&weights).unwrap()));
-    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1, "downloaded once into the cache");
+    assert_eq!(
+        std::fs::read_dir(&cache).unwrap().count(),
+        1,
+        "downloaded once into the cache"
+    );
 
     // A missing object is a clear start-up error.
     let logs = match Server::try_start(
-        &["--store", store.to_str().unwrap(), "--weights", "gs://models/absent.pt", "--cache-dir", cache.to_str().unwrap()],
+        &[
+            "--store",
+            store.to_str().unwrap(),
+            "--weights",
+            "gs://models/absent.pt",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ],
         &[("STORAGE_EMULATOR_HOST", &gcs.host)],
     ) {
         Ok(_) => panic!("started without weights"),
         Err(logs) => logs,
     };
-    assert!(logs.contains("gs://models/absent.pt") && logs.contains("not found"), "{logs}");
+    assert!(
+        logs.contains("gs://models/absent.pt") && logs.contains("not found"),
+        "{logs}"
+    );
 }

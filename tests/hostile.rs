@@ -62,24 +62,47 @@ fn crc32(data: &[u8]) -> u32 {
     for &byte in data {
         crc ^= u32::from(byte);
         for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
 }
 
 fn assert_refusal(case: &str, response: &RawResponse, status: u16, code: &str) {
-    assert_eq!(response.status, status, "{case}: {}", String::from_utf8_lossy(&response.body));
-    assert_eq!(response.header("content-type"), Some("application/json"), "{case}");
+    assert_eq!(
+        response.status,
+        status,
+        "{case}: {}",
+        String::from_utf8_lossy(&response.body)
+    );
+    assert_eq!(
+        response.header("content-type"),
+        Some("application/json"),
+        "{case}"
+    );
     let json = response.json();
     assert_eq!(json["error"], code, "{case}: {json}");
     assert!(!json["message"].as_str().unwrap().is_empty(), "{case}");
-    assert_eq!(json["request_id"].as_str(), response.header("x-request-id"), "{case}");
+    assert_eq!(
+        json["request_id"].as_str(),
+        response.header("x-request-id"),
+        "{case}"
+    );
 }
 
 fn post_multipart(server: &Server, field: &str, name: Option<&str>, content: &[u8]) -> RawResponse {
     let (content_type, body) = multipart(field, name, content);
-    request(server, "POST", "/predict", &[("Content-Type", &content_type)], &body)
+    request(
+        server,
+        "POST",
+        "/predict",
+        &[("Content-Type", &content_type)],
+        &body,
+    )
 }
 
 #[test]
@@ -95,71 +118,264 @@ fn hostile_requests_are_refused_cleanly() {
         cases += 1;
     };
 
-    check("unknown path", request(&server, "GET", "/admin", &[], b""), 404, "not_found");
+    check(
+        "unknown path",
+        request(&server, "GET", "/admin", &[], b""),
+        404,
+        "not_found",
+    );
     let response = request(&server, "DELETE", "/predict", &[], b"");
     assert_eq!(response.header("allow"), Some("POST"));
     check("DELETE /predict", response, 405, "method_not_allowed");
-    check("GET /predict", request(&server, "GET", "/predict", &[], b""), 405, "method_not_allowed");
-    check("POST /", request(&server, "POST", "/", &[], b"x"), 405, "method_not_allowed");
-    check("JSON body", request(&server, "POST", "/predict", &[("Content-Type", "application/json")], b"{}"), 415, "not_multipart");
-    check("no content type", request(&server, "POST", "/predict", &[], &photo), 415, "not_multipart");
-    check("no boundary", request(&server, "POST", "/predict", &[("Content-Type", "multipart/form-data")], b"--x--"), 415, "not_multipart");
-    check("empty form", request(&server, "POST", "/predict", &[("Content-Type", boundary_type)], b"--XyZ--\r\n"), 400, "missing_file");
-    check("garbage multipart", request(&server, "POST", "/predict", &[("Content-Type", boundary_type)], b"not a multipart body at all"), 400, "bad_multipart");
-    check("wrong field name", post_multipart(&server, "image", Some("a.png"), &photo), 400, "unexpected_field");
-    check("no filename", post_multipart(&server, "file", None, &photo), 400, "missing_filename");
-    check("empty file", post_multipart(&server, "file", Some("a.png"), b""), 400, "empty_file");
-    check("gif extension", post_multipart(&server, "file", Some("a.gif"), b"GIF89a"), 415, "unsupported_extension");
-    check("no extension", post_multipart(&server, "file", Some("photo"), &photo), 415, "unsupported_extension");
-    check("PNG named .jpg", post_multipart(&server, "file", Some("a.jpg"), &photo), 415, "type_mismatch");
-    check("text named .png", post_multipart(&server, "file", Some("a.png"), b"hello, this is not an image at all"), 415, "unsupported_image");
-    check("one byte", post_multipart(&server, "file", Some("a.png"), b"\x89"), 415, "unsupported_image");
-    check("truncated PNG", post_multipart(&server, "file", Some("a.png"), &photo[..photo.len() / 3]), 422, "truncated_image");
+    check(
+        "GET /predict",
+        request(&server, "GET", "/predict", &[], b""),
+        405,
+        "method_not_allowed",
+    );
+    check(
+        "POST /",
+        request(&server, "POST", "/", &[], b"x"),
+        405,
+        "method_not_allowed",
+    );
+    check(
+        "JSON body",
+        request(
+            &server,
+            "POST",
+            "/predict",
+            &[("Content-Type", "application/json")],
+            b"{}",
+        ),
+        415,
+        "not_multipart",
+    );
+    check(
+        "no content type",
+        request(&server, "POST", "/predict", &[], &photo),
+        415,
+        "not_multipart",
+    );
+    check(
+        "no boundary",
+        request(
+            &server,
+            "POST",
+            "/predict",
+            &[("Content-Type", "multipart/form-data")],
+            b"--x--",
+        ),
+        415,
+        "not_multipart",
+    );
+    check(
+        "empty form",
+        request(
+            &server,
+            "POST",
+            "/predict",
+            &[("Content-Type", boundary_type)],
+            b"--XyZ--\r\n",
+        ),
+        400,
+        "missing_file",
+    );
+    check(
+        "garbage multipart",
+        request(
+            &server,
+            "POST",
+            "/predict",
+            &[("Content-Type", boundary_type)],
+            b"not a multipart body at all",
+        ),
+        400,
+        "bad_multipart",
+    );
+    check(
+        "wrong field name",
+        post_multipart(&server, "image", Some("a.png"), &photo),
+        400,
+        "unexpected_field",
+    );
+    check(
+        "no filename",
+        post_multipart(&server, "file", None, &photo),
+        400,
+        "missing_filename",
+    );
+    check(
+        "empty file",
+        post_multipart(&server, "file", Some("a.png"), b""),
+        400,
+        "empty_file",
+    );
+    check(
+        "gif extension",
+        post_multipart(&server, "file", Some("a.gif"), b"GIF89a"),
+        415,
+        "unsupported_extension",
+    );
+    check(
+        "no extension",
+        post_multipart(&server, "file", Some("photo"), &photo),
+        415,
+        "unsupported_extension",
+    );
+    check(
+        "PNG named .jpg",
+        post_multipart(&server, "file", Some("a.jpg"), &photo),
+        415,
+        "type_mismatch",
+    );
+    check(
+        "text named .png",
+        post_multipart(
+            &server,
+            "file",
+            Some("a.png"),
+            b"hello, this is not an image at all",
+        ),
+        415,
+        "unsupported_image",
+    );
+    check(
+        "one byte",
+        post_multipart(&server, "file", Some("a.png"), b"\x89"),
+        415,
+        "unsupported_image",
+    );
+    check(
+        "truncated PNG",
+        post_multipart(&server, "file", Some("a.png"), &photo[..photo.len() / 3]),
+        422,
+        "truncated_image",
+    );
     let mut corrupt = photo.clone();
     let middle = corrupt.len() / 2;
     corrupt[middle..middle + 64].fill(0xA5);
-    check("corrupt PNG data", post_multipart(&server, "file", Some("a.png"), &corrupt), 422, "corrupt_image");
+    check(
+        "corrupt PNG data",
+        post_multipart(&server, "file", Some("a.png"), &corrupt),
+        422,
+        "corrupt_image",
+    );
     // A polyglot: a JPEG start with an HTML document where the image data should be.
     let mut polyglot = jpeg[..20].to_vec();
     polyglot.extend_from_slice(b"<html><script>alert(1)</script></html>");
-    check("JPEG/HTML polyglot", post_multipart(&server, "file", Some("a.jpg"), &polyglot), 422, "truncated_image");
-    check("50000x50000 header", post_multipart(&server, "file", Some("big.png"), &png_header_only(50000, 50000)), 413, "too_many_pixels");
+    check(
+        "JPEG/HTML polyglot",
+        post_multipart(&server, "file", Some("a.jpg"), &polyglot),
+        422,
+        "truncated_image",
+    );
+    check(
+        "50000x50000 header",
+        post_multipart(
+            &server,
+            "file",
+            Some("big.png"),
+            &png_header_only(50000, 50000),
+        ),
+        413,
+        "too_many_pixels",
+    );
     let bomb = png(10_000, 10_000);
-    assert!(bomb.len() < 1_000_000, "the bomb is small on the wire ({} bytes)", bomb.len());
-    check("decompression bomb", post_multipart(&server, "file", Some("bomb.png"), &bomb), 413, "too_many_pixels");
-    check("zero-sized PNG", post_multipart(&server, "file", Some("zero.png"), &png_header_only(0, 10)), 422, "empty_image");
+    assert!(
+        bomb.len() < 1_000_000,
+        "the bomb is small on the wire ({} bytes)",
+        bomb.len()
+    );
+    check(
+        "decompression bomb",
+        post_multipart(&server, "file", Some("bomb.png"), &bomb),
+        413,
+        "too_many_pixels",
+    );
+    check(
+        "zero-sized PNG",
+        post_multipart(&server, "file", Some("zero.png"), &png_header_only(0, 10)),
+        422,
+        "empty_image",
+    );
     let big = vec![0u8; MAX_BODY + 1000];
-    check("body over the limit", post_multipart(&server, "file", Some("a.png"), &big), 413, "body_too_large");
+    check(
+        "body over the limit",
+        post_multipart(&server, "file", Some("a.png"), &big),
+        413,
+        "body_too_large",
+    );
 
     // The same, chunked, so no Content-Length warns the server.
     let mut stream = server.connect();
     write!(stream, "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {boundary_type}\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
     let preamble = vec![b'-'; 64 * 1024];
     for _ in 0..(MAX_BODY / preamble.len() + 4) {
-        if write!(stream, "{:x}\r\n", preamble.len()).and_then(|_| stream.write_all(&preamble)).and_then(|_| stream.write_all(b"\r\n")).is_err() {
+        if write!(stream, "{:x}\r\n", preamble.len())
+            .and_then(|_| stream.write_all(&preamble))
+            .and_then(|_| stream.write_all(b"\r\n"))
+            .is_err()
+        {
             break;
         }
     }
     let _ = stream.write_all(b"0\r\n\r\n");
-    check("huge multipart preamble, chunked", read_response(&mut stream), 413, "body_too_large");
+    check(
+        "huge multipart preamble, chunked",
+        read_response(&mut stream),
+        413,
+        "body_too_large",
+    );
 
     // Thousands of parts.
     let mut body = Vec::new();
     for i in 0..5000 {
-        write!(body, "--XyZ\r\nContent-Disposition: form-data; name=\"f{i}\"\r\n\r\nx\r\n").unwrap();
+        write!(
+            body,
+            "--XyZ\r\nContent-Disposition: form-data; name=\"f{i}\"\r\n\r\nx\r\n"
+        )
+        .unwrap();
     }
     body.extend_from_slice(b"--XyZ--\r\n");
-    check("thousands of parts", request(&server, "POST", "/predict", &[("Content-Type", boundary_type)], &body), 400, "unexpected_field");
+    check(
+        "thousands of parts",
+        request(
+            &server,
+            "POST",
+            "/predict",
+            &[("Content-Type", boundary_type)],
+            &body,
+        ),
+        400,
+        "unexpected_field",
+    );
 
     // Two files.
     let (content_type, mut two) = multipart("file", Some("a.png"), &photo);
     let closing = two.len() - "--midasTestBoundary7MA4YWxkTrZu0gW--\r\n".len();
     two.truncate(closing);
     write!(two, "--midasTestBoundary7MA4YWxkTrZu0gW\r\nContent-Disposition: form-data; name=\"file\"; filename=\"b.png\"\r\n\r\nxx\r\n--midasTestBoundary7MA4YWxkTrZu0gW--\r\n").unwrap();
-    check("two files", request(&server, "POST", "/predict", &[("Content-Type", &content_type)], &two), 400, "unexpected_field");
+    check(
+        "two files",
+        request(
+            &server,
+            "POST",
+            "/predict",
+            &[("Content-Type", &content_type)],
+            &two,
+        ),
+        400,
+        "unexpected_field",
+    );
 
     for query in ["?colormap=jet", "?format=gif", "?debug=1"] {
-        check(query, predict(&server, "a.png", &photo, query), 400, "bad_query");
+        check(
+            query,
+            predict(&server, "a.png", &photo, query),
+            400,
+            "bad_query",
+        );
     }
 
     // A slow drip: one byte every 200 ms runs into the request timeout (2 s).
@@ -186,17 +402,25 @@ fn hostile_requests_are_refused_cleanly() {
 
     // Slowloris: headers never finish; the connection is closed after the header timeout.
     let mut stream = server.connect();
-    stream.write_all(b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Slow: ").unwrap();
+    stream
+        .write_all(b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .unwrap();
     let started = Instant::now();
     let mut rest = Vec::new();
     let _ = stream.read_to_end(&mut rest);
-    assert!(started.elapsed() < Duration::from_secs(5), "header timeout not enforced");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "header timeout not enforced"
+    );
 
     // A client file name cannot escape the store.
     let response = post_multipart(&server, "file", Some("../../../etc/passwd.png"), &photo);
     assert_eq!(response.status, 200);
     let input = response.header("x-input-object").unwrap();
-    assert!(!input.contains("..") && input.ends_with("-passwd.png"), "{input}");
+    assert!(
+        !input.contains("..") && input.ends_with("-passwd.png"),
+        "{input}"
+    );
     assert!(store.path().join(input).is_file());
 
     // Nothing refused left an object behind: only the one accepted upload and its prediction.
@@ -217,7 +441,11 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(dir).into_iter().flatten() {
             let path = entry.unwrap().path();
-            if path.is_dir() { stack.push(path) } else { files.push(path) }
+            if path.is_dir() {
+                stack.push(path)
+            } else {
+                files.push(path)
+            }
         }
     }
     files

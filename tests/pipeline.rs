@@ -4,18 +4,30 @@
 
 mod support;
 
-use midas_serve::pipeline::{self, Colormap, DecodeLimits, DepthMap, OutputFormat, Pipeline, RenderOptions};
+use midas_serve::pipeline::{
+    self, Colormap, DecodeLimits, DepthMap, OutputFormat, Pipeline, RenderOptions,
+};
 use support::{fixture, max_abs_diff, read_npy};
 
-const LIMITS: DecodeLimits = DecodeLimits { max_pixels: 50_000_000 };
+const LIMITS: DecodeLimits = DecodeLimits {
+    max_pixels: 50_000_000,
+};
 
 fn decode(name: &str) -> image::RgbImage {
-    pipeline::decode(&std::fs::read(fixture(&format!("images/{name}"))).unwrap(), &LIMITS).unwrap()
+    pipeline::decode(
+        &std::fs::read(fixture(&format!("images/{name}"))).unwrap(),
+        &LIMITS,
+    )
+    .unwrap()
 }
 
 fn reference_depth(stem: &str) -> DepthMap {
     let (shape, data) = read_npy(&fixture(&format!("pipeline/{stem}.depth.npy")));
-    DepthMap { width: shape[1], height: shape[0], data }
+    DepthMap {
+        width: shape[1],
+        height: shape[0],
+        data,
+    }
 }
 
 fn read_png(path: &std::path::Path) -> image::DynamicImage {
@@ -26,7 +38,9 @@ fn read_png(path: &std::path::Path) -> image::DynamicImage {
 fn pixel_diff(a: &[u8], b: &[u8]) -> (u8, f64) {
     assert_eq!(a.len(), b.len());
     let diffs = a.iter().zip(b).map(|(x, y)| x.abs_diff(*y));
-    let (max, sum) = diffs.fold((0u8, 0u64), |(max, sum), d| (max.max(d), sum + u64::from(d)));
+    let (max, sum) = diffs.fold((0u8, 0u64), |(max, sum), d| {
+        (max.max(d), sum + u64::from(d))
+    });
     (max, sum as f64 / a.len() as f64)
 }
 
@@ -45,7 +59,11 @@ fn size_rule_matches_upstream() {
         checked += 1;
     }
     assert!(checked > 300);
-    assert_eq!(pipeline::target_size(1920, 1080), (256, 128), "half-to-even, not 256x160");
+    assert_eq!(
+        pipeline::target_size(1920, 1080),
+        (256, 128),
+        "half-to-even, not 256x160"
+    );
 }
 
 #[test]
@@ -63,18 +81,34 @@ fn preprocessing_matches_opencv_cubic_and_normalisation() {
 
 #[test]
 fn postprocessing_matches_the_original_app() {
-    for (stem, original) in [("camera_odd", (331, 509)), ("chelsea_small", (121, 81)), ("rocket", (640, 427))] {
+    for (stem, original) in [
+        ("camera_odd", (331, 509)),
+        ("chelsea_small", (121, 81)),
+        ("rocket", (640, 427)),
+    ] {
         let depth = reference_depth(stem);
-        let maps: &[Colormap] = if stem == "chelsea_small" { &[Colormap::Inferno, Colormap::Viridis, Colormap::Gray] } else { &[Colormap::Inferno] };
+        let maps: &[Colormap] = if stem == "chelsea_small" {
+            &[Colormap::Inferno, Colormap::Viridis, Colormap::Gray]
+        } else {
+            &[Colormap::Inferno]
+        };
         for &colormap in maps {
             let rgb = pipeline::colourise(&depth, colormap);
             let resized = pipeline::resize_rgb(rgb, (depth.width, depth.height), original).unwrap();
-            let expected = read_png(&fixture(&format!("pipeline/{stem}.{}.png", colormap.name()))).into_rgb8();
+            let expected = read_png(&fixture(&format!(
+                "pipeline/{stem}.{}.png",
+                colormap.name()
+            )))
+            .into_rgb8();
             assert_eq!(expected.dimensions(), original);
             let (max, mean) = pixel_diff(&resized, expected.as_raw());
             println!("{stem} {}: max {max} mean {mean:.4}", colormap.name());
             // fast_image_resize's Catmull-Rom is within a few levels of Pillow's, not bit-identical.
-            assert!(max <= 3 && mean < 0.15, "{stem} {}: max {max} mean {mean}", colormap.name());
+            assert!(
+                max <= 3 && mean < 0.15,
+                "{stem} {}: max {max} mean {mean}",
+                colormap.name()
+            );
         }
     }
 }
@@ -84,7 +118,12 @@ fn depth16_matches_midas_write_depth() {
     for (stem, original) in [("camera_odd", (331, 509)), ("chelsea_small", (121, 81))] {
         let values = pipeline::depth16(&reference_depth(stem), original).unwrap();
         let expected = read_png(&fixture(&format!("pipeline/{stem}.png16.png"))).into_luma16();
-        let max = values.iter().zip(expected.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        let max = values
+            .iter()
+            .zip(expected.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
         println!("{stem}: max 16-bit diff {max}");
         assert!(max <= 64, "{stem}: max diff {max} of 65535");
         assert_eq!(values.iter().max(), Some(&65535));
@@ -103,10 +142,18 @@ fn end_to_end_matches_the_reference() {
         cache_dir: None,
     };
     let pipeline = runtime.block_on(Pipeline::load(&args)).unwrap();
-    for name in ["camera_odd.png", "chelsea.webp", "chelsea_small.png", "horse_rgba.png", "rocket.jpg"] {
+    for name in [
+        "camera_odd.png",
+        "chelsea.webp",
+        "chelsea_small.png",
+        "horse_rgba.png",
+        "rocket.jpg",
+    ] {
         let stem = name.split('.').next().unwrap();
         let bytes = std::fs::read(fixture(&format!("images/{name}"))).unwrap();
-        let chunks = pipeline.predict(&bytes, &LIMITS, RenderOptions::default()).unwrap();
+        let chunks = pipeline
+            .predict(&bytes, &LIMITS, RenderOptions::default())
+            .unwrap();
         let png: Vec<u8> = chunks.map(Result::unwrap).collect::<Vec<_>>().concat();
         let actual = image::load_from_memory(&png).unwrap().into_rgb8();
         let expected = read_png(&fixture(&format!("pipeline/{stem}.inferno.png"))).into_rgb8();
@@ -115,21 +162,41 @@ fn end_to_end_matches_the_reference() {
         println!("{name}: max {max} mean {mean:.4}");
 
         // Raw output: the network's depth map at its own resolution.
-        let chunks = pipeline.predict(&bytes, &LIMITS, RenderOptions { format: OutputFormat::Npy, ..Default::default() }).unwrap();
+        let chunks = pipeline
+            .predict(
+                &bytes,
+                &LIMITS,
+                RenderOptions {
+                    format: OutputFormat::Npy,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         let npy: Vec<u8> = chunks.map(Result::unwrap).collect::<Vec<_>>().concat();
         let file = npyz::NpyFile::new(&npy[..]).unwrap();
         let shape: Vec<u64> = file.shape().to_vec();
         let raw = file.into_vec::<f32>().unwrap();
         let reference = reference_depth(stem);
         assert_eq!(shape, vec![reference.height as u64, reference.width as u64]);
-        let depth_diff = max_abs_diff(&raw, &reference.data) / support::value_range(&reference.data);
+        let depth_diff =
+            max_abs_diff(&raw, &reference.data) / support::value_range(&reference.data);
         println!("{name}: raw depth max |diff| / range {depth_diff:.2e}");
 
         // JPEG decoders (zune-jpeg here, libjpeg-turbo in OpenCV) differ by a few levels on some
         // pixels; lossless formats decode identically, leaving float and resize rounding.
         let jpeg = name.ends_with(".jpg");
-        let (max_level, mean_level, depth_tolerance) = if jpeg { (8, 0.5, 1e-2) } else { (4, 0.15, 1e-4) };
-        assert!(max <= max_level && mean < mean_level, "{name}: max {max} mean {mean}");
-        assert!(depth_diff < depth_tolerance, "{name}: raw depth differs by {depth_diff} of its range");
+        let (max_level, mean_level, depth_tolerance) = if jpeg {
+            (8, 0.5, 1e-2)
+        } else {
+            (4, 0.15, 1e-4)
+        };
+        assert!(
+            max <= max_level && mean < mean_level,
+            "{name}: max {max} mean {mean}"
+        );
+        assert!(
+            depth_diff < depth_tolerance,
+            "{name}: raw depth differs by {depth_diff} of its range"
+        );
     }
 }

@@ -21,7 +21,15 @@ fn image(name: &str) -> Vec<u8> {
 fn cli_prediction(name: &str, format: &str, colormap: &str) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let status = Command::new(env!("CARGO_BIN_EXE_midas-serve"))
-        .args(["predict", "--out-dir", dir.path().to_str().unwrap(), "--format", format, "--colormap", colormap])
+        .args([
+            "predict",
+            "--out-dir",
+            dir.path().to_str().unwrap(),
+            "--format",
+            format,
+            "--colormap",
+            colormap,
+        ])
         .arg(fixture(&format!("images/{name}")))
         .stderr(std::process::Stdio::null())
         .status()
@@ -44,27 +52,75 @@ fn predictions_equal_the_cli_and_are_stored_byte_for_byte() {
     let server = start(store.path(), &[]);
     for name in IMAGES {
         let upload = image(name);
-        for (format, colormap) in [("png", "inferno"), ("png", "viridis"), ("png16", "inferno"), ("npy", "inferno")] {
-            let response = predict(&server, name, &upload, &format!("?format={format}&colormap={colormap}"));
-            assert_eq!(response.status, 200, "{name} {format}: {}", String::from_utf8_lossy(&response.body));
-            assert_eq!(response.body, cli_prediction(name, format, colormap), "{name} {format} {colormap} differs from `predict`");
-            let content_type = if format == "npy" { "application/x-npy" } else { "image/png" };
+        for (format, colormap) in [
+            ("png", "inferno"),
+            ("png", "viridis"),
+            ("png16", "inferno"),
+            ("npy", "inferno"),
+        ] {
+            let response = predict(
+                &server,
+                name,
+                &upload,
+                &format!("?format={format}&colormap={colormap}"),
+            );
+            assert_eq!(
+                response.status,
+                200,
+                "{name} {format}: {}",
+                String::from_utf8_lossy(&response.body)
+            );
+            assert_eq!(
+                response.body,
+                cli_prediction(name, format, colormap),
+                "{name} {format} {colormap} differs from `predict`"
+            );
+            let content_type = if format == "npy" {
+                "application/x-npy"
+            } else {
+                "image/png"
+            };
             assert_eq!(response.header("content-type"), Some(content_type));
 
             let input = response.header("x-input-object").unwrap();
             let output = response.header("x-output-object").unwrap();
             let id = response.header("x-request-id").unwrap();
-            assert!(input.starts_with("uploads/") && input.contains(id) && input.ends_with(name), "{input}");
-            assert!(output.starts_with("predictions/") && output.contains(id), "{output}");
-            assert_eq!(std::fs::read(store.path().join(input)).unwrap(), upload, "stored upload differs");
+            assert!(
+                input.starts_with("uploads/") && input.contains(id) && input.ends_with(name),
+                "{input}"
+            );
+            assert!(
+                output.starts_with("predictions/") && output.contains(id),
+                "{output}"
+            );
+            assert_eq!(
+                std::fs::read(store.path().join(input)).unwrap(),
+                upload,
+                "stored upload differs"
+            );
             // The output object is committed before the last chunk is sent.
-            assert_eq!(std::fs::read(store.path().join(output)).unwrap(), response.body, "stored prediction differs");
+            assert_eq!(
+                std::fs::read(store.path().join(output)).unwrap(),
+                response.body,
+                "stored prediction differs"
+            );
 
             let timing = response.header("server-timing").unwrap();
-            for stage in ["upload;dur=", "decode;dur=", "queue;dur=", "forward;dur=", "postprocess;dur="] {
+            for stage in [
+                "upload;dur=",
+                "decode;dur=",
+                "queue;dur=",
+                "forward;dur=",
+                "postprocess;dur=",
+            ] {
                 assert!(timing.contains(stage), "{timing}");
             }
-            assert!(response.header("x-model-warning").unwrap().contains("untrained"));
+            assert!(
+                response
+                    .header("x-model-warning")
+                    .unwrap()
+                    .contains("untrained")
+            );
         }
     }
     // No temporary files are left beside the objects.
@@ -73,7 +129,11 @@ fn predictions_equal_the_cli_and_are_stored_byte_for_byte() {
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
-            if path.is_dir() { stack.push(path) } else { files.push(path) }
+            if path.is_dir() {
+                stack.push(path)
+            } else {
+                files.push(path)
+            }
         }
     }
     assert_eq!(files.len(), IMAGES.len() * 4 * 2, "{files:?}");
@@ -87,7 +147,12 @@ fn the_body_streams_in_chunks() {
     assert_eq!(response.status, 200);
     assert_eq!(response.header("transfer-encoding"), Some("chunked"));
     assert!(response.header("content-length").is_none());
-    assert!(response.chunks.len() > 1, "a {}-byte PNG came in {} chunk(s)", response.body.len(), response.chunks.len());
+    assert!(
+        response.chunks.len() > 1,
+        "a {}-byte PNG came in {} chunk(s)",
+        response.body.len(),
+        response.chunks.len()
+    );
     assert!(image::load_from_memory(&response.body).is_ok());
 }
 
@@ -95,7 +160,10 @@ fn the_body_streams_in_chunks() {
 fn concurrent_clients_all_get_their_own_answer() {
     let store = tempfile::tempdir().unwrap();
     let server = start(store.path(), &["--queue-size", "32"]);
-    let expected: Vec<Vec<u8>> = IMAGES.iter().map(|name| cli_prediction(name, "png", "inferno")).collect();
+    let expected: Vec<Vec<u8>> = IMAGES
+        .iter()
+        .map(|name| cli_prediction(name, "png", "inferno"))
+        .collect();
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..8)
             .map(|client| {
@@ -105,7 +173,10 @@ fn concurrent_clients_all_get_their_own_answer() {
                         let index = (client + round) % IMAGES.len();
                         let response = predict(server, IMAGES[index], &image(IMAGES[index]), "");
                         assert_eq!(response.status, 200);
-                        assert_eq!(response.body, expected[index], "client {client} round {round}");
+                        assert_eq!(
+                            response.body, expected[index],
+                            "client {client} round {round}"
+                        );
                     }
                 })
             })
@@ -114,8 +185,14 @@ fn concurrent_clients_all_get_their_own_answer() {
             handle.join().unwrap();
         }
     });
-    let metrics = reqwest::blocking::get(server.url("/metrics")).unwrap().text().unwrap();
-    assert!(metrics.contains("midas_http_requests_total{route=\"/predict\",status=\"200\"} 24"), "{metrics}");
+    let metrics = reqwest::blocking::get(server.url("/metrics"))
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        metrics.contains("midas_http_requests_total{route=\"/predict\",status=\"200\"} 24"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -128,8 +205,16 @@ fn a_full_queue_answers_503_at_once() {
             .map(|_| {
                 scope.spawn(|| {
                     let response = predict(&server, "camera_odd.png", &upload, "?format=npy");
-                    let json = if response.status == 200 { serde_json::Value::Null } else { response.json() };
-                    (response.status, response.header("retry-after").map(str::to_string), json)
+                    let json = if response.status == 200 {
+                        serde_json::Value::Null
+                    } else {
+                        response.json()
+                    };
+                    (
+                        response.status,
+                        response.header("retry-after").map(str::to_string),
+                        json,
+                    )
                 })
             })
             .collect();
@@ -138,14 +223,20 @@ fn a_full_queue_answers_503_at_once() {
     let ok = statuses.iter().filter(|(s, _, _)| *s == 200).count();
     let refused: Vec<_> = statuses.iter().filter(|(s, _, _)| *s == 503).collect();
     assert!(ok >= 1, "{statuses:?}");
-    assert!(!refused.is_empty(), "12 simultaneous requests with a queue of 1: {statuses:?}");
+    assert!(
+        !refused.is_empty(),
+        "12 simultaneous requests with a queue of 1: {statuses:?}"
+    );
     assert_eq!(ok + refused.len(), 12, "{statuses:?}");
     for (_, retry_after, json) in refused {
         assert_eq!(retry_after.as_deref(), Some("1"));
         assert_eq!(json["error"], "overloaded");
     }
     // And the server is fine afterwards.
-    assert_eq!(predict(&server, "camera_odd.png", &upload, "?format=npy").status, 200);
+    assert_eq!(
+        predict(&server, "camera_odd.png", &upload, "?format=npy").status,
+        200
+    );
 }
 
 #[test]
@@ -154,21 +245,38 @@ fn pages_health_readiness_and_metrics() {
     let server = start(store.path(), &[]);
     let page = reqwest::blocking::get(server.url("/")).unwrap();
     assert_eq!(page.status(), 200);
-    assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
     let html = page.text().unwrap();
-    assert!(html.contains("id=\"untrained\"") && html.contains("untrained"), "the page must warn about the untrained model");
+    assert!(
+        html.contains("id=\"untrained\"") && html.contains("untrained"),
+        "the page must warn about the untrained model"
+    );
     assert!(html.contains("<form") && html.contains("/predict"));
     assert!(html.contains(&store.path().display().to_string()));
 
     let health = reqwest::blocking::get(server.url("/healthz")).unwrap();
     assert_eq!(health.status(), 200);
-    let ready: serde_json::Value = reqwest::blocking::get(server.url("/readyz")).unwrap().json().unwrap();
+    let ready: serde_json::Value = reqwest::blocking::get(server.url("/readyz"))
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(ready["ready"], true);
     assert_eq!(ready["backend"], "flex");
     assert_eq!(ready["untrained"], true);
 
-    assert_eq!(predict(&server, "rocket.jpg", &image("rocket.jpg"), "").status, 200);
-    let metrics = reqwest::blocking::get(server.url("/metrics")).unwrap().text().unwrap();
+    assert_eq!(
+        predict(&server, "rocket.jpg", &image("rocket.jpg"), "").status,
+        200
+    );
+    let metrics = reqwest::blocking::get(server.url("/metrics"))
+        .unwrap()
+        .text()
+        .unwrap();
     for series in [
         "midas_http_requests_total{route=\"/predict\",status=\"200\"} 1",
         "midas_predict_stage_duration_seconds_count{stage=\"forward\"} 1",
@@ -181,11 +289,20 @@ fn pages_health_readiness_and_metrics() {
     }
     // One JSON log line per request, with the id and the stage timings.
     std::thread::sleep(Duration::from_millis(200));
-    let line = server.logs().into_iter().find(|l| l.contains("\"path\":\"/predict\"")).expect("a request log line");
+    let line = server
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("\"path\":\"/predict\""))
+        .expect("a request log line");
     let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(entry["status"], 200);
     assert_eq!(entry["input_bytes"], 112525);
-    assert!(entry["server_timing"].as_str().unwrap().contains("forward;dur="));
+    assert!(
+        entry["server_timing"]
+            .as_str()
+            .unwrap()
+            .contains("forward;dur=")
+    );
     assert!(entry["request_id"].as_str().unwrap().len() == 32);
 }
 
@@ -206,15 +323,23 @@ fn sigterm_lets_the_request_in_flight_finish_then_exits_zero() {
     server.signal("TERM");
     std::thread::sleep(Duration::from_millis(300));
     // No new connections are accepted once draining.
-    assert!(std::net::TcpStream::connect(&server.addr).is_err(), "the listener should be closed");
+    assert!(
+        std::net::TcpStream::connect(&server.addr).is_err(),
+        "the listener should be closed"
+    );
 
     stream.write_all(&body[half..]).unwrap();
     let response = read_response(&mut stream);
     assert_eq!(response.status, 200);
     assert!(image::load_from_memory(&response.body).is_ok());
-    let status = server.wait(Duration::from_secs(8)).expect("exits within the grace period");
+    let status = server
+        .wait(Duration::from_secs(8))
+        .expect("exits within the grace period");
     assert!(status.success(), "{status:?}");
     assert!(signalled.elapsed() < Duration::from_secs(8));
     let logs = server.logs().join("\n");
-    assert!(logs.contains("SIGTERM received") && logs.contains("draining"), "{logs}");
+    assert!(
+        logs.contains("SIGTERM received") && logs.contains("draining"),
+        "{logs}"
+    );
 }

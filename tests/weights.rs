@@ -11,8 +11,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use burn::prelude::*;
 use midas_serve::model::MidasSmall;
 use midas_serve::pipeline::DepthModel;
-use midas_serve::weights::{self, FetchOptions, WeightsError, WeightsFormat, WeightsLocation, synthetic};
-use support::checkpoints::{Tensor, Value, as_dict, synthetic_state_dict, write_pt, write_safetensors};
+use midas_serve::weights::{
+    self, FetchOptions, WeightsError, WeightsFormat, WeightsLocation, synthetic,
+};
+use support::checkpoints::{
+    Tensor, Value, as_dict, synthetic_state_dict, write_pt, write_safetensors,
+};
 
 const PROBE: (usize, usize) = (256, 128);
 
@@ -27,7 +31,9 @@ fn temp_dir() -> tempfile::TempDir {
 /// The model's output on the probe input.
 fn probe(model: MidasSmall) -> Vec<f32> {
     let (width, height) = PROBE;
-    DepthModel::new(model, device()).forward(synthetic::network_input(width, height), 1, height, width).unwrap()
+    DepthModel::new(model, device())
+        .forward(synthetic::network_input(width, height), 1, height, width)
+        .unwrap()
 }
 
 /// Output of the model built directly from the formula: what every correct load must give.
@@ -46,9 +52,19 @@ fn used_upstream_values() -> usize {
         .sum()
 }
 
-fn assert_loads_correctly(path: &Path, key_prefix: Option<&str>, expected: &[f32]) -> weights::WeightsReport {
-    let (model, report) = weights::load_file(path, key_prefix, &device()).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(probe(model), expected, "{} gives a different output", path.display());
+fn assert_loads_correctly(
+    path: &Path,
+    key_prefix: Option<&str>,
+    expected: &[f32],
+) -> weights::WeightsReport {
+    let (model, report) =
+        weights::load_file(path, key_prefix, &device()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        probe(model),
+        expected,
+        "{} gives a different output",
+        path.display()
+    );
     assert!(!report.untrained);
     assert_eq!(report.parameters, used_upstream_values());
     report
@@ -65,8 +81,14 @@ fn every_format_and_layout_loads() {
     assert_eq!(report.prefix_stripped, None);
     // BatchNorm step counters and refinenet4.resConfUnit1's tensors are accepted and unused.
     let layout = support::checkpoints::upstream_layout();
-    let counters = layout.iter().filter(|e| e.key.ends_with(".num_batches_tracked")).count();
-    assert_eq!(counters, 72, "one counter per BatchNorm of EfficientNet-Lite3");
+    let counters = layout
+        .iter()
+        .filter(|e| e.key.ends_with(".num_batches_tracked"))
+        .count();
+    assert_eq!(
+        counters, 72,
+        "one counter per BatchNorm of EfficientNet-Lite3"
+    );
     assert_eq!(report.unused_upstream_keys, counters + 4);
     assert_eq!(report.tensors + report.unused_upstream_keys, 482);
 
@@ -79,26 +101,51 @@ fn every_format_and_layout_loads() {
 
     // A training checkpoint: weights under "state_dict" beside other entries, tensors included.
     let checkpoint = dir.path().join("checkpoint.pt");
-    let optimizer_state = Tensor { key: "exp_avg".into(), dtype: "float32".into(), shape: vec![2], bytes: vec![0; 8] };
+    let optimizer_state = Tensor {
+        key: "exp_avg".into(),
+        dtype: "float32".into(),
+        shape: vec![2],
+        bytes: vec![0; 8],
+    };
     write_pt(
         &checkpoint,
         Value::Dict(vec![
             ("epoch".into(), Value::Int(7)),
-            ("state_dict".into(), as_dict(synthetic_state_dict("module."))),
-            ("optimizer".into(), Value::Dict(vec![("lr".into(), Value::Float(1e-4)), ("exp_avg".into(), Value::Tensor(optimizer_state))])),
+            (
+                "state_dict".into(),
+                as_dict(synthetic_state_dict("module.")),
+            ),
+            (
+                "optimizer".into(),
+                Value::Dict(vec![
+                    ("lr".into(), Value::Float(1e-4)),
+                    ("exp_avg".into(), Value::Tensor(optimizer_state)),
+                ]),
+            ),
         ]),
     );
     let report = assert_loads_correctly(&checkpoint, None, &expected);
-    assert_eq!(report.prefix_stripped.as_deref(), Some("state_dict.module."));
+    assert_eq!(
+        report.prefix_stripped.as_deref(),
+        Some("state_dict.module.")
+    );
     assert_eq!(report.outside_state_dict, 1);
 
     // Upstream's own BaseModel.load layout: {"model": state_dict, "optimizer": ...}.
     let upstream_checkpoint = dir.path().join("upstream_checkpoint.pt");
     write_pt(
         &upstream_checkpoint,
-        Value::Dict(vec![("model".into(), as_dict(synthetic_state_dict(""))), ("optimizer".into(), Value::Dict(vec![]))]),
+        Value::Dict(vec![
+            ("model".into(), as_dict(synthetic_state_dict(""))),
+            ("optimizer".into(), Value::Dict(vec![])),
+        ]),
     );
-    assert_eq!(assert_loads_correctly(&upstream_checkpoint, None, &expected).prefix_stripped.as_deref(), Some("model."));
+    assert_eq!(
+        assert_loads_correctly(&upstream_checkpoint, None, &expected)
+            .prefix_stripped
+            .as_deref(),
+        Some("model.")
+    );
 
     let safetensors = dir.path().join("weights.safetensors");
     write_safetensors(&safetensors, &synthetic_state_dict("module."));
@@ -117,7 +164,10 @@ fn every_format_and_layout_loads() {
     weights::save_burnpack(&model, &burnpack, &[("model", "midas_v21_small_256")]).unwrap();
     let report = assert_loads_correctly(&burnpack, None, &expected);
     assert_eq!(report.format, Some(WeightsFormat::Burnpack));
-    assert_eq!(report.sha256.as_deref(), Some(weights::sha256_file(&burnpack).unwrap().as_str()));
+    assert_eq!(
+        report.sha256.as_deref(),
+        Some(weights::sha256_file(&burnpack).unwrap().as_str())
+    );
 }
 
 fn load_error(path: &Path) -> String {
@@ -133,35 +183,66 @@ fn mismatched_weights_are_refused_with_the_names() {
     let mut tensors = synthetic_state_dict("");
 
     // Missing key.
-    let missing = tensors.iter().position(|t| t.key == "scratch.output_conv.4.weight").unwrap();
+    let missing = tensors
+        .iter()
+        .position(|t| t.key == "scratch.output_conv.4.weight")
+        .unwrap();
     let mut without = tensors.clone();
     without.remove(missing);
     let path = dir.path().join("missing.pt");
     write_pt(&path, as_dict(without));
     let message = load_error(&path);
-    assert!(message.contains("1 missing: scratch.output_conv.4.weight"), "{message}");
+    assert!(
+        message.contains("1 missing: scratch.output_conv.4.weight"),
+        "{message}"
+    );
 
     // Wrong shape.
-    let index = tensors.iter().position(|t| t.key == "scratch.layer1_rn.weight").unwrap();
+    let index = tensors
+        .iter()
+        .position(|t| t.key == "scratch.layer1_rn.weight")
+        .unwrap();
     tensors[index].shape = vec![64, 32, 9];
     let path = dir.path().join("shape.safetensors");
     write_safetensors(&path, &tensors);
     let message = load_error(&path);
-    assert!(message.contains("wrong shape or type") && message.contains("layer1_rn"), "{message}");
+    assert!(
+        message.contains("wrong shape or type") && message.contains("layer1_rn"),
+        "{message}"
+    );
     tensors[index].shape = vec![64, 32, 3, 3];
 
     // Unexpected key.
-    tensors.push(Tensor { key: "scratch.extra_head.weight".into(), dtype: "float32".into(), shape: vec![1], bytes: vec![0; 4] });
+    tensors.push(Tensor {
+        key: "scratch.extra_head.weight".into(),
+        dtype: "float32".into(),
+        shape: vec![1],
+        bytes: vec![0; 4],
+    });
     let path = dir.path().join("unexpected.pt");
     write_pt(&path, as_dict(tensors));
     let message = load_error(&path);
-    assert!(message.contains("1 unexpected: scratch.extra_head.weight"), "{message}");
+    assert!(
+        message.contains("1 unexpected: scratch.extra_head.weight"),
+        "{message}"
+    );
 
     // Not MiDaS at all.
     let path = dir.path().join("other.safetensors");
-    write_safetensors(&path, &[Tensor { key: "fc.weight".into(), dtype: "float32".into(), shape: vec![2], bytes: vec![0; 8] }]);
+    write_safetensors(
+        &path,
+        &[Tensor {
+            key: "fc.weight".into(),
+            dtype: "float32".into(),
+            shape: vec![2],
+            bytes: vec![0; 8],
+        }],
+    );
     let message = load_error(&path);
-    assert!(message.contains("no MiDaS v2.1 small state dict found") && message.contains("fc.weight"), "{message}");
+    assert!(
+        message.contains("no MiDaS v2.1 small state dict found") && message.contains("fc.weight"),
+        "{message}"
+    );
 
     // Unknown format.
     let path = dir.path().join("notes.pt");
@@ -178,9 +259,24 @@ fn mismatched_weights_are_refused_with_the_names() {
 
 #[test]
 fn locations_parse_or_explain() {
-    assert_eq!("gs://bucket/dir/w.pt".parse::<WeightsLocation>().unwrap(), WeightsLocation::Gcs { bucket: "bucket".into(), object: "dir/w.pt".into() });
-    assert_eq!("w.pt".parse::<WeightsLocation>().unwrap(), WeightsLocation::Path(PathBuf::from("w.pt")));
-    for bad in ["gs://bucket", "gs:///object", "ftp://host/w.pt", "https://", ""] {
+    assert_eq!(
+        "gs://bucket/dir/w.pt".parse::<WeightsLocation>().unwrap(),
+        WeightsLocation::Gcs {
+            bucket: "bucket".into(),
+            object: "dir/w.pt".into()
+        }
+    );
+    assert_eq!(
+        "w.pt".parse::<WeightsLocation>().unwrap(),
+        WeightsLocation::Path(PathBuf::from("w.pt"))
+    );
+    for bad in [
+        "gs://bucket",
+        "gs:///object",
+        "ftp://host/w.pt",
+        "https://",
+        "",
+    ] {
         let error = bad.parse::<WeightsLocation>().unwrap_err().to_string();
         assert!(error.contains("invalid weights location"), "{bad}: {error}");
     }
@@ -200,10 +296,17 @@ fn serve_file(body: Vec<u8>) -> (String, Arc<AtomicUsize>) {
             let n = stream.read(&mut request).unwrap_or(0);
             let head = String::from_utf8_lossy(&request[..n]);
             if head.starts_with("GET /weights/w.pt ") {
-                let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
                 let _ = stream.write_all(&body);
             } else {
-                let _ = write!(stream, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
             }
         }
     });
@@ -221,41 +324,87 @@ fn urls_download_once_and_honour_the_pin() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let cache = dir.path().join("cache");
 
-    let options = FetchOptions { cache_dir: cache.clone(), sha256: Some(digest.clone()) };
-    let (model, report) = runtime.block_on(weights::load(Some(&location), &options, None, &device())).unwrap();
+    let options = FetchOptions {
+        cache_dir: cache.clone(),
+        sha256: Some(digest.clone()),
+    };
+    let (model, report) = runtime
+        .block_on(weights::load(Some(&location), &options, None, &device()))
+        .unwrap();
     assert_eq!(report.source, url);
     assert_eq!(report.sha256.as_deref(), Some(digest.as_str()));
     assert_eq!(probe(model), expected_output());
     assert_eq!(hits.load(Ordering::SeqCst), 1);
 
     // Cached: no second download, with or without the pin.
-    runtime.block_on(weights::load(Some(&location), &options, None, &device())).unwrap();
-    let unpinned = FetchOptions { cache_dir: cache.clone(), sha256: None };
-    runtime.block_on(weights::load(Some(&location), &unpinned, None, &device())).unwrap();
+    runtime
+        .block_on(weights::load(Some(&location), &options, None, &device()))
+        .unwrap();
+    let unpinned = FetchOptions {
+        cache_dir: cache.clone(),
+        sha256: None,
+    };
+    runtime
+        .block_on(weights::load(Some(&location), &unpinned, None, &device()))
+        .unwrap();
     assert_eq!(hits.load(Ordering::SeqCst), 1);
 
     // A wrong pin: downloaded again (the cached copy does not match it), then refused.
-    let wrong = FetchOptions { cache_dir: dir.path().join("cache2"), sha256: Some("0".repeat(64)) };
-    let error = runtime.block_on(weights::load(Some(&location), &wrong, None, &device())).unwrap_err();
+    let wrong = FetchOptions {
+        cache_dir: dir.path().join("cache2"),
+        sha256: Some("0".repeat(64)),
+    };
+    let error = runtime
+        .block_on(weights::load(Some(&location), &wrong, None, &device()))
+        .unwrap_err();
     assert!(matches!(error, WeightsError::Checksum { .. }), "{error}");
     assert!(error.to_string().contains(&digest));
-    assert_eq!(std::fs::read_dir(dir.path().join("cache2")).unwrap().count(), 0, "a rejected download is not cached");
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("cache2"))
+            .unwrap()
+            .count(),
+        0,
+        "a rejected download is not cached"
+    );
 
     // A pin on a local file is checked too.
     let error = runtime
-        .block_on(weights::load(Some(&WeightsLocation::Path(source)), &wrong, None, &device()))
+        .block_on(weights::load(
+            Some(&WeightsLocation::Path(source)),
+            &wrong,
+            None,
+            &device(),
+        ))
         .unwrap_err();
     assert!(matches!(error, WeightsError::Checksum { .. }), "{error}");
 
     // 404 and connection refused are download errors naming the location.
     let missing: WeightsLocation = url.replace("w.pt", "nope.pt").parse().unwrap();
-    let error = runtime.block_on(weights::load(Some(&missing), &unpinned, None, &device())).unwrap_err().to_string();
-    assert!(error.contains("cannot download weights") && error.contains("404"), "{error}");
+    let error = runtime
+        .block_on(weights::load(Some(&missing), &unpinned, None, &device()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("cannot download weights") && error.contains("404"),
+        "{error}"
+    );
     let refused: WeightsLocation = "http://127.0.0.1:9/w.pt".parse().unwrap();
-    let error = runtime.block_on(weights::load(Some(&refused), &unpinned, None, &device())).unwrap_err().to_string();
-    assert!(error.contains("cannot download weights from http://127.0.0.1:9/w.pt"), "{error}");
+    let error = runtime
+        .block_on(weights::load(Some(&refused), &unpinned, None, &device()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("cannot download weights from http://127.0.0.1:9/w.pt"),
+        "{error}"
+    );
 
     let absent = WeightsLocation::Path(dir.path().join("absent.pt"));
-    let error = runtime.block_on(weights::load(Some(&absent), &unpinned, None, &device())).unwrap_err().to_string();
-    assert!(error.contains("absent.pt") && error.contains("no such file"), "{error}");
+    let error = runtime
+        .block_on(weights::load(Some(&absent), &unpinned, None, &device()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("absent.pt") && error.contains("no such file"),
+        "{error}"
+    );
 }

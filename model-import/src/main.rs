@@ -10,7 +10,7 @@ use anyhow::{Context, ensure};
 use clap::Parser;
 use midas_serve::backend::{Backend, BackendKind};
 use midas_serve::pipeline::DepthModel;
-use midas_serve::weights::{self, synthetic, WeightsFormat};
+use midas_serve::weights::{self, WeightsFormat, synthetic};
 
 /// Convert MiDaS v2.1 small weights to Burn's burnpack format.
 #[derive(Parser, Debug)]
@@ -36,34 +36,86 @@ fn step(number: usize, text: &str) {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let started = Instant::now();
-    ensure!(!args.output.exists(), "{} exists already; remove it or choose another name", args.output.display());
+    ensure!(
+        !args.output.exists(),
+        "{} exists already; remove it or choose another name",
+        args.output.display()
+    );
     let backend = Backend::init(BackendKind::Flex)?;
 
-    let size = std::fs::metadata(&args.input).with_context(|| format!("cannot read {}", args.input.display()))?.len();
-    step(1, &format!("reading {} ({:.1} MB)", args.input.display(), size as f64 / 1e6));
+    let size = std::fs::metadata(&args.input)
+        .with_context(|| format!("cannot read {}", args.input.display()))?
+        .len();
+    step(
+        1,
+        &format!(
+            "reading {} ({:.1} MB)",
+            args.input.display(),
+            size as f64 / 1e6
+        ),
+    );
     let format = WeightsFormat::detect(&args.input)?;
-    ensure!(format != WeightsFormat::Burnpack, "{} is already a burnpack", args.input.display());
-    let (model, report) = weights::load_file(&args.input, args.key_prefix.as_deref(), &backend.device)?;
-    step(2, &format!("loaded {} tensors ({} parameters) from {format}", report.tensors, report.parameters));
+    ensure!(
+        format != WeightsFormat::Burnpack,
+        "{} is already a burnpack",
+        args.input.display()
+    );
+    let (model, report) =
+        weights::load_file(&args.input, args.key_prefix.as_deref(), &backend.device)?;
+    step(
+        2,
+        &format!(
+            "loaded {} tensors ({} parameters) from {format}",
+            report.tensors, report.parameters
+        ),
+    );
 
     step(3, &format!("writing {}", args.output.display()));
     let source_sha256 = report.sha256.clone().unwrap_or_default();
     weights::save_burnpack(
         &model,
         &args.output,
-        &[("model", "midas_v21_small_256"), ("source_sha256", &source_sha256), ("source_format", &format.to_string())],
+        &[
+            ("model", "midas_v21_small_256"),
+            ("source_sha256", &source_sha256),
+            ("source_format", &format.to_string()),
+        ],
     )?;
 
-    step(4, &format!("verifying {} on a {}x{} probe input", args.output.display(), PROBE.0, PROBE.1));
+    step(
+        4,
+        &format!(
+            "verifying {} on a {}x{} probe input",
+            args.output.display(),
+            PROBE.0,
+            PROBE.1
+        ),
+    );
     let verified = (|| -> anyhow::Result<f32> {
         let (reloaded, reloaded_report) = weights::load_file(&args.output, None, &backend.device)?;
-        ensure!(reloaded_report.parameters == report.parameters, "parameter count changed on reload");
+        ensure!(
+            reloaded_report.parameters == report.parameters,
+            "parameter count changed on reload"
+        );
         let (width, height) = PROBE;
         let input = synthetic::network_input(width, height);
-        let expected = DepthModel::new(model, backend.device.clone()).forward(input.clone(), 1, height, width)?;
-        let actual = DepthModel::new(reloaded, backend.device.clone()).forward(input, 1, height, width)?;
-        let diff = expected.iter().zip(&actual).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        ensure!(diff == 0.0, "the written file gives a different output (max |diff| {diff})");
+        let expected = DepthModel::new(model, backend.device.clone()).forward(
+            input.clone(),
+            1,
+            height,
+            width,
+        )?;
+        let actual =
+            DepthModel::new(reloaded, backend.device.clone()).forward(input, 1, height, width)?;
+        let diff = expected
+            .iter()
+            .zip(&actual)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        ensure!(
+            diff == 0.0,
+            "the written file gives a different output (max |diff| {diff})"
+        );
         Ok(diff)
     })();
     if let Err(error) = verified {
@@ -76,8 +128,14 @@ fn main() -> anyhow::Result<()> {
     println!("format           {format}");
     println!("tensors          {}", report.tensors);
     println!("parameters       {}", report.parameters);
-    println!("prefix stripped  {}", report.prefix_stripped.as_deref().unwrap_or("none"));
-    println!("ignored keys     {} unused upstream, {} outside the state dict", report.unused_upstream_keys, report.outside_state_dict);
+    println!(
+        "prefix stripped  {}",
+        report.prefix_stripped.as_deref().unwrap_or("none")
+    );
+    println!(
+        "ignored keys     {} unused upstream, {} outside the state dict",
+        report.unused_upstream_keys, report.outside_state_dict
+    );
     println!("input sha256     {source_sha256}");
     println!("output           {}", args.output.display());
     println!("output sha256    {output_sha256}");

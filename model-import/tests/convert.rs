@@ -10,7 +10,10 @@ use midas_serve::weights::{self, WeightsFormat};
 use support::checkpoints::{as_dict, synthetic_state_dict, write_pt, write_safetensors};
 
 fn import(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_model-import")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_model-import"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -22,19 +25,34 @@ fn converts_pt_and_safetensors_to_a_verified_burnpack() {
     write_safetensors(&safetensors, &synthetic_state_dict(""));
 
     for (input, prefix) in [(&pt, "module."), (&safetensors, "none")] {
-        let output = dir.path().join(format!("{}.bpk", input.extension().unwrap().to_str().unwrap()));
+        let output = dir.path().join(format!(
+            "{}.bpk",
+            input.extension().unwrap().to_str().unwrap()
+        ));
         let result = import(&[input.to_str().unwrap(), "-o", output.to_str().unwrap()]);
         let stdout = String::from_utf8_lossy(&result.stdout);
         let stderr = String::from_utf8_lossy(&result.stderr);
         assert!(result.status.success(), "{stderr}");
         for step in ["[1/4]", "[2/4]", "[3/4]", "[4/4]"] {
-            assert!(stderr.contains(step), "progress step {step} missing: {stderr}");
+            assert!(
+                stderr.contains(step),
+                "progress step {step} missing: {stderr}"
+            );
         }
         let input_sha = weights::sha256_file(input).unwrap();
         let output_sha = weights::sha256_file(&output).unwrap();
-        assert!(stdout.contains(&format!("input sha256     {input_sha}")), "{stdout}");
-        assert!(stdout.contains(&format!("output sha256    {output_sha}")), "{stdout}");
-        assert!(stdout.contains(&format!("prefix stripped  {prefix}")), "{stdout}");
+        assert!(
+            stdout.contains(&format!("input sha256     {input_sha}")),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains(&format!("output sha256    {output_sha}")),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains(&format!("prefix stripped  {prefix}")),
+            "{stdout}"
+        );
         assert!(stdout.contains("verified"), "{stdout}");
 
         let (model, report) = weights::load_file(&output, None, &Device::flex()).unwrap();
@@ -65,6 +83,9 @@ fn refuses_weights_that_do_not_fit_and_writes_nothing() {
     let result = import(&[input.to_str().unwrap(), "-o", output.to_str().unwrap()]);
     assert!(!result.status.success());
     let stderr = String::from_utf8_lossy(&result.stderr);
-    assert!(stderr.contains("missing") && stderr.contains("scratch.refinenet1.out_conv.weight"), "{stderr}");
+    assert!(
+        stderr.contains("missing") && stderr.contains("scratch.refinenet1.out_conv.weight"),
+        "{stderr}"
+    );
     assert!(!output.exists());
 }

@@ -2,8 +2,8 @@
 //! (`geffnet/gen_efficientnet.py`, `geffnet/efficientnet_builder.py`): TensorFlow "SAME" padding,
 //! BatchNorm with TensorFlow's epsilon, ReLU6, no squeeze-excite.
 
-use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::nn::conv::Conv2d;
+use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 
@@ -59,7 +59,15 @@ impl DepthwiseSeparableConv {
     fn new(device: &Device, in_channels: usize, out_channels: usize) -> Self {
         let same = PaddingConfig2d::Same;
         Self {
-            conv_dw: conv2d(device, [in_channels, in_channels], 3, 1, in_channels, same.clone(), false),
+            conv_dw: conv2d(
+                device,
+                [in_channels, in_channels],
+                3,
+                1,
+                in_channels,
+                same.clone(),
+                false,
+            ),
             bn1: batch_norm(device, in_channels),
             conv_pw: conv2d(device, [in_channels, out_channels], 1, 1, 1, same, false),
             bn2: batch_norm(device, out_channels),
@@ -89,7 +97,13 @@ pub struct InvertedResidual {
 }
 
 impl InvertedResidual {
-    fn new(device: &Device, in_channels: usize, out_channels: usize, kernel: usize, stride: usize) -> Self {
+    fn new(
+        device: &Device,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+    ) -> Self {
         let mid = in_channels * EXPANSION;
         let same = PaddingConfig2d::Same;
         Self {
@@ -131,7 +145,13 @@ impl EfficientNetLite3 {
                     .map(|i| {
                         // Only the first block of a stage strides (EfficientNetBuilder._make_stack).
                         let block_stride = if i == 0 { stride } else { 1 };
-                        let block = InvertedResidual::new(device, in_channels, out_channels, kernel, block_stride);
+                        let block = InvertedResidual::new(
+                            device,
+                            in_channels,
+                            out_channels,
+                            kernel,
+                            block_stride,
+                        );
                         in_channels = out_channels;
                         block
                     })
@@ -139,7 +159,15 @@ impl EfficientNetLite3 {
             })
             .collect();
         Self {
-            conv_stem: conv2d(device, [3, STEM_CHANNELS], 3, 2, 1, PaddingConfig2d::Same, false),
+            conv_stem: conv2d(
+                device,
+                [3, STEM_CHANNELS],
+                3,
+                2,
+                1,
+                PaddingConfig2d::Same,
+                false,
+            ),
             bn1: batch_norm(device, STEM_CHANNELS),
             stem_block: DepthwiseSeparableConv::new(device, STEM_CHANNELS, STEM_BLOCK_CHANNELS),
             stages,
@@ -149,7 +177,9 @@ impl EfficientNetLite3 {
     /// The four feature maps MiDaS decodes (its `layer1`..`layer4`: 32, 48, 136 and 384 channels
     /// at 1/4, 1/8, 1/16 and 1/32 of the input size).
     pub fn forward(&self, input: Tensor<4>) -> [Tensor<4>; 4] {
-        let run = |x: Tensor<4>, stage: &[InvertedResidual]| stage.iter().fold(x, |x, block| block.forward(x));
+        let run = |x: Tensor<4>, stage: &[InvertedResidual]| {
+            stage.iter().fold(x, |x, block| block.forward(x))
+        };
         let x = relu6(self.bn1.forward(self.conv_stem.forward(input)));
         let x = self.stem_block.forward(x);
         let layer1 = run(x, &self.stages[0]);

@@ -12,7 +12,15 @@ use super::conv2d;
 
 /// Upstream's 3x3, stride 1, padding 1 convolution with bias.
 fn conv3x3(device: &Device, in_channels: usize, out_channels: usize) -> Conv2d {
-    conv2d(device, [in_channels, out_channels], 3, 1, 1, PaddingConfig2d::Explicit(1, 1, 1, 1), true)
+    conv2d(
+        device,
+        [in_channels, out_channels],
+        3,
+        1,
+        1,
+        PaddingConfig2d::Explicit(1, 1, 1, 1),
+        true,
+    )
 }
 
 /// Bilinear x2 upsampling. The fusion blocks align corners, the output head does not
@@ -65,7 +73,15 @@ impl FeatureFusionBlock {
         Self {
             res_conf_unit1: has_skip.then(|| ResidualConvUnit::new(device, features)),
             res_conf_unit2: ResidualConvUnit::new(device, features),
-            out_conv: conv2d(device, [features, out_features], 1, 1, 1, PaddingConfig2d::Valid, true),
+            out_conv: conv2d(
+                device,
+                [features, out_features],
+                1,
+                1,
+                1,
+                PaddingConfig2d::Valid,
+                true,
+            ),
         }
     }
 
@@ -98,7 +114,15 @@ impl OutputHead {
         Self {
             conv1: conv3x3(device, features, features / 2),
             conv2: conv3x3(device, features / 2, HEAD_CHANNELS),
-            conv3: conv2d(device, [HEAD_CHANNELS, 1], 1, 1, 1, PaddingConfig2d::Valid, true),
+            conv3: conv2d(
+                device,
+                [HEAD_CHANNELS, 1],
+                1,
+                1,
+                1,
+                PaddingConfig2d::Valid,
+                true,
+            ),
         }
     }
 

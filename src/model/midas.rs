@@ -81,9 +81,15 @@ impl MidasSmall {
         let [layer1, layer2, layer3, layer4] = self.pretrained.forward(input);
         let s = &self.scratch;
         let path4 = s.refinenet4.forward(s.layer4_rn.forward(layer4), None);
-        let path3 = s.refinenet3.forward(path4, Some(s.layer3_rn.forward(layer3)));
-        let path2 = s.refinenet2.forward(path3, Some(s.layer2_rn.forward(layer2)));
-        let path1 = s.refinenet1.forward(path2, Some(s.layer1_rn.forward(layer1)));
+        let path3 = s
+            .refinenet3
+            .forward(path4, Some(s.layer3_rn.forward(layer3)));
+        let path2 = s
+            .refinenet2
+            .forward(path3, Some(s.layer2_rn.forward(layer2)));
+        let path1 = s
+            .refinenet1
+            .forward(path2, Some(s.layer1_rn.forward(layer1)));
         s.output_conv.forward(path1).squeeze_dim(1)
     }
 }

@@ -14,9 +14,9 @@ pub use efficientnet::{DepthwiseSeparableConv, EfficientNetLite3, InvertedResidu
 pub use fusion::{FeatureFusionBlock, OutputHead, ResidualConvUnit};
 pub use midas::{MidasSmall, Scratch};
 
+use burn::nn::Initializer;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::Initializer;
 use burn::prelude::*;
 
 /// A convolution whose parameters start at zero: every model is filled from weights (a file or

@@ -37,7 +37,9 @@ impl Colormap {
 
     /// Parses a query-string value.
     pub fn from_name(name: &str) -> Option<Self> {
-        [Self::Inferno, Self::Viridis, Self::Gray].into_iter().find(|c| c.name() == name)
+        [Self::Inferno, Self::Viridis, Self::Gray]
+            .into_iter()
+            .find(|c| c.name() == name)
     }
 }
 

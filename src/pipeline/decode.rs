@@ -104,14 +104,21 @@ pub enum DecodeError {
 fn classify(format: ImageFormat, error: image::ImageError) -> DecodeError {
     let message = error.to_string();
     match &error {
-        image::ImageError::IoError(io) if io.kind() == ErrorKind::UnexpectedEof => DecodeError::Truncated(format),
+        image::ImageError::IoError(io) if io.kind() == ErrorKind::UnexpectedEof => {
+            DecodeError::Truncated(format)
+        }
         // zune-jpeg reports running out of data as a format error.
-        image::ImageError::Decoding(_) if message.contains("Not enough bytes") => DecodeError::Truncated(format),
+        image::ImageError::Decoding(_) if message.contains("Not enough bytes") => {
+            DecodeError::Truncated(format)
+        }
         image::ImageError::Limits(_) => DecodeError::Corrupt {
             format,
             message: format!("exceeds the decoder's memory limit ({error})"),
         },
-        _ => DecodeError::Corrupt { format, message: message.trim().to_string() },
+        _ => DecodeError::Corrupt {
+            format,
+            message: message.trim().to_string(),
+        },
     }
 }
 
@@ -124,12 +131,20 @@ fn classify(format: ImageFormat, error: image::ImageError) -> DecodeError {
 pub fn probe(bytes: &[u8], complete: bool) -> Result<Option<ImageHeader>, DecodeError> {
     let Some(format) = ImageFormat::sniff(bytes) else {
         // A dozen bytes are enough for every signature we accept.
-        return if bytes.len() < 16 && !complete { Ok(None) } else { Err(DecodeError::UnsupportedFormat) };
+        return if bytes.len() < 16 && !complete {
+            Ok(None)
+        } else {
+            Err(DecodeError::UnsupportedFormat)
+        };
     };
     if let Ok(size) = imagesize::blob_size(bytes)
         && let (Ok(width), Ok(height)) = (u32::try_from(size.width), u32::try_from(size.height))
     {
-        return Ok(Some(ImageHeader { format, width, height }));
+        return Ok(Some(ImageHeader {
+            format,
+            width,
+            height,
+        }));
     }
     if !complete {
         // Metadata before the frame header can be long: wait for more.
@@ -139,7 +154,11 @@ pub fn probe(bytes: &[u8], complete: bool) -> Result<Option<ImageHeader>, Decode
     match ImageReader::with_format(Cursor::new(bytes), format.as_image()).into_decoder() {
         Ok(decoder) => {
             let (width, height) = decoder.dimensions();
-            Ok(Some(ImageHeader { format, width, height }))
+            Ok(Some(ImageHeader {
+                format,
+                width,
+                height,
+            }))
         }
         Err(error) => Err(classify(format, error)),
     }
@@ -161,7 +180,12 @@ impl DecodeLimits {
             return Err(DecodeError::Empty { width, height });
         }
         if pixels > self.max_pixels {
-            return Err(DecodeError::TooManyPixels { width, height, pixels, limit: self.max_pixels });
+            return Err(DecodeError::TooManyPixels {
+                width,
+                height,
+                pixels,
+                limit: self.max_pixels,
+            });
         }
         Ok(())
     }
@@ -188,7 +212,10 @@ mod tests {
     fn extension_and_signature() {
         assert_eq!(ImageFormat::from_extension("JPG"), Some(ImageFormat::Jpeg));
         assert_eq!(ImageFormat::from_extension("gif"), None);
-        assert_eq!(ImageFormat::sniff(b"\x89PNG\r\n\x1a\n...."), Some(ImageFormat::Png));
+        assert_eq!(
+            ImageFormat::sniff(b"\x89PNG\r\n\x1a\n...."),
+            Some(ImageFormat::Png)
+        );
         assert_eq!(ImageFormat::sniff(b"GIF89a......"), None);
     }
 
@@ -196,8 +223,14 @@ mod tests {
     fn probe_waits_for_more_bytes_then_decides() {
         let png = b"\x89PNG\r\n\x1a\n";
         assert!(matches!(probe(png, false), Ok(None)));
-        assert!(matches!(probe(png, true), Err(DecodeError::Truncated(ImageFormat::Png))));
+        assert!(matches!(
+            probe(png, true),
+            Err(DecodeError::Truncated(ImageFormat::Png))
+        ));
         assert!(matches!(probe(b"hello", false), Ok(None)));
-        assert!(matches!(probe(b"hello", true), Err(DecodeError::UnsupportedFormat)));
+        assert!(matches!(
+            probe(b"hello", true),
+            Err(DecodeError::UnsupportedFormat)
+        ));
     }
 }

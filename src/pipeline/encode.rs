@@ -49,7 +49,9 @@ impl OutputFormat {
 
     /// Parses a query-string value.
     pub fn from_name(name: &str) -> Option<Self> {
-        [Self::Png, Self::Png16, Self::Npy].into_iter().find(|f| f.name() == name)
+        [Self::Png, Self::Png16, Self::Npy]
+            .into_iter()
+            .find(|f| f.name() == name)
     }
 }
 
@@ -76,7 +78,10 @@ impl SharedBuffer {
 
 impl Write for SharedBuffer {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).extend_from_slice(data);
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(data);
         Ok(data.len())
     }
 
@@ -100,31 +105,61 @@ pub struct PngChunks {
 }
 
 impl PngChunks {
-    fn new(rows: Vec<u8>, width: u32, height: u32, color: png::ColorType, depth: png::BitDepth) -> Result<Self, EncodeError> {
+    fn new(
+        rows: Vec<u8>,
+        width: u32,
+        height: u32,
+        color: png::ColorType,
+        depth: png::BitDepth,
+    ) -> Result<Self, EncodeError> {
         let out = SharedBuffer::default();
         let mut encoder = png::Encoder::new(out.clone(), width, height);
         encoder.set_color(color);
         encoder.set_depth(depth);
         encoder.set_compression(COMPRESSION);
         let error = |e: png::EncodingError| EncodeError(e.to_string());
-        let writer = encoder.write_header().map_err(error)?.into_stream_writer().map_err(error)?;
+        let writer = encoder
+            .write_header()
+            .map_err(error)?
+            .into_stream_writer()
+            .map_err(error)?;
         let row_bytes = rows.len() / height.max(1) as usize;
-        Ok(Self { writer: Some(writer), out, rows, row_bytes, next_row: 0 })
+        Ok(Self {
+            writer: Some(writer),
+            out,
+            rows,
+            row_bytes,
+            next_row: 0,
+        })
     }
 
     /// An 8-bit RGB PNG of row-major pixels.
     pub fn rgb8(pixels: Vec<u8>, width: u32, height: u32) -> Result<Self, EncodeError> {
-        Self::new(pixels, width, height, png::ColorType::Rgb, png::BitDepth::Eight)
+        Self::new(
+            pixels,
+            width,
+            height,
+            png::ColorType::Rgb,
+            png::BitDepth::Eight,
+        )
     }
 
     /// A 16-bit greyscale PNG of row-major values.
     pub fn gray16(values: &[u16], width: u32, height: u32) -> Result<Self, EncodeError> {
         let bytes = values.iter().flat_map(|v| v.to_be_bytes()).collect();
-        Self::new(bytes, width, height, png::ColorType::Grayscale, png::BitDepth::Sixteen)
+        Self::new(
+            bytes,
+            width,
+            height,
+            png::ColorType::Grayscale,
+            png::BitDepth::Sixteen,
+        )
     }
 
     fn advance(&mut self) -> Result<Option<Bytes>, EncodeError> {
-        let Some(writer) = self.writer.as_mut() else { return Ok(None) };
+        let Some(writer) = self.writer.as_mut() else {
+            return Ok(None);
+        };
         let total_rows = self.rows.len() / self.row_bytes.max(1);
         while self.next_row < total_rows && self.out.len() < CHUNK_BYTES {
             let start = self.next_row * self.row_bytes;
@@ -182,9 +217,18 @@ mod tests {
     #[test]
     fn png_comes_out_in_chunks_that_decode() {
         let (width, height) = (300u32, 400u32);
-        let pixels: Vec<u8> = (0..width * height * 3).map(|i| (i * 7 % 251) as u8).collect();
-        let chunks: Vec<Bytes> = PngChunks::rgb8(pixels.clone(), width, height).unwrap().map(Result::unwrap).collect();
-        assert!(chunks.len() > 1, "expected several chunks, got {}", chunks.len());
+        let pixels: Vec<u8> = (0..width * height * 3)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let chunks: Vec<Bytes> = PngChunks::rgb8(pixels.clone(), width, height)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(
+            chunks.len() > 1,
+            "expected several chunks, got {}",
+            chunks.len()
+        );
         let whole: Vec<u8> = chunks.concat();
         let decoded = image::load_from_memory(&whole).unwrap().into_rgb8();
         assert_eq!(decoded.dimensions(), (width, height));

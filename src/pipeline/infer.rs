@@ -33,8 +33,17 @@ impl DepthModel {
 
     /// Runs a batch of same-sized inputs: `data` is `[batch, 3, height, width]` and the result
     /// `[batch, height, width]`, both flat and row-major.
-    pub fn forward(&self, data: Vec<f32>, batch: usize, height: usize, width: usize) -> Result<Vec<f32>, InferenceError> {
-        let input = Tensor::<4>::from_data(TensorData::new(data, [batch, 3, height, width]), &self.device);
+    pub fn forward(
+        &self,
+        data: Vec<f32>,
+        batch: usize,
+        height: usize,
+        width: usize,
+    ) -> Result<Vec<f32>, InferenceError> {
+        let input = Tensor::<4>::from_data(
+            TensorData::new(data, [batch, 3, height, width]),
+            &self.device,
+        );
         let output = self.model.forward(input);
         output
             .try_into_data()
@@ -47,6 +56,10 @@ impl DepthModel {
     pub fn predict(&self, input: NetInput) -> Result<DepthMap, InferenceError> {
         let (width, height) = (input.width, input.height);
         let data = self.forward(input.data, 1, height, width)?;
-        Ok(DepthMap { width, height, data })
+        Ok(DepthMap {
+            width,
+            height,
+            data,
+        })
     }
 }

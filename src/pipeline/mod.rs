@@ -45,7 +45,11 @@ pub enum RenderError {
 pub type EncodedChunks = Box<dyn Iterator<Item = Result<Bytes, EncodeError>> + Send>;
 
 /// Post-processes and encodes a depth map for an input of `original` size `(width, height)`.
-pub fn render(depth: &DepthMap, original: (u32, u32), options: RenderOptions) -> Result<EncodedChunks, RenderError> {
+pub fn render(
+    depth: &DepthMap,
+    original: (u32, u32),
+    options: RenderOptions,
+) -> Result<EncodedChunks, RenderError> {
     Ok(match options.format {
         OutputFormat::Png => {
             let rgb = colourise(depth, options.colormap);
@@ -101,11 +105,22 @@ impl Pipeline {
     pub async fn load(args: &ModelArgs) -> Result<Self, LoadError> {
         let backend = Backend::init(args.backend)?;
         match &backend.adapter {
-            Some(adapter) => tracing::info!(backend = %backend.kind, adapter = ?adapter, "backend ready"),
+            Some(adapter) => {
+                tracing::info!(backend = %backend.kind, adapter = ?adapter, "backend ready")
+            }
             None => tracing::info!(backend = %backend.kind, "backend ready"),
         }
-        let options = FetchOptions { cache_dir: args.cache_dir(), sha256: args.weights_sha256.clone() };
-        let (model, report) = weights::load(args.weights.as_ref(), &options, args.key_prefix.as_deref(), &backend.device).await?;
+        let options = FetchOptions {
+            cache_dir: args.cache_dir(),
+            sha256: args.weights_sha256.clone(),
+        };
+        let (model, report) = weights::load(
+            args.weights.as_ref(),
+            &options,
+            args.key_prefix.as_deref(),
+            &backend.device,
+        )
+        .await?;
         if report.untrained {
             tracing::warn!(
                 "NO WEIGHTS GIVEN: running the UNTRAINED deterministic model; its depth maps are meaningless. Pass --weights (or MIDAS_WEIGHTS) with a MiDaS v2.1 small checkpoint"
@@ -122,11 +137,20 @@ impl Pipeline {
             );
         }
         let model = DepthModel::new(model, backend.device.clone());
-        Ok(Self { model, backend, weights: report })
+        Ok(Self {
+            model,
+            backend,
+            weights: report,
+        })
     }
 
     /// The whole pipeline for one encoded image, as `midas-serve predict` runs it.
-    pub fn predict(&self, bytes: &[u8], limits: &DecodeLimits, options: RenderOptions) -> Result<EncodedChunks, PredictError> {
+    pub fn predict(
+        &self,
+        bytes: &[u8],
+        limits: &DecodeLimits,
+        options: RenderOptions,
+    ) -> Result<EncodedChunks, PredictError> {
         let image = decode(bytes, limits)?;
         let original = image.dimensions();
         let depth = self.model.predict(preprocess(&image))?;

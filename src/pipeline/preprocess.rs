@@ -32,7 +32,11 @@ pub struct NetInput {
 /// multiple of 32, replaced by floor when that would exceed 256.
 fn constrain(x: f64) -> usize {
     let rounded = (x / MULTIPLE).round_ties_even() * MULTIPLE;
-    let y = if rounded > f64::from(NET_SIZE) { (x / MULTIPLE).floor() * MULTIPLE } else { rounded };
+    let y = if rounded > f64::from(NET_SIZE) {
+        (x / MULTIPLE).floor() * MULTIPLE
+    } else {
+        rounded
+    };
     y as usize
 }
 
@@ -65,7 +69,10 @@ fn taps(src: usize, dst: usize) -> Vec<([usize; 4], [f32; 4])> {
             let f = ((d as f64 + 0.5) * scale - 0.5) as f32;
             let start = f.floor();
             let index = |k: i64| (start as i64 + k - 1).clamp(0, src as i64 - 1) as usize;
-            ([index(0), index(1), index(2), index(3)], cubic_weights(f - start))
+            (
+                [index(0), index(1), index(2), index(3)],
+                cubic_weights(f - start),
+            )
         })
         .collect()
 }
@@ -117,7 +124,11 @@ pub fn preprocess(image: &RgbImage) -> NetInput {
             }
         }
     }
-    NetInput { width: dst_w, height: dst_h, data }
+    NetInput {
+        width: dst_w,
+        height: dst_h,
+        data,
+    }
 }
 
 #[cfg(test)]

@@ -93,13 +93,25 @@ impl ApiError {
             Self::UnexpectedField(_) => (StatusCode::BAD_REQUEST, "unexpected_field"),
             Self::MissingFilename => (StatusCode::BAD_REQUEST, "missing_filename"),
             Self::EmptyFile => (StatusCode::BAD_REQUEST, "empty_file"),
-            Self::DisallowedExtension(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_extension"),
+            Self::DisallowedExtension(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_extension")
+            }
             Self::TypeMismatch { .. } => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "type_mismatch"),
-            Self::Image(DecodeError::UnsupportedFormat) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_image"),
-            Self::Image(DecodeError::TooManyPixels { .. }) => (StatusCode::PAYLOAD_TOO_LARGE, "too_many_pixels"),
-            Self::Image(DecodeError::Truncated(_)) => (StatusCode::UNPROCESSABLE_ENTITY, "truncated_image"),
-            Self::Image(DecodeError::Empty { .. }) => (StatusCode::UNPROCESSABLE_ENTITY, "empty_image"),
-            Self::Image(DecodeError::Corrupt { .. }) => (StatusCode::UNPROCESSABLE_ENTITY, "corrupt_image"),
+            Self::Image(DecodeError::UnsupportedFormat) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_image")
+            }
+            Self::Image(DecodeError::TooManyPixels { .. }) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "too_many_pixels")
+            }
+            Self::Image(DecodeError::Truncated(_)) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "truncated_image")
+            }
+            Self::Image(DecodeError::Empty { .. }) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "empty_image")
+            }
+            Self::Image(DecodeError::Corrupt { .. }) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "corrupt_image")
+            }
             Self::BadQuery(_) => (StatusCode::BAD_REQUEST, "bad_query"),
             Self::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             Self::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
@@ -115,7 +127,11 @@ impl ApiError {
     pub fn into_response(self, request_id: &str) -> Response<Body> {
         let (status, code) = self.status_and_code();
         let body = serde_json::json!({ "error": code, "message": self.to_string(), "request_id": request_id });
-        let mut response = Response::new(Full::new(Bytes::from(body.to_string())).map_err(|never| match never {}).boxed());
+        let mut response = Response::new(
+            Full::new(Bytes::from(body.to_string()))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
         *response.status_mut() = status;
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -56,24 +56,50 @@ pub struct QueueFull {
 
 impl InferenceQueue {
     /// Starts the inference thread, which owns `model` until every queue handle is dropped.
-    pub fn start(model: DepthModel, capacity: usize, max_batch: usize, metrics: Metrics) -> std::io::Result<(Self, thread::JoinHandle<()>)> {
+    pub fn start(
+        model: DepthModel,
+        capacity: usize,
+        max_batch: usize,
+        metrics: Metrics,
+    ) -> std::io::Result<(Self, thread::JoinHandle<()>)> {
         let (sender, receiver) = mpsc::channel(capacity.max(1));
         let waiting = Arc::new(AtomicUsize::new(0));
-        let worker = Worker { model, receiver, max_batch: max_batch.max(1), waiting: waiting.clone(), metrics };
-        let handle = thread::Builder::new().name("inference".to_string()).spawn(move || worker.run())?;
-        Ok((Self { sender, capacity: capacity.max(1), waiting }, handle))
+        let worker = Worker {
+            model,
+            receiver,
+            max_batch: max_batch.max(1),
+            waiting: waiting.clone(),
+            metrics,
+        };
+        let handle = thread::Builder::new()
+            .name("inference".to_string())
+            .spawn(move || worker.run())?;
+        Ok((
+            Self {
+                sender,
+                capacity: capacity.max(1),
+                waiting,
+            },
+            handle,
+        ))
     }
 
     /// Queues an input; `Err` when the queue is full.
     pub fn submit(&self, input: NetInput) -> Result<Reply, QueueFull> {
         let (reply, receiver) = oneshot::channel();
-        let job = Job { input, submitted: Instant::now(), reply };
+        let job = Job {
+            input,
+            submitted: Instant::now(),
+            reply,
+        };
         self.waiting.fetch_add(1, Ordering::SeqCst);
         match self.sender.try_send(job) {
             Ok(()) => Ok(receiver),
             Err(_) => {
                 self.waiting.fetch_sub(1, Ordering::SeqCst);
-                Err(QueueFull { capacity: self.capacity })
+                Err(QueueFull {
+                    capacity: self.capacity,
+                })
             }
         }
     }
@@ -114,9 +140,13 @@ impl Worker {
             };
             let mut batch = vec![first];
             while batch.len() < self.max_batch {
-                let Ok(job) = self.receiver.try_recv() else { break };
+                let Ok(job) = self.receiver.try_recv() else {
+                    break;
+                };
                 let Some(job) = self.take(job) else { continue };
-                if (job.input.width, job.input.height) == (batch[0].input.width, batch[0].input.height) {
+                if (job.input.width, job.input.height)
+                    == (batch[0].input.width, batch[0].input.height)
+                {
                     batch.push(job);
                 } else {
                     held = Some(job);
@@ -143,9 +173,19 @@ impl Worker {
         match result {
             Ok(output) => {
                 let plane = width * height;
-                for ((reply, queued), depth) in replies.into_iter().zip(output.chunks_exact(plane)) {
-                    let depth = DepthMap { width, height, data: depth.to_vec() };
-                    let _ = reply.send(Ok(Inference { depth, queued, forward, batch: size }));
+                for ((reply, queued), depth) in replies.into_iter().zip(output.chunks_exact(plane))
+                {
+                    let depth = DepthMap {
+                        width,
+                        height,
+                        data: depth.to_vec(),
+                    };
+                    let _ = reply.send(Ok(Inference {
+                        depth,
+                        queued,
+                        forward,
+                        batch: size,
+                    }));
                 }
             }
             Err(error) => {

@@ -69,21 +69,53 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("midas");
         let requests = Family::<RequestLabels, Counter>::default();
-        let latency = Family::<RouteLabels, Histogram>::new_with_constructor(seconds_histogram as fn() -> Histogram);
-        let stages = Family::<StageLabels, Histogram>::new_with_constructor(seconds_histogram as fn() -> Histogram);
+        let latency = Family::<RouteLabels, Histogram>::new_with_constructor(
+            seconds_histogram as fn() -> Histogram,
+        );
+        let stages = Family::<StageLabels, Histogram>::new_with_constructor(
+            seconds_histogram as fn() -> Histogram,
+        );
         let in_flight = Gauge::default();
         let queue_depth = Gauge::default();
         let batch_size = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0]);
         let stored_bytes = Family::<ObjectLabels, Counter>::default();
         let store_errors = Family::<ObjectLabels, Counter>::default();
         registry.register("http_requests", "HTTP requests answered", requests.clone());
-        registry.register("http_request_duration_seconds", "Time to the response head", latency.clone());
-        registry.register("predict_stage_duration_seconds", "Time spent in each /predict stage", stages.clone());
-        registry.register("http_requests_in_flight", "Requests being handled", in_flight.clone());
-        registry.register("inference_queue_depth", "Jobs waiting for the model", queue_depth.clone());
-        registry.register("inference_batch_size", "Inputs per forward pass", batch_size.clone());
-        registry.register("store_bytes", "Bytes committed to the store", stored_bytes.clone());
-        registry.register("store_errors", "Store operations that failed", store_errors.clone());
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to the response head",
+            latency.clone(),
+        );
+        registry.register(
+            "predict_stage_duration_seconds",
+            "Time spent in each /predict stage",
+            stages.clone(),
+        );
+        registry.register(
+            "http_requests_in_flight",
+            "Requests being handled",
+            in_flight.clone(),
+        );
+        registry.register(
+            "inference_queue_depth",
+            "Jobs waiting for the model",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "inference_batch_size",
+            "Inputs per forward pass",
+            batch_size.clone(),
+        );
+        registry.register(
+            "store_bytes",
+            "Bytes committed to the store",
+            stored_bytes.clone(),
+        );
+        registry.register(
+            "store_errors",
+            "Store operations that failed",
+            store_errors.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             requests,
@@ -109,6 +141,8 @@ impl Metrics {
 
     /// Records one `/predict` stage.
     pub fn stage(&self, stage: &'static str, seconds: f64) {
-        self.stages.get_or_create(&StageLabels { stage }).observe(seconds);
+        self.stages
+            .get_or_create(&StageLabels { stage })
+            .observe(seconds);
     }
 }

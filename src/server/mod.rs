@@ -101,17 +101,37 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
     let pipeline = Pipeline::load(&config.model).await?;
     let store = Store::open(&config.store, config.store_timeout()).await?;
     tracing::info!(store = %store, "store ready");
-    let limits = DecodeLimits { max_pixels: config.max_pixels };
+    let limits = DecodeLimits {
+        max_pixels: config.max_pixels,
+    };
     warm_up(&pipeline, &limits)?;
-    let model = ModelInfo { backend: pipeline.backend.kind.name(), adapter: pipeline.backend.adapter.clone(), weights: pipeline.weights.clone() };
+    let model = ModelInfo {
+        backend: pipeline.backend.kind.name(),
+        adapter: pipeline.backend.adapter.clone(),
+        weights: pipeline.weights.clone(),
+    };
     let metrics = Metrics::default();
-    let (queue, _worker) = InferenceQueue::start(pipeline.model, config.queue_size, config.max_batch, metrics.clone())
-        .map_err(|error| ServerError::Io { context: "cannot start the inference thread".into(), error })?;
+    let (queue, _worker) = InferenceQueue::start(
+        pipeline.model,
+        config.queue_size,
+        config.max_batch,
+        metrics.clone(),
+    )
+    .map_err(|error| ServerError::Io {
+        context: "cannot start the inference thread".into(),
+        error,
+    })?;
     let address = format!("{}:{}", config.host, config.port);
     let listener = TcpListener::bind(&address)
         .await
-        .map_err(|error| ServerError::Io { context: format!("cannot listen on {address}"), error })?;
-    let local = listener.local_addr().map_err(|error| ServerError::Io { context: "no local address".into(), error })?;
+        .map_err(|error| ServerError::Io {
+            context: format!("cannot listen on {address}"),
+            error,
+        })?;
+    let local = listener.local_addr().map_err(|error| ServerError::Io {
+        context: "no local address".into(),
+        error,
+    })?;
     let page = page::render(&model, &store, &config);
     let workers = std::thread::available_parallelism().map_or(2, usize::from);
     let state = Arc::new(AppState {
@@ -134,12 +154,16 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
 /// lazy initialisation (thread pools, allocations, shader compilation on wgpu).
 fn warm_up(pipeline: &Pipeline, limits: &DecodeLimits) -> Result<(), ServerError> {
     let started = Instant::now();
-    let image = image::RgbImage::from_fn(640, 480, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8]));
+    let image = image::RgbImage::from_fn(640, 480, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
+    });
     let mut png = Vec::new();
     image
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .map_err(|e| ServerError::WarmUp(e.to_string()))?;
-    let chunks = pipeline.predict(&png, limits, RenderOptions::default()).map_err(|e| ServerError::WarmUp(e.to_string()))?;
+    let chunks = pipeline
+        .predict(&png, limits, RenderOptions::default())
+        .map_err(|e| ServerError::WarmUp(e.to_string()))?;
     for chunk in chunks {
         chunk.map_err(|e| ServerError::WarmUp(e.to_string()))?;
     }
@@ -152,7 +176,9 @@ async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        let mut terminate = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
             Ok(signal) => signal,
             Err(error) => {
                 tracing::error!(%error, "cannot listen for SIGTERM; only SIGINT stops the server");
@@ -173,9 +199,16 @@ async fn shutdown_signal() {
 
 /// Accepts connections until `shutdown` resolves, then stops accepting, marks the server not
 /// ready and gives in-flight requests the grace period to finish.
-pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()>,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(state.config.header_timeout());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.config.header_timeout());
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(state.config.max_connections.max(1)));
@@ -205,7 +238,11 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
             let state = state.clone();
             async move { Ok::<_, Infallible>(routes::handle(state, request, peer).await) }
         });
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+        let connection = graceful.watch(
+            builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned(),
+        );
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%peer, error = %error, "connection ended with an error");
@@ -216,7 +253,10 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
     state.ready.store(false, Ordering::SeqCst);
     drop(listener);
     let grace = state.config.grace_period();
-    tracing::info!(grace_secs = grace.as_secs(), "draining: no new connections, waiting for in-flight requests");
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "draining: no new connections, waiting for in-flight requests"
+    );
     match tokio::time::timeout(grace, graceful.shutdown()).await {
         Ok(()) => tracing::info!("all connections closed; exiting"),
         Err(_) => tracing::warn!("grace period over; closing the remaining connections"),

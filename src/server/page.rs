@@ -38,7 +38,11 @@ pub fn render(model: &ModelInfo, store: &Store, config: &ServeArgs) -> String {
         ),
         None => model.backend.to_string(),
     };
-    let source = if weights.untrained { "untrained deterministic weights (synthetic)" } else { &weights.source };
+    let source = if weights.untrained {
+        "untrained deterministic weights (synthetic)"
+    } else {
+        &weights.source
+    };
     let limits = format!(
         "{} MiB per upload, {} megapixels per image",
         config.max_body_bytes >> 20,
@@ -48,7 +52,10 @@ pub fn render(model: &ModelInfo, store: &Store, config: &ServeArgs) -> String {
         .replace("{{WARNING}}", &warning)
         .replace("{{BACKEND}}", &escape(&backend))
         .replace("{{WEIGHTS}}", &escape(source))
-        .replace("{{SHA256}}", &escape(weights.sha256.as_deref().unwrap_or("none")))
+        .replace(
+            "{{SHA256}}",
+            &escape(weights.sha256.as_deref().unwrap_or("none")),
+        )
         .replace("{{STORE}}", &escape(&store.describe()))
         .replace("{{LIMITS}}", &escape(&limits))
 }
@@ -59,6 +66,9 @@ mod tests {
 
     #[test]
     fn escapes_markup() {
-        assert_eq!(escape("<a href=\"x\">'&'</a>"), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
+        assert_eq!(
+            escape("<a href=\"x\">'&'</a>"),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
     }
 }

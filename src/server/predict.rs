@@ -55,7 +55,12 @@ fn millis(since: Instant) -> f64 {
 }
 
 /// Answers `POST /predict`, turning any failure into its JSON refusal.
-pub async fn handle(state: &AppState, request: Request<Incoming>, request_id: &str, peer: SocketAddr) -> Response<Body> {
+pub async fn handle(
+    state: &AppState,
+    request: Request<Incoming>,
+    request_id: &str,
+    peer: SocketAddr,
+) -> Response<Body> {
     let timeout = state.config.request_timeout();
     match tokio::time::timeout(timeout, respond(state, request, request_id, peer)).await {
         Ok(Ok(response)) => response,
@@ -69,18 +74,30 @@ pub async fn handle(state: &AppState, request: Request<Incoming>, request_id: &s
 
 fn render_options(query: Option<&str>) -> Result<RenderOptions, ApiError> {
     let mut options = RenderOptions::default();
-    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         match key {
             "colormap" => {
-                options.colormap = pipeline::Colormap::from_name(value)
-                    .ok_or_else(|| ApiError::BadQuery(format!("unknown colormap {value:?}; use inferno, viridis or gray")))?;
+                options.colormap = pipeline::Colormap::from_name(value).ok_or_else(|| {
+                    ApiError::BadQuery(format!(
+                        "unknown colormap {value:?}; use inferno, viridis or gray"
+                    ))
+                })?;
             }
             "format" => {
-                options.format = OutputFormat::from_name(value)
-                    .ok_or_else(|| ApiError::BadQuery(format!("unknown format {value:?}; use png, png16 or npy")))?;
+                options.format = OutputFormat::from_name(value).ok_or_else(|| {
+                    ApiError::BadQuery(format!("unknown format {value:?}; use png, png16 or npy"))
+                })?;
             }
-            other => return Err(ApiError::BadQuery(format!("unknown query parameter {other:?}; use colormap and format"))),
+            other => {
+                return Err(ApiError::BadQuery(format!(
+                    "unknown query parameter {other:?}; use colormap and format"
+                )));
+            }
         }
     }
     Ok(options)
@@ -89,49 +106,100 @@ fn render_options(query: Option<&str>) -> Result<RenderOptions, ApiError> {
 /// Maps a multipart failure, recognising the body-size limit underneath.
 fn multipart_error(error: multer::Error, limit: u64) -> ApiError {
     match &error {
-        multer::Error::StreamSizeExceeded { .. } | multer::Error::FieldSizeExceeded { .. } => ApiError::BodyTooLarge(limit),
-        multer::Error::StreamReadFailed(inner) if inner.is::<http_body_util::LengthLimitError>() => ApiError::BodyTooLarge(limit),
-        multer::Error::UnknownField { field_name } => ApiError::UnexpectedField(field_name.clone().unwrap_or_default()),
+        multer::Error::StreamSizeExceeded { .. } | multer::Error::FieldSizeExceeded { .. } => {
+            ApiError::BodyTooLarge(limit)
+        }
+        multer::Error::StreamReadFailed(inner)
+            if inner.is::<http_body_util::LengthLimitError>() =>
+        {
+            ApiError::BodyTooLarge(limit)
+        }
+        multer::Error::UnknownField { field_name } => {
+            ApiError::UnexpectedField(field_name.clone().unwrap_or_default())
+        }
         _ => ApiError::BadMultipart(error.to_string()),
     }
 }
 
 /// The image header, once enough bytes have arrived; checks type and pixel budget.
-fn check_header(state: &AppState, bytes: &[u8], complete: bool, declared: ImageFormat) -> Result<Option<ImageHeader>, ApiError> {
+fn check_header(
+    state: &AppState,
+    bytes: &[u8],
+    complete: bool,
+    declared: ImageFormat,
+) -> Result<Option<ImageHeader>, ApiError> {
     if let Some(found) = ImageFormat::sniff(bytes).or_else(|| complete.then_some(declared))
         && found != declared
     {
-        return Err(ApiError::TypeMismatch { declared: format!("{declared:?}"), found: format!("{found:?}") });
+        return Err(ApiError::TypeMismatch {
+            declared: format!("{declared:?}"),
+            found: format!("{found:?}"),
+        });
     }
-    let Some(header) = pipeline::probe(bytes, complete)? else { return Ok(None) };
+    let Some(header) = pipeline::probe(bytes, complete)? else {
+        return Ok(None);
+    };
     state.limits.check(&header)?;
     Ok(Some(header))
 }
 
-async fn respond(state: &AppState, request: Request<Incoming>, request_id: &str, peer: SocketAddr) -> Result<Response<Body>, ApiError> {
+async fn respond(
+    state: &AppState,
+    request: Request<Incoming>,
+    request_id: &str,
+    peer: SocketAddr,
+) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let options = render_options(request.uri().query())?;
     let limit = state.config.max_body_bytes;
-    let content_type = request.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let content_type = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
     let boundary = multer::parse_boundary(content_type).map_err(|_| {
-        ApiError::NotMultipart(format!("expected a multipart/form-data body with a boundary, got content type {content_type:?}"))
+        ApiError::NotMultipart(format!(
+            "expected a multipart/form-data body with a boundary, got content type {content_type:?}"
+        ))
     })?;
-    let declared_length = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let declared_length = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared_length.is_some_and(|length| length > limit) {
         return Err(ApiError::BodyTooLarge(limit));
     }
     // Content-Length alone does not bound a chunked body: the stream itself is limited.
-    let body = Limited::new(request.into_body(), limit as usize).into_data_stream().map_err(|e| -> BoxError { e });
+    let body = Limited::new(request.into_body(), limit as usize)
+        .into_data_stream()
+        .map_err(|e| -> BoxError { e });
     let constraints = Constraints::new()
         .allowed_fields(vec![FILE_FIELD])
         .size_limit(SizeLimit::new().whole_stream(limit).per_field(limit));
     let mut multipart = Multipart::with_constraints(body, boundary, constraints);
 
-    let mut field = multipart.next_field().await.map_err(|e| multipart_error(e, limit))?.ok_or(ApiError::MissingFile)?;
-    let file_name = field.file_name().filter(|n| !n.is_empty()).ok_or(ApiError::MissingFilename)?.to_string();
-    let extension = file_name.rsplit_once('.').map(|(_, e)| e).unwrap_or_default();
-    let declared = ImageFormat::from_extension(extension).ok_or_else(|| ApiError::DisallowedExtension(file_name.clone()))?;
-    let names = ObjectNames::new(request_id, &file_name, options.format.extension(), SystemTime::now());
+    let mut field = multipart
+        .next_field()
+        .await
+        .map_err(|e| multipart_error(e, limit))?
+        .ok_or(ApiError::MissingFile)?;
+    let file_name = field
+        .file_name()
+        .filter(|n| !n.is_empty())
+        .ok_or(ApiError::MissingFilename)?
+        .to_string();
+    let extension = file_name
+        .rsplit_once('.')
+        .map(|(_, e)| e)
+        .unwrap_or_default();
+    let declared = ImageFormat::from_extension(extension)
+        .ok_or_else(|| ApiError::DisallowedExtension(file_name.clone()))?;
+    let names = ObjectNames::new(
+        request_id,
+        &file_name,
+        options.format.extension(),
+        SystemTime::now(),
+    );
 
     // Stream the part into the store and a bounded buffer, checking the header on the way.
     let mut upload = state.store.begin(&names.input);
@@ -159,19 +227,28 @@ async fn respond(state: &AppState, request: Request<Incoming>, request_id: &str,
     let received = match received {
         Ok(()) => match multipart.next_field().await {
             Ok(None) => Ok(()),
-            Ok(Some(extra)) => Err(ApiError::UnexpectedField(extra.name().unwrap_or_default().to_string())),
+            Ok(Some(extra)) => Err(ApiError::UnexpectedField(
+                extra.name().unwrap_or_default().to_string(),
+            )),
             Err(error) => Err(multipart_error(error, limit)),
         },
         Err(error) => Err(error),
     };
     if let Err(error) = received {
         if matches!(error, ApiError::Store(_)) {
-            state.metrics.store_errors.get_or_create(&ObjectLabels { kind: "input" }).inc();
+            state
+                .metrics
+                .store_errors
+                .get_or_create(&ObjectLabels { kind: "input" })
+                .inc();
         }
         upload.abort().await;
         return Err(error);
     }
-    let mut timings = Timings { upload: millis(started), ..Timings::default() };
+    let mut timings = Timings {
+        upload: millis(started),
+        ..Timings::default()
+    };
     let input_bytes = upload.bytes();
     state.metrics.stage("upload", timings.upload / 1000.0);
 
@@ -194,14 +271,24 @@ async fn respond(state: &AppState, request: Request<Incoming>, request_id: &str,
     };
     let stored = tokio::spawn(upload.finish());
     let result = infer(state, reply, &mut timings).await;
-    let stored = stored.await.map_err(|e| ApiError::Internal(e.to_string()))?;
+    let stored = stored
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let (input, original) = match (result, stored) {
         (Ok(depth), Ok(size)) => {
-            state.metrics.stored_bytes.get_or_create(&ObjectLabels { kind: "input" }).inc_by(size);
+            state
+                .metrics
+                .stored_bytes
+                .get_or_create(&ObjectLabels { kind: "input" })
+                .inc_by(size);
             (depth, input.1)
         }
         (_, Err(error)) => {
-            state.metrics.store_errors.get_or_create(&ObjectLabels { kind: "input" }).inc();
+            state
+                .metrics
+                .store_errors
+                .get_or_create(&ObjectLabels { kind: "input" })
+                .inc();
             return Err(error.into());
         }
         (Err(error), Ok(_)) => return Err(error),
@@ -209,16 +296,23 @@ async fn respond(state: &AppState, request: Request<Incoming>, request_id: &str,
 
     // Post-process (colourise and resize) before answering, so its time is in the header.
     let postprocess_started = Instant::now();
-    let permit = state.pixel_work.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+    let permit = state
+        .pixel_work
+        .acquire()
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let chunks = tokio::task::spawn_blocking(move || pipeline::render(&input, original, options))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     drop(permit);
     timings.postprocess = millis(postprocess_started);
-    state.metrics.stage("postprocess", timings.postprocess / 1000.0);
+    state
+        .metrics
+        .stage("postprocess", timings.postprocess / 1000.0);
 
-    let (sender, mut receiver) = tokio::sync::mpsc::channel::<Result<Bytes, BoxError>>(RESPONSE_PIPE_DEPTH);
+    let (sender, mut receiver) =
+        tokio::sync::mpsc::channel::<Result<Bytes, BoxError>>(RESPONSE_PIPE_DEPTH);
     let output = state.store.begin(&names.output);
     let log = RequestLog {
         request_id: request_id.to_string(),
@@ -229,7 +323,13 @@ async fn respond(state: &AppState, request: Request<Incoming>, request_id: &str,
         input_object: names.input.clone(),
         output_object: names.output.clone(),
     };
-    tokio::spawn(stream_output(chunks, output, sender, state.metrics.clone(), log));
+    tokio::spawn(stream_output(
+        chunks,
+        output,
+        sender,
+        state.metrics.clone(),
+        log,
+    ));
 
     let body = async_stream::stream! {
         while let Some(item) = receiver.recv().await {
@@ -239,9 +339,19 @@ async fn respond(state: &AppState, request: Request<Incoming>, request_id: &str,
     let mut response = Response::new(BodyExt::boxed(StreamBody::new(body)));
     *response.status_mut() = StatusCode::OK;
     let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static(options.format.content_type()));
-    let (input_key, output_key) = (state.store.object_key(&names.input), state.store.object_key(&names.output));
-    for (name, value) in [("x-input-object", &input_key), ("x-output-object", &output_key), ("server-timing", &timings.header())] {
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(options.format.content_type()),
+    );
+    let (input_key, output_key) = (
+        state.store.object_key(&names.input),
+        state.store.object_key(&names.output),
+    );
+    for (name, value) in [
+        ("x-input-object", &input_key),
+        ("x-output-object", &output_key),
+        ("server-timing", &timings.header()),
+    ] {
         if let Ok(value) = HeaderValue::from_str(value) {
             headers.insert(name, value);
         }
@@ -250,17 +360,26 @@ async fn respond(state: &AppState, request: Request<Incoming>, request_id: &str,
 }
 
 /// Decodes and pre-processes on a blocking thread; returns the input and the original size.
-async fn decode(state: &AppState, bytes: Bytes, timings: &mut Timings) -> Result<(NetInput, (u32, u32)), ApiError> {
+async fn decode(
+    state: &AppState,
+    bytes: Bytes,
+    timings: &mut Timings,
+) -> Result<(NetInput, (u32, u32)), ApiError> {
     let started = Instant::now();
-    let permit = state.pixel_work.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+    let permit = state
+        .pixel_work
+        .acquire()
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let limits = state.limits;
-    let decoded = tokio::task::spawn_blocking(move || -> Result<(NetInput, (u32, u32)), ApiError> {
-        let image = pipeline::decode(&bytes, &limits)?;
-        let original = image.dimensions();
-        Ok((pipeline::preprocess(&image), original))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let decoded =
+        tokio::task::spawn_blocking(move || -> Result<(NetInput, (u32, u32)), ApiError> {
+            let image = pipeline::decode(&bytes, &limits)?;
+            let original = image.dimensions();
+            Ok((pipeline::preprocess(&image), original))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     drop(permit);
     timings.decode = millis(started);
     state.metrics.stage("decode", timings.decode / 1000.0);
@@ -268,7 +387,11 @@ async fn decode(state: &AppState, bytes: Bytes, timings: &mut Timings) -> Result
 }
 
 /// Waits for the model's thread to run a queued input.
-async fn infer(state: &AppState, reply: Reply, timings: &mut Timings) -> Result<pipeline::DepthMap, ApiError> {
+async fn infer(
+    state: &AppState,
+    reply: Reply,
+    timings: &mut Timings,
+) -> Result<pipeline::DepthMap, ApiError> {
     let inference = reply
         .await
         .map_err(|_| ApiError::Internal("the inference thread stopped".to_string()))?
@@ -276,7 +399,9 @@ async fn infer(state: &AppState, reply: Reply, timings: &mut Timings) -> Result<
     timings.queue = inference.queued.as_secs_f64() * 1000.0;
     timings.forward = inference.forward.as_secs_f64() * 1000.0;
     state.metrics.stage("queue", inference.queued.as_secs_f64());
-    state.metrics.stage("forward", inference.forward.as_secs_f64());
+    state
+        .metrics
+        .stage("forward", inference.forward.as_secs_f64());
     Ok(inference.depth)
 }
 
@@ -300,7 +425,8 @@ async fn stream_output(
     metrics: super::Metrics,
     log: RequestLog,
 ) {
-    let (encoded_sender, mut encoded) = tokio::sync::mpsc::channel::<Result<Bytes, pipeline::EncodeError>>(RESPONSE_PIPE_DEPTH);
+    let (encoded_sender, mut encoded) =
+        tokio::sync::mpsc::channel::<Result<Bytes, pipeline::EncodeError>>(RESPONSE_PIPE_DEPTH);
     let encode_started = Instant::now();
     let encoder = tokio::task::spawn_blocking(move || {
         for chunk in chunks {
@@ -344,7 +470,10 @@ async fn stream_output(
     };
     match result {
         Ok(size) => {
-            metrics.stored_bytes.get_or_create(&ObjectLabels { kind: "output" }).inc_by(size);
+            metrics
+                .stored_bytes
+                .get_or_create(&ObjectLabels { kind: "output" })
+                .inc_by(size);
             if let Some(last) = held
                 && client_open
             {
@@ -368,7 +497,10 @@ async fn stream_output(
             );
         }
         Err(error) => {
-            metrics.store_errors.get_or_create(&ObjectLabels { kind: "output" }).inc();
+            metrics
+                .store_errors
+                .get_or_create(&ObjectLabels { kind: "output" })
+                .inc();
             tracing::error!(request_id = %log.request_id, %error, "storing the prediction failed; the response is cut short");
             let _ = client.send(Err(error.into())).await;
         }

@@ -16,10 +16,20 @@ use super::metrics::{RequestLabels, RouteLabels};
 use super::{AppState, Body, predict};
 
 /// A response with a complete body.
-pub fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
-    let mut response = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed());
+pub fn full(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 
@@ -40,7 +50,11 @@ fn route(path: &str) -> Option<(&'static str, &'static [Method], &'static str)> 
 }
 
 /// Answers one request; never fails (errors become JSON responses).
-pub async fn handle(state: Arc<AppState>, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+pub async fn handle(
+    state: Arc<AppState>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
     let started = Instant::now();
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let method = request.method().clone();
@@ -48,10 +62,19 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>, peer: Sock
     state.metrics.in_flight.inc();
 
     let (label, response) = match route(&path) {
-        None => ("other", ApiError::NotFound(path.clone()).into_response(&request_id)),
+        None => (
+            "other",
+            ApiError::NotFound(path.clone()).into_response(&request_id),
+        ),
         Some((label, methods, allowed)) if !methods.contains(&method) => {
-            let mut response = ApiError::MethodNotAllowed { method: method.to_string(), allowed }.into_response(&request_id);
-            response.headers_mut().insert(ALLOW, HeaderValue::from_static(allowed));
+            let mut response = ApiError::MethodNotAllowed {
+                method: method.to_string(),
+                allowed,
+            }
+            .into_response(&request_id);
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static(allowed));
             (label, response)
         }
         Some((label, _, _)) => {
@@ -79,8 +102,19 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>, peer: Sock
         );
     }
     state.metrics.in_flight.dec();
-    state.metrics.requests.get_or_create(&RequestLabels { route: label, status }).inc();
-    state.metrics.latency.get_or_create(&RouteLabels { route: label }).observe(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route: label,
+            status,
+        })
+        .inc();
+    state
+        .metrics
+        .latency
+        .get_or_create(&RouteLabels { route: label })
+        .observe(started.elapsed().as_secs_f64());
     // /predict logs its own line once the streamed body is complete.
     if label != "/predict" || status != 200 {
         tracing::info!(
@@ -97,14 +131,24 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>, peer: Sock
 }
 
 fn welcome(state: &AppState) -> Response<Body> {
-    let mut response = full(StatusCode::OK, "text/html; charset=utf-8", state.page.clone());
-    response.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    let mut response = full(
+        StatusCode::OK,
+        "text/html; charset=utf-8",
+        state.page.clone(),
+    );
+    response
+        .headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
 }
 
 fn readiness(state: &AppState) -> Response<Body> {
     let ready = state.ready.load(Ordering::SeqCst);
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     json(
         status,
         serde_json::json!({
@@ -120,5 +164,9 @@ fn readiness(state: &AppState) -> Response<Body> {
 
 fn metrics(state: &AppState) -> Response<Body> {
     state.metrics.queue_depth.set(state.queue.waiting() as i64);
-    full(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", state.metrics.encode())
+    full(
+        StatusCode::OK,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        state.metrics.encode(),
+    )
 }

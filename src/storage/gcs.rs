@@ -16,9 +16,9 @@ use google_cloud_gax::exponential_backoff::ExponentialBackoffBuilder;
 use google_cloud_gax::retry_policy::{RetryPolicy, RetryPolicyExt};
 use google_cloud_gax::retry_result::RetryResult;
 use google_cloud_gax::retry_state::RetryState;
-use google_cloud_storage::read_resume_policy::{ReadResumePolicyExt, Recommended};
 use google_cloud_storage::client::Storage;
 use google_cloud_storage::read_object::ReadObjectResponse;
+use google_cloud_storage::read_resume_policy::{ReadResumePolicyExt, Recommended};
 use google_cloud_storage::streaming_source::StreamingSource;
 use tokio::sync::{mpsc, oneshot};
 
@@ -55,24 +55,41 @@ impl Client {
             .build()
             .map_err(unavailable)?;
         let mut builder = Storage::builder()
-            .with_retry_policy(HttpStatusOnly.with_attempt_limit(ATTEMPTS).with_time_limit(timeout))
+            .with_retry_policy(
+                HttpStatusOnly
+                    .with_attempt_limit(ATTEMPTS)
+                    .with_time_limit(timeout),
+            )
             .with_read_resume_policy(Recommended.with_attempt_limit(ATTEMPTS))
             .with_backoff_policy(backoff)
             .with_resumable_upload_threshold(0usize)
             .with_resumable_upload_buffer_size(UPLOAD_BUFFER);
-        let endpoint = std::env::var(EMULATOR_ENV).ok().filter(|v| !v.is_empty()).map(|host| {
-            if host.contains("://") { host } else { format!("http://{host}") }
-        });
+        let endpoint = std::env::var(EMULATOR_ENV)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(|host| {
+                if host.contains("://") {
+                    host
+                } else {
+                    format!("http://{host}")
+                }
+            });
         if let Some(endpoint) = &endpoint {
-            builder = builder
-                .with_endpoint(endpoint.clone())
-                .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build());
+            builder = builder.with_endpoint(endpoint.clone()).with_credentials(
+                google_cloud_auth::credentials::anonymous::Builder::new().build(),
+            );
         }
         let storage = tokio::time::timeout(timeout, builder.build())
             .await
             .map_err(|_| StoreError::Timeout(timeout))?
-            .map_err(|e| StoreError::Unavailable(format!("cannot create the Cloud Storage client: {e}")))?;
-        Ok(Self { storage, timeout, endpoint })
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot create the Cloud Storage client: {e}"))
+            })?;
+        Ok(Self {
+            storage,
+            timeout,
+            endpoint,
+        })
     }
 
     /// Opens an object for reading.
@@ -85,7 +102,10 @@ impl Client {
                 Some(404) => StoreError::NotFound(format!("gs://{bucket}/{object}")),
                 _ => StoreError::Unavailable(format!("gs://{bucket}/{object}: {}", describe(&e))),
             })?;
-        Ok(ObjectReader { response, timeout: self.timeout })
+        Ok(ObjectReader {
+            response,
+            timeout: self.timeout,
+        })
     }
 }
 
@@ -155,7 +175,11 @@ impl GcsStore {
     /// endpoint stops start-up with a clear message.
     pub async fn open(bucket: &str, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
         let client = Client::from_env(timeout).await?;
-        let store = Self { client, bucket: bucket.to_string(), prefix: prefix.to_string() };
+        let store = Self {
+            client,
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+        };
         let probe = store.object_name(".midas-serve-probe");
         match store.client.read(bucket, &probe).await {
             Ok(_) => {}
@@ -164,8 +188,14 @@ impl GcsStore {
             // shows up as 503s on the first uploads, with the bucket named in the log.)
             Err(StoreError::NotFound(_)) => {}
             Err(StoreError::Unavailable(message)) => {
-                let endpoint = store.client.endpoint.as_deref().unwrap_or("storage.googleapis.com");
-                return Err(StoreError::Unavailable(format!("bucket {bucket} at {endpoint} is not usable: {message}")));
+                let endpoint = store
+                    .client
+                    .endpoint
+                    .as_deref()
+                    .unwrap_or("storage.googleapis.com");
+                return Err(StoreError::Unavailable(format!(
+                    "bucket {bucket} at {endpoint} is not usable: {message}"
+                )));
             }
             Err(other) => return Err(other),
         }
@@ -182,14 +212,26 @@ impl GcsStore {
 
     /// `prefix/name`, the object's name in the bucket.
     pub fn object_name(&self, name: &str) -> String {
-        if self.prefix.is_empty() { name.to_string() } else { format!("{}/{name}", self.prefix) }
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}/{name}", self.prefix)
+        }
     }
 
     /// Streams an object's pieces into a resumable upload; commits on [`Piece::Finish`] only.
-    pub(super) async fn write(self, name: String, pieces: mpsc::Receiver<Piece>) -> Result<u64, StoreError> {
+    pub(super) async fn write(
+        self,
+        name: String,
+        pieces: mpsc::Receiver<Piece>,
+    ) -> Result<u64, StoreError> {
         let object = self.object_name(&name);
         let (ended, end_signal) = oneshot::channel();
-        let source = ChannelSource { pieces, bytes: 0, ended: Some(ended) };
+        let source = ChannelSource {
+            pieces,
+            bytes: 0,
+            ended: Some(ended),
+        };
         let upload = self
             .client
             .storage
@@ -211,7 +253,11 @@ impl GcsStore {
             Ok(stored) => Ok(u64::try_from(stored.size).unwrap_or_default()),
             Err(error) if error.http_status_code() == Some(412) => Err(StoreError::Exists(object)),
             Err(error) if error.to_string().contains(CANCELLED) => Err(StoreError::Cancelled),
-            Err(error) => Err(StoreError::Unavailable(format!("gs://{}/{object}: {}", self.bucket, describe(&error)))),
+            Err(error) => Err(StoreError::Unavailable(format!(
+                "gs://{}/{object}: {}",
+                self.bucket,
+                describe(&error)
+            ))),
         }
     }
 }

@@ -17,8 +17,11 @@ pub struct LocalStore {
 impl LocalStore {
     /// Creates the directory if needed and checks it is writable.
     pub async fn open(root: PathBuf) -> Result<Self, StoreError> {
-        let unavailable = |e: std::io::Error| StoreError::Unavailable(format!("{}: {e}", root.display()));
-        tokio::fs::create_dir_all(&root).await.map_err(unavailable)?;
+        let unavailable =
+            |e: std::io::Error| StoreError::Unavailable(format!("{}: {e}", root.display()));
+        tokio::fs::create_dir_all(&root)
+            .await
+            .map_err(unavailable)?;
         let probe = root.clone();
         tokio::task::spawn_blocking(move || tempfile::NamedTempFile::new_in(&probe).map(drop))
             .await
@@ -33,11 +36,18 @@ impl LocalStore {
     }
 
     /// Receives an object's pieces and commits it on [`Piece::Finish`]; returns its size.
-    pub(super) async fn write(self, name: String, mut pieces: mpsc::Receiver<Piece>) -> Result<u64, StoreError> {
+    pub(super) async fn write(
+        self,
+        name: String,
+        mut pieces: mpsc::Receiver<Piece>,
+    ) -> Result<u64, StoreError> {
         let target = self.root.join(&name);
-        let unavailable = |e: std::io::Error| StoreError::Unavailable(format!("{}: {e}", target.display()));
+        let unavailable =
+            |e: std::io::Error| StoreError::Unavailable(format!("{}: {e}", target.display()));
         let directory = target.parent().unwrap_or(&self.root).to_path_buf();
-        tokio::fs::create_dir_all(&directory).await.map_err(unavailable)?;
+        tokio::fs::create_dir_all(&directory)
+            .await
+            .map_err(unavailable)?;
         let temp = tokio::task::spawn_blocking(move || tempfile::NamedTempFile::new_in(directory))
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?
@@ -50,7 +60,9 @@ impl LocalStore {
             match pieces.recv().await {
                 Some(Piece::Chunk(chunk)) => {
                     size += chunk.len() as u64;
-                    tokio::io::AsyncWriteExt::write_all(&mut file, &chunk).await.map_err(unavailable)?;
+                    tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
+                        .await
+                        .map_err(unavailable)?;
                 }
                 Some(Piece::Finish) => break,
                 None => return Err(StoreError::Cancelled),
@@ -66,7 +78,9 @@ impl LocalStore {
         .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         match committed {
             Ok(()) => Ok(size),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(StoreError::Exists(name)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(StoreError::Exists(name))
+            }
             Err(e) => Err(StoreError::Unavailable(e.to_string())),
         }
     }

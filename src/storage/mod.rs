@@ -61,7 +61,9 @@ impl Store {
             if bucket.is_empty() {
                 return Err(StoreError::InvalidSpec(spec.to_string()));
             }
-            return Ok(Self::Gcs(gcs::GcsStore::open(bucket, prefix.trim_matches('/'), timeout).await?));
+            return Ok(Self::Gcs(
+                gcs::GcsStore::open(bucket, prefix.trim_matches('/'), timeout).await?,
+            ));
         }
         if spec.is_empty() || spec.contains("://") {
             return Err(StoreError::InvalidSpec(spec.to_string()));
@@ -92,7 +94,12 @@ impl Store {
             Self::Local(store) => tokio::spawn(store.clone().write(name.to_string(), receiver)),
             Self::Gcs(store) => tokio::spawn(store.clone().write(name.to_string(), receiver)),
         };
-        Upload { sender, task, name: name.to_string(), bytes: 0 }
+        Upload {
+            sender,
+            task,
+            name: name.to_string(),
+            bytes: 0,
+        }
     }
 }
 
@@ -185,7 +192,12 @@ impl ObjectNames {
 /// `YYYY/MM/DD` in UTC.
 fn date_path(now: SystemTime) -> String {
     let datetime = time::OffsetDateTime::from(now);
-    format!("{:04}/{:02}/{:02}", datetime.year(), u8::from(datetime.month()), datetime.day())
+    format!(
+        "{:04}/{:02}/{:02}",
+        datetime.year(),
+        u8::from(datetime.month()),
+        datetime.day()
+    )
 }
 
 /// A client's file name made safe as the last part of an object name: only ASCII letters,
@@ -196,17 +208,31 @@ pub fn sanitise(file_name: &str) -> String {
     let base = file_name.rsplit(['/', '\\']).next().unwrap_or_default();
     let cleaned: String = base
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let cleaned = cleaned.trim_start_matches('.');
     let cleaned = if cleaned.len() > MAX_NAME_CHARS {
-        let extension = cleaned.rsplit_once('.').map(|(_, e)| e).filter(|e| e.len() < 10).unwrap_or("");
+        let extension = cleaned
+            .rsplit_once('.')
+            .map(|(_, e)| e)
+            .filter(|e| e.len() < 10)
+            .unwrap_or("");
         let keep = MAX_NAME_CHARS - extension.len() - 1;
         format!("{}.{extension}", &cleaned[..keep])
     } else {
         cleaned.to_string()
     };
-    if cleaned.is_empty() { "upload".to_string() } else { cleaned }
+    if cleaned.is_empty() {
+        "upload".to_string()
+    } else {
+        cleaned
+    }
 }
 
 impl fmt::Display for Store {

@@ -38,7 +38,10 @@ impl FromStr for WeightsLocation {
             if bucket.is_empty() || object.is_empty() {
                 return Err(invalid());
             }
-            return Ok(Self::Gcs { bucket: bucket.to_string(), object: object.to_string() });
+            return Ok(Self::Gcs {
+                bucket: bucket.to_string(),
+                object: object.to_string(),
+            });
         }
         if text.starts_with("https://") || text.starts_with("http://") {
             let url = reqwest::Url::parse(text).map_err(|_| invalid())?;
@@ -84,20 +87,39 @@ impl WeightsLocation {
     fn cache_path(&self, cache_dir: &Path) -> PathBuf {
         let text = self.to_string();
         let digest = hex(&Sha256::digest(text.as_bytes()));
-        let name = text.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or("weights");
-        let safe: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || ".-_".contains(c) { c } else { '_' }).collect();
+        let name = text
+            .rsplit('/')
+            .next()
+            .filter(|n| !n.is_empty())
+            .unwrap_or("weights");
+        let safe: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || ".-_".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
         cache_dir.join(format!("{}-{safe}", &digest[..16]))
     }
 }
 
 /// Returns a local file holding the weights: the path itself, or the cached download (made now
 /// if absent, or if a pinned sha256 does not match the cached copy).
-pub async fn fetch(location: &WeightsLocation, options: &FetchOptions) -> Result<PathBuf, WeightsError> {
+pub async fn fetch(
+    location: &WeightsLocation,
+    options: &FetchOptions,
+) -> Result<PathBuf, WeightsError> {
     let path = match location {
         WeightsLocation::Path(path) => {
             if !path.is_file() {
                 let error = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
-                return Err(WeightsError::Io { path: path.clone(), error });
+                return Err(WeightsError::Io {
+                    path: path.clone(),
+                    error,
+                });
             }
             return Ok(path.clone());
         }
@@ -110,7 +132,10 @@ pub async fn fetch(location: &WeightsLocation, options: &FetchOptions) -> Result
                 return Ok(path);
             }
             Some(expected) => {
-                let actual = sha256_file(&path).map_err(|error| WeightsError::Io { path: path.clone(), error })?;
+                let actual = sha256_file(&path).map_err(|error| WeightsError::Io {
+                    path: path.clone(),
+                    error,
+                })?;
                 if actual.eq_ignore_ascii_case(expected) {
                     tracing::info!(location = %location, path = %path.display(), "using cached weights (sha256 verified)");
                     return Ok(path);
@@ -119,10 +144,18 @@ pub async fn fetch(location: &WeightsLocation, options: &FetchOptions) -> Result
             }
         }
     }
-    let download_error = |message: String| WeightsError::Download { location: location.to_string(), message };
+    let download_error = |message: String| WeightsError::Download {
+        location: location.to_string(),
+        message,
+    };
     tokio::fs::create_dir_all(&options.cache_dir)
         .await
-        .map_err(|e| download_error(format!("cannot create cache directory {}: {e}", options.cache_dir.display())))?;
+        .map_err(|e| {
+            download_error(format!(
+                "cannot create cache directory {}: {e}",
+                options.cache_dir.display()
+            ))
+        })?;
     let partial = path.with_extension("partial");
     let result = download(location, &partial).await.map_err(download_error);
     let digest = match result {
@@ -136,7 +169,11 @@ pub async fn fetch(location: &WeightsLocation, options: &FetchOptions) -> Result
         && !digest.eq_ignore_ascii_case(expected)
     {
         let _ = tokio::fs::remove_file(&partial).await;
-        return Err(WeightsError::Checksum { location: location.to_string(), expected: expected.clone(), actual: digest });
+        return Err(WeightsError::Checksum {
+            location: location.to_string(),
+            expected: expected.clone(),
+            actual: digest,
+        });
     }
     tokio::fs::rename(&partial, &path)
         .await
@@ -146,12 +183,16 @@ pub async fn fetch(location: &WeightsLocation, options: &FetchOptions) -> Result
 
 /// Streams a remote location into `target`, logging progress; returns the sha256.
 async fn download(location: &WeightsLocation, target: &Path) -> Result<String, String> {
-    let mut file = tokio::fs::File::create(target).await.map_err(|e| format!("cannot create {}: {e}", target.display()))?;
+    let mut file = tokio::fs::File::create(target)
+        .await
+        .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
     let mut hasher = Sha256::new();
     let mut progress = Progress::new(location);
     let mut write = async |chunk: &[u8], total: Option<u64>| -> Result<(), String> {
         hasher.update(chunk);
-        file.write_all(chunk).await.map_err(|e| format!("cannot write {}: {e}", target.display()))?;
+        file.write_all(chunk)
+            .await
+            .map_err(|e| format!("cannot write {}: {e}", target.display()))?;
         progress.add(chunk.len() as u64, total);
         Ok(())
     };
@@ -162,7 +203,11 @@ async fn download(location: &WeightsLocation, target: &Path) -> Result<String, S
                 .read_timeout(STALL_TIMEOUT)
                 .build()
                 .map_err(|e| e.to_string())?;
-            let response = client.get(url).send().await.map_err(|e| describe_reqwest(&e))?;
+            let response = client
+                .get(url)
+                .send()
+                .await
+                .map_err(|e| describe_reqwest(&e))?;
             let status = response.status();
             if !status.is_success() {
                 return Err(format!("the server answered {status}"));
@@ -174,14 +219,21 @@ async fn download(location: &WeightsLocation, target: &Path) -> Result<String, S
             }
         }
         WeightsLocation::Gcs { bucket, object } => {
-            let client = gcs::Client::from_env(STALL_TIMEOUT).await.map_err(|e| e.to_string())?;
-            let mut reader = client.read(bucket, object).await.map_err(|e| e.to_string())?;
+            let client = gcs::Client::from_env(STALL_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut reader = client
+                .read(bucket, object)
+                .await
+                .map_err(|e| e.to_string())?;
             let total = reader.size();
             while let Some(chunk) = reader.next_chunk().await.map_err(|e| e.to_string())? {
                 write(&chunk, total).await?;
             }
         }
-        WeightsLocation::Path(path) => return Err(format!("{} is local and needs no download", path.display())),
+        WeightsLocation::Path(path) => {
+            return Err(format!("{} is local and needs no download", path.display()));
+        }
     }
     file.flush().await.map_err(|e| e.to_string())?;
     file.sync_all().await.map_err(|e| e.to_string())?;
@@ -212,14 +264,20 @@ struct Progress {
 impl Progress {
     fn new(location: &WeightsLocation) -> Self {
         tracing::info!(location = %location, "downloading weights");
-        Self { location: location.to_string(), received: 0, next_report: PROGRESS_EVERY, started: Instant::now() }
+        Self {
+            location: location.to_string(),
+            received: 0,
+            next_report: PROGRESS_EVERY,
+            started: Instant::now(),
+        }
     }
 
     fn add(&mut self, bytes: u64, total: Option<u64>) {
         self.received += bytes;
         if self.received >= self.next_report {
             self.next_report += PROGRESS_EVERY;
-            let percent = total.map(|t| format!("{:.0}%", 100.0 * self.received as f64 / t.max(1) as f64));
+            let percent =
+                total.map(|t| format!("{:.0}%", 100.0 * self.received as f64 / t.max(1) as f64));
             tracing::info!(
                 location = %self.location,
                 received_mib = self.received >> 20,

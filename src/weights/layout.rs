@@ -21,13 +21,34 @@ const RENAMES: &[(&str, &str)] = &[
     ("pretrained.layer4.0.", "pretrained.stages.4."),
     ("pretrained.layer4.1.", "pretrained.stages.5."),
     // The fusion blocks' camel-case units.
-    ("scratch.refinenet1.resConfUnit1.", "scratch.refinenet1.res_conf_unit1."),
-    ("scratch.refinenet1.resConfUnit2.", "scratch.refinenet1.res_conf_unit2."),
-    ("scratch.refinenet2.resConfUnit1.", "scratch.refinenet2.res_conf_unit1."),
-    ("scratch.refinenet2.resConfUnit2.", "scratch.refinenet2.res_conf_unit2."),
-    ("scratch.refinenet3.resConfUnit1.", "scratch.refinenet3.res_conf_unit1."),
-    ("scratch.refinenet3.resConfUnit2.", "scratch.refinenet3.res_conf_unit2."),
-    ("scratch.refinenet4.resConfUnit2.", "scratch.refinenet4.res_conf_unit2."),
+    (
+        "scratch.refinenet1.resConfUnit1.",
+        "scratch.refinenet1.res_conf_unit1.",
+    ),
+    (
+        "scratch.refinenet1.resConfUnit2.",
+        "scratch.refinenet1.res_conf_unit2.",
+    ),
+    (
+        "scratch.refinenet2.resConfUnit1.",
+        "scratch.refinenet2.res_conf_unit1.",
+    ),
+    (
+        "scratch.refinenet2.resConfUnit2.",
+        "scratch.refinenet2.res_conf_unit2.",
+    ),
+    (
+        "scratch.refinenet3.resConfUnit1.",
+        "scratch.refinenet3.res_conf_unit1.",
+    ),
+    (
+        "scratch.refinenet3.resConfUnit2.",
+        "scratch.refinenet3.res_conf_unit2.",
+    ),
+    (
+        "scratch.refinenet4.resConfUnit2.",
+        "scratch.refinenet4.res_conf_unit2.",
+    ),
     // The output head's sequential: [conv, interpolate, conv, relu, conv, relu, identity].
     ("scratch.output_conv.0.", "scratch.output_conv.conv1."),
     ("scratch.output_conv.2.", "scratch.output_conv.conv2."),
@@ -43,7 +64,11 @@ pub const KNOWN_PREFIXES: &[&str] = &["module.", "model."];
 
 fn rename(key: &str, from_upstream: bool) -> String {
     for (upstream, burn) in RENAMES {
-        let (from, to) = if from_upstream { (upstream, burn) } else { (burn, upstream) };
+        let (from, to) = if from_upstream {
+            (upstream, burn)
+        } else {
+            (burn, upstream)
+        };
         if let Some(rest) = key.strip_prefix(from) {
             return format!("{to}{rest}");
         }
@@ -97,18 +122,30 @@ mod tests {
         ] {
             assert_eq!(to_upstream(&to_burn(upstream)), upstream);
         }
-        assert_eq!(to_burn("pretrained.layer3.1.2.conv_pw.weight"), "pretrained.stages.3.2.conv_pw.weight");
+        assert_eq!(
+            to_burn("pretrained.layer3.1.2.conv_pw.weight"),
+            "pretrained.stages.3.2.conv_pw.weight"
+        );
     }
 
     #[test]
     fn prefix_detection() {
-        let keys = ["model.pretrained.layer1.0.weight", "model.scratch.layer1_rn.weight"];
+        let keys = [
+            "model.pretrained.layer1.0.weight",
+            "model.scratch.layer1_rn.weight",
+        ];
         assert_eq!(detect_prefix(keys), Some("model.".to_string()));
-        assert_eq!(detect_prefix(["pretrained.layer1.0.weight"]), Some(String::new()));
+        assert_eq!(
+            detect_prefix(["pretrained.layer1.0.weight"]),
+            Some(String::new())
+        );
         assert_eq!(
             detect_prefix(["state_dict.module.pretrained.layer1.0.weight", "epoch"]),
             Some("state_dict.module.".to_string())
         );
-        assert_eq!(detect_prefix(["xpretrained.layer1.0.weight", "fc.weight"]), None);
+        assert_eq!(
+            detect_prefix(["xpretrained.layer1.0.weight", "fc.weight"]),
+            None
+        );
     }
 }

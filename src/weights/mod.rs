@@ -36,7 +36,9 @@ const LISTED_NAMES: usize = 12;
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
     /// The argument is not a path, `https://`/`http://` URL or `gs://bucket/object`.
-    #[error("invalid weights location {0:?}: expected a file path, an https:// URL or gs://bucket/object")]
+    #[error(
+        "invalid weights location {0:?}: expected a file path, an https:// URL or gs://bucket/object"
+    )]
     InvalidLocation(String),
     /// The local file does not exist or cannot be read.
     #[error("cannot read weights file {path}: {error}")]
@@ -130,7 +132,11 @@ impl fmt::Display for MismatchDetails {
             if names.is_empty() {
                 continue;
             }
-            let shown: Vec<&str> = names.iter().take(LISTED_NAMES).map(String::as_str).collect();
+            let shown: Vec<&str> = names
+                .iter()
+                .take(LISTED_NAMES)
+                .map(String::as_str)
+                .collect();
             write!(f, "\n  {} {label}: {}", names.len(), shown.join(", "))?;
             if names.len() > LISTED_NAMES {
                 write!(f, ", ... and {} more", names.len() - LISTED_NAMES)?;
@@ -165,10 +171,19 @@ impl fmt::Display for WeightsFormat {
 impl WeightsFormat {
     /// Detects the format from the first bytes of a file.
     pub fn detect(path: &Path) -> Result<Self, WeightsError> {
-        let io_error = |error| WeightsError::Io { path: path.to_path_buf(), error };
+        let io_error = |error| WeightsError::Io {
+            path: path.to_path_buf(),
+            error,
+        };
         let mut head = Vec::with_capacity(512);
-        File::open(path).map_err(io_error)?.take(512).read_to_end(&mut head).map_err(io_error)?;
-        let unknown = || WeightsError::UnknownFormat { path: path.to_path_buf() };
+        File::open(path)
+            .map_err(io_error)?
+            .take(512)
+            .read_to_end(&mut head)
+            .map_err(io_error)?;
+        let unknown = || WeightsError::UnknownFormat {
+            path: path.to_path_buf(),
+        };
         if head.starts_with(b"PK\x03\x04") || head.starts_with(&[0x80, 0x02, 0x8a, 0x0a]) {
             return Ok(Self::Pytorch);
         }
@@ -246,7 +261,11 @@ pub async fn load(
     if let (Some(expected), Some(actual)) = (&options.sha256, &report.sha256)
         && !actual.eq_ignore_ascii_case(expected)
     {
-        return Err(WeightsError::Checksum { location: location.to_string(), expected: expected.clone(), actual: actual.clone() });
+        return Err(WeightsError::Checksum {
+            location: location.to_string(),
+            expected: expected.clone(),
+            actual: actual.clone(),
+        });
     }
     report.source = location.to_string();
     Ok((model, report))
@@ -256,12 +275,24 @@ pub async fn load(
 ///
 /// `key_prefix` overrides prefix detection for PyTorch and safetensors files (`Some("")` means
 /// the keys have no prefix).
-pub fn load_file(path: &Path, key_prefix: Option<&str>, device: &Device) -> Result<(MidasSmall, WeightsReport), WeightsError> {
+pub fn load_file(
+    path: &Path,
+    key_prefix: Option<&str>,
+    device: &Device,
+) -> Result<(MidasSmall, WeightsReport), WeightsError> {
     let format = WeightsFormat::detect(path)?;
-    let corrupt = |message: String| WeightsError::Corrupt { path: path.to_path_buf(), format, message };
+    let corrupt = |message: String| WeightsError::Corrupt {
+        path: path.to_path_buf(),
+        format,
+        message,
+    };
     let tensors: Vec<PackTensor> = match format {
-        WeightsFormat::Pytorch => read_all(PytorchStore::from_file(path).map_indices_contiguous(false)),
-        WeightsFormat::Safetensors => read_all(SafetensorsStore::from_file(path).map_indices_contiguous(false)),
+        WeightsFormat::Pytorch => {
+            read_all(PytorchStore::from_file(path).map_indices_contiguous(false))
+        }
+        WeightsFormat::Safetensors => {
+            read_all(SafetensorsStore::from_file(path).map_indices_contiguous(false))
+        }
         WeightsFormat::Burnpack => read_all(BurnpackStore::from_file(path)),
     }
     .map_err(corrupt)?;
@@ -271,7 +302,10 @@ pub fn load_file(path: &Path, key_prefix: Option<&str>, device: &Device) -> Resu
         source: path.display().to_string(),
         untrained: false,
         format: Some(format),
-        sha256: Some(sha256_file(path).map_err(|error| WeightsError::Io { path: path.to_path_buf(), error })?),
+        sha256: Some(sha256_file(path).map_err(|error| WeightsError::Io {
+            path: path.to_path_buf(),
+            error,
+        })?),
         tensors: 0,
         parameters: 0,
         prefix_stripped: None,
@@ -291,7 +325,10 @@ pub fn load_file(path: &Path, key_prefix: Option<&str>, device: &Device) -> Resu
         (result, details)
     };
     if !details.is_empty() {
-        return Err(WeightsError::Mismatch { path: path.to_path_buf(), details });
+        return Err(WeightsError::Mismatch {
+            path: path.to_path_buf(),
+            details,
+        });
     }
     report.tensors = result.applied.len();
     report.parameters = model.num_params();
@@ -300,7 +337,10 @@ pub fn load_file(path: &Path, key_prefix: Option<&str>, device: &Device) -> Resu
 
 /// Reads every tensor of a store (lazily: data stays on disk until applied).
 fn read_all(mut store: impl ModuleStore) -> Result<Vec<PackTensor>, String> {
-    store.get_all_tensors().map(|all| all.values().cloned().collect()).map_err(|e| e.to_string())
+    store
+        .get_all_tensors()
+        .map(|all| all.values().cloned().collect())
+        .map_err(|e| e.to_string())
 }
 
 /// Keeps the tensors of the state dict, renamed to Burn's paths; counts what is left out.
@@ -312,12 +352,17 @@ fn select_state_dict(
 ) -> Result<Vec<PackTensor>, WeightsError> {
     let prefix = match key_prefix {
         Some(prefix) => prefix.to_string(),
-        None => layout::detect_prefix(tensors.iter().map(|t| t.name.as_str())).ok_or_else(|| {
-            let mut names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
-            names.sort_unstable();
-            names.truncate(5);
-            WeightsError::NotMidas { path: path.to_path_buf(), sample: names.join(", ") }
-        })?,
+        None => {
+            layout::detect_prefix(tensors.iter().map(|t| t.name.as_str())).ok_or_else(|| {
+                let mut names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+                names.sort_unstable();
+                names.truncate(5);
+                WeightsError::NotMidas {
+                    path: path.to_path_buf(),
+                    sample: names.join(", "),
+                }
+            })?
+        }
     };
     let mut selected = Vec::with_capacity(tensors.len());
     for mut tensor in tensors {
@@ -359,16 +404,22 @@ fn mismatch(result: &ApplyResult, name: impl Fn(&str) -> String) -> MismatchDeta
 
 /// Writes the model's parameters as a burnpack (Burn's native format: parameter names as the
 /// model uses them, so loading needs no remapping), refusing to replace an existing file.
-pub fn save_burnpack(model: &MidasSmall, path: &Path, metadata: &[(&str, &str)]) -> Result<(), WeightsError> {
+pub fn save_burnpack(
+    model: &MidasSmall,
+    path: &Path,
+    metadata: &[(&str, &str)],
+) -> Result<(), WeightsError> {
     let mut store = BurnpackStore::from_file(path).auto_extension(false);
     for (key, value) in metadata {
         store = store.metadata(*key, *value);
     }
-    model.save_into(&mut store).map_err(|e| WeightsError::Corrupt {
-        path: path.to_path_buf(),
-        format: WeightsFormat::Burnpack,
-        message: e.to_string(),
-    })
+    model
+        .save_into(&mut store)
+        .map_err(|e| WeightsError::Corrupt {
+            path: path.to_path_buf(),
+            format: WeightsFormat::Burnpack,
+            message: e.to_string(),
+        })
 }
 
 /// sha256 of a file, lowercase hex.

@@ -18,8 +18,9 @@ const FNV_PRIME: u64 = 0x0000_0100_0000_01B3;
 const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
 fn fnv1a64(text: &str) -> u64 {
-    text.bytes()
-        .fold(FNV_OFFSET, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(FNV_PRIME))
+    text.bytes().fold(FNV_OFFSET, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(FNV_PRIME)
+    })
 }
 
 /// `count` values in [-1, 1) from the stream named `name`.
@@ -105,7 +106,13 @@ pub fn fill(model: &mut MidasSmall) -> usize {
             let shape = tensor.shape.to_vec();
             let (key, role) = upstream_key_and_role(&tensor.name, shape.len());
             let data = values(&key, &shape, role);
-            PackTensor::new(tensor.name, DType::F32, shape, None, Bytes::from_elems(data))
+            PackTensor::new(
+                tensor.name,
+                DType::F32,
+                shape,
+                None,
+                Bytes::from_elems(data),
+            )
         })
         .collect();
     let count = tensors.len();
@@ -131,7 +138,10 @@ mod tests {
     fn batch_norm_leaves_map_to_upstream_names() {
         assert_eq!(
             upstream_key_and_role("pretrained.stages.0.1.bn2.gamma", 1),
-            ("pretrained.layer1.4.1.bn2.weight".to_string(), Role::BnWeight)
+            (
+                "pretrained.layer1.4.1.bn2.weight".to_string(),
+                Role::BnWeight
+            )
         );
         assert_eq!(
             upstream_key_and_role("scratch.output_conv.conv3.weight", 4),

@@ -32,7 +32,11 @@ pub fn upstream_layout() -> Vec<Entry> {
             let key = parts.next().unwrap().to_string();
             let dtype = parts.next().unwrap().to_string();
             let dims = parts.next().unwrap_or_default();
-            let shape = dims.split(',').filter(|d| !d.is_empty()).map(|d| d.parse().unwrap()).collect();
+            let shape = dims
+                .split(',')
+                .filter(|d| !d.is_empty())
+                .map(|d| d.parse().unwrap())
+                .collect();
             Entry { key, dtype, shape }
         })
         .collect()
@@ -63,7 +67,11 @@ fn role(key: &str, rank: usize, keys: &HashSet<&str>) -> Option<Role> {
             _ => None, // num_batches_tracked
         };
     }
-    Some(if leaf == "weight" && rank == 4 { Role::ConvWeight } else { Role::ConvBias })
+    Some(if leaf == "weight" && rank == 4 {
+        Role::ConvWeight
+    } else {
+        Role::ConvBias
+    })
 }
 
 /// The synthetic state dict in upstream's layout, every key prefixed by `prefix`.
@@ -74,10 +82,18 @@ pub fn synthetic_state_dict(prefix: &str) -> Vec<Tensor> {
         .iter()
         .map(|entry| {
             let bytes = match role(&entry.key, entry.shape.len(), &keys) {
-                Some(role) => synthetic::values(&entry.key, &entry.shape, role).iter().flat_map(|v| v.to_le_bytes()).collect(),
+                Some(role) => synthetic::values(&entry.key, &entry.shape, role)
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
                 None => 0i64.to_le_bytes().to_vec(),
             };
-            Tensor { key: format!("{prefix}{}", entry.key), dtype: entry.dtype.clone(), shape: entry.shape.clone(), bytes }
+            Tensor {
+                key: format!("{prefix}{}", entry.key),
+                dtype: entry.dtype.clone(),
+                shape: entry.shape.clone(),
+                bytes,
+            }
         })
         .collect()
 }
@@ -87,8 +103,15 @@ pub fn write_safetensors(path: &Path, tensors: &[Tensor]) {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|t| {
-            let dtype = if t.dtype == "int64" { safetensors::Dtype::I64 } else { safetensors::Dtype::F32 };
-            (t.key.clone(), safetensors::tensor::TensorView::new(dtype, t.shape.clone(), &t.bytes).unwrap())
+            let dtype = if t.dtype == "int64" {
+                safetensors::Dtype::I64
+            } else {
+                safetensors::Dtype::F32
+            };
+            (
+                t.key.clone(),
+                safetensors::tensor::TensorView::new(dtype, t.shape.clone(), &t.bytes).unwrap(),
+            )
         })
         .collect();
     safetensors::tensor::serialize_to_file(views, None, path).unwrap();
@@ -108,7 +131,12 @@ pub enum Value {
 
 /// A state dict as a checkpoint value.
 pub fn as_dict(tensors: Vec<Tensor>) -> Value {
-    Value::Dict(tensors.into_iter().map(|t| (t.key.clone(), Value::Tensor(t))).collect())
+    Value::Dict(
+        tensors
+            .into_iter()
+            .map(|t| (t.key.clone(), Value::Tensor(t)))
+            .collect(),
+    )
 }
 
 /// Pickle protocol 2, as much of it as `torch.save` uses for state dicts.
@@ -120,7 +148,8 @@ struct Pickler {
 impl Pickler {
     fn string(&mut self, text: &str) {
         self.out.push(b'X');
-        self.out.extend_from_slice(&(text.len() as u32).to_le_bytes());
+        self.out
+            .extend_from_slice(&(text.len() as u32).to_le_bytes());
         self.out.extend_from_slice(text.as_bytes());
     }
 
@@ -131,7 +160,8 @@ impl Pickler {
 
     fn global(&mut self, module: &str, name: &str) {
         self.out.push(b'c');
-        self.out.extend_from_slice(format!("{module}\n{name}\n").as_bytes());
+        self.out
+            .extend_from_slice(format!("{module}\n{name}\n").as_bytes());
     }
 
     fn int_tuple(&mut self, values: &[usize]) {
@@ -173,7 +203,14 @@ impl Pickler {
                 self.out.push(b'(');
                 self.out.push(b'(');
                 self.string("storage");
-                self.global("torch", if tensor.dtype == "int64" { "LongStorage" } else { "FloatStorage" });
+                self.global(
+                    "torch",
+                    if tensor.dtype == "int64" {
+                        "LongStorage"
+                    } else {
+                        "FloatStorage"
+                    },
+                );
                 self.string(&index.to_string());
                 self.string("cpu");
                 self.int(numel as i64);
@@ -196,18 +233,23 @@ impl Pickler {
 
 /// Writes `value` as `torch.save` does (ZIP container, pickle protocol 2, one entry per storage).
 pub fn write_pt(path: &Path, value: Value) {
-    let mut pickler = Pickler { out: vec![0x80, 0x02], storages: Vec::new() };
+    let mut pickler = Pickler {
+        out: vec![0x80, 0x02],
+        storages: Vec::new(),
+    };
     pickler.value(value);
     pickler.out.push(b'.');
     let file = std::fs::File::create(path).unwrap();
     let mut zip = zip::ZipWriter::new(file);
-    let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let options =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     zip.start_file("archive/data.pkl", options).unwrap();
     zip.write_all(&pickler.out).unwrap();
     zip.start_file("archive/byteorder", options).unwrap();
     zip.write_all(b"little").unwrap();
     for (index, storage) in pickler.storages.iter().enumerate() {
-        zip.start_file(format!("archive/data/{index}"), options).unwrap();
+        zip.start_file(format!("archive/data/{index}"), options)
+            .unwrap();
         zip.write_all(&storage.bytes).unwrap();
     }
     zip.start_file("archive/version", options).unwrap();

@@ -19,7 +19,10 @@ fn binary() -> PathBuf {
     }
     let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let path = manifest.join("target/test-tools/bin/fake-gcs-server");
-    assert!(path.exists(), "fake-gcs-server is not installed: run scripts/test-deps.sh (scripts/test.sh does)");
+    assert!(
+        path.exists(),
+        "fake-gcs-server is not installed: run scripts/test-deps.sh (scripts/test.sh does)"
+    );
     path
 }
 
@@ -35,14 +38,28 @@ impl FakeGcs {
     pub fn start() -> Self {
         let host = format!("127.0.0.{}", NEXT_ADDRESS.fetch_add(1, Ordering::SeqCst));
         let child = Command::new(binary())
-            .args(["-scheme", "http", "-host", &host, "-port", "80", "-backend", "memory", "-log-level", "warn"])
+            .args([
+                "-scheme",
+                "http",
+                "-host",
+                &host,
+                "-port",
+                "80",
+                "-backend",
+                "memory",
+                "-log-level",
+                "warn",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("fake-gcs-server starts");
         let started = Instant::now();
         while TcpStream::connect((host.as_str(), 80)).is_err() {
-            assert!(started.elapsed() < Duration::from_secs(20), "fake-gcs-server did not listen on {host}:80");
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "fake-gcs-server did not listen on {host}:80"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Self { child, host }
@@ -76,18 +93,36 @@ impl FakeGcs {
     /// Names of the objects in a bucket.
     pub fn list(&self, bucket: &str) -> Vec<String> {
         let listing: serde_json::Value =
-            reqwest::blocking::get(self.url(&format!("/storage/v1/b/{bucket}/o"))).unwrap().json().unwrap();
-        let mut names: Vec<String> =
-            listing["items"].as_array().into_iter().flatten().map(|o| o["name"].as_str().unwrap().to_string()).collect();
+            reqwest::blocking::get(self.url(&format!("/storage/v1/b/{bucket}/o")))
+                .unwrap()
+                .json()
+                .unwrap();
+        let mut names: Vec<String> = listing["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|o| o["name"].as_str().unwrap().to_string())
+            .collect();
         names.sort();
         names
     }
 
     /// An object's bytes.
     pub fn get(&self, bucket: &str, name: &str) -> Vec<u8> {
-        let url = self.url(&format!("/storage/v1/b/{bucket}/o/{}", name.replace('/', "%2F")));
-        let response = reqwest::blocking::Client::new().get(url).query(&[("alt", "media")]).send().unwrap();
-        assert!(response.status().is_success(), "{name}: {}", response.status());
+        let url = self.url(&format!(
+            "/storage/v1/b/{bucket}/o/{}",
+            name.replace('/', "%2F")
+        ));
+        let response = reqwest::blocking::Client::new()
+            .get(url)
+            .query(&[("alt", "media")])
+            .send()
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "{name}: {}",
+            response.status()
+        );
         response.bytes().unwrap().to_vec()
     }
 

@@ -10,7 +10,11 @@ pub mod server;
 /// `tests/fixtures/<relative>` of the workspace (also from `model-import`'s tests).
 pub fn fixture(relative: &str) -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let root = if manifest.join("tests/fixtures").is_dir() { manifest } else { manifest.parent().unwrap() };
+    let root = if manifest.join("tests/fixtures").is_dir() {
+        manifest
+    } else {
+        manifest.parent().unwrap()
+    };
     root.join("tests/fixtures").join(relative)
 }
 
@@ -25,11 +29,18 @@ pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
 /// Largest absolute difference between two equally long slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// `max - min` of a slice.
 pub fn value_range(values: &[f32]) -> f32 {
-    let (lo, hi) = values.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = values
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        });
     hi - lo
 }

@@ -50,7 +50,8 @@ impl Server {
                 if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
                     && value["message"] == "listening"
                 {
-                    let _ = addr_sender.send(value["addr"].as_str().unwrap_or_default().to_string());
+                    let _ =
+                        addr_sender.send(value["addr"].as_str().unwrap_or_default().to_string());
                 }
                 collected.lock().unwrap().push(line);
             }
@@ -66,7 +67,10 @@ impl Server {
             }
             if started.elapsed() > STARTUP {
                 let _ = child.kill();
-                return Err(format!("not listening after {STARTUP:?}:\n{}", logs.lock().unwrap().join("\n")));
+                return Err(format!(
+                    "not listening after {STARTUP:?}:\n{}",
+                    logs.lock().unwrap().join("\n")
+                ));
             }
         }
     }
@@ -98,7 +102,10 @@ impl Server {
 
     /// Sends a signal (`TERM`, `INT`).
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill").args([&format!("-{name}"), &self.pid().to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 
@@ -117,7 +124,9 @@ impl Server {
     /// A raw TCP connection to the server.
     pub fn connect(&self) -> TcpStream {
         let stream = TcpStream::connect(&self.addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
         stream
     }
 }
@@ -159,12 +168,16 @@ pub struct RawResponse {
 impl RawResponse {
     /// A header's value.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The body as JSON.
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 }
 
@@ -173,7 +186,11 @@ pub fn read_response(stream: &mut TcpStream) -> RawResponse {
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
-    let status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("bad status line {line:?}"));
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {line:?}"));
     let mut headers = Vec::new();
     loop {
         line.clear();
@@ -187,7 +204,12 @@ pub fn read_response(stream: &mut TcpStream) -> RawResponse {
     }
     let mut body = Vec::new();
     let mut chunks = Vec::new();
-    let find = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
     if find("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
         loop {
             line.clear();
@@ -209,13 +231,30 @@ pub fn read_response(stream: &mut TcpStream) -> RawResponse {
     } else {
         reader.read_to_end(&mut body).unwrap();
     }
-    RawResponse { status, headers, body, chunks }
+    RawResponse {
+        status,
+        headers,
+        body,
+        chunks,
+    }
 }
 
 /// Sends a complete request and reads the response.
-pub fn request(server: &Server, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> RawResponse {
+pub fn request(
+    server: &Server,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> RawResponse {
     let mut stream = server.connect();
-    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n", server.addr, body.len()).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        server.addr,
+        body.len()
+    )
+    .unwrap();
     for (name, value) in headers {
         write!(stream, "{name}: {value}\r\n").unwrap();
     }
@@ -228,5 +267,11 @@ pub fn request(server: &Server, method: &str, path: &str, headers: &[(&str, &str
 /// Uploads `content` as the `file` field named `file_name` to `/predict{query}`.
 pub fn predict(server: &Server, file_name: &str, content: &[u8], query: &str) -> RawResponse {
     let (content_type, body) = multipart("file", Some(file_name), content);
-    request(server, "POST", &format!("/predict{query}"), &[("Content-Type", &content_type)], &body)
+    request(
+        server,
+        "POST",
+        &format!("/predict{query}"),
+        &[("Content-Type", &content_type)],
+        &body,
+    )
 }

@@ -1,0 +1,39 @@
+//! Forward pass of the whole network per compiled backend at the three input shapes a photo
+//! becomes (256x256 square, 256x192 for 4:3, 256x128 for 16:9), with the untrained weights (speed
+//! does not depend on their values). `cargo bench --bench forward`.
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use midas_serve::backend::{Backend, BackendKind};
+use midas_serve::pipeline::DepthModel;
+use midas_serve::weights::{self, synthetic};
+
+const SIZES: [(usize, usize); 3] = [(256, 256), (256, 192), (256, 128)];
+
+fn forward(c: &mut Criterion) {
+    let mut group = c.benchmark_group("forward");
+    group.sample_size(20);
+    for kind in BackendKind::compiled() {
+        let backend = match Backend::init(kind) {
+            Ok(backend) => backend,
+            Err(error) => {
+                eprintln!("skipping {kind}: {error}");
+                continue;
+            }
+        };
+        let (model, _) = weights::untrained(&backend.device);
+        let model = DepthModel::new(model, backend.device.clone());
+        for (width, height) in SIZES {
+            let input = synthetic::network_input(width, height);
+            model.forward(input.clone(), 1, height, width).unwrap();
+            group.bench_with_input(
+                BenchmarkId::new(kind.name(), format!("{width}x{height}")),
+                &input,
+                |b, input| b.iter(|| model.forward(input.clone(), 1, height, width).unwrap()),
+            );
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, forward);
+criterion_main!(benches);

@@ -1,0 +1,159 @@
+//! Load benchmark of the real server with real HTTP clients over loopback: p50/p99 latency and
+//! requests per second at 1 and 8 clients, for 640x480 and 1920x1080 JPEG uploads, per backend,
+//! plus the server's peak RSS and its time to ready with `.bpk` weights.
+//!
+//! `cargo bench --bench load` (flex only), or `LOAD_BACKENDS=flex,ndarray LOAD_SECONDS=20 cargo
+//! bench --bench load`. Prints a Markdown table.
+
+#[path = "../tests/support/server.rs"]
+#[allow(dead_code)]
+mod server;
+
+use std::io::Cursor;
+use std::time::{Duration, Instant};
+
+use image::imageops::FilterType;
+use server::{Server, predict};
+
+fn jpeg(width: u32, height: u32) -> Vec<u8> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/images/rocket.jpg"
+    );
+    let photo = image::open(path)
+        .unwrap()
+        .resize_exact(width, height, FilterType::Triangle)
+        .into_rgb8();
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(Cursor::new(&mut out), 90)
+        .encode_image(&photo)
+        .unwrap();
+    out
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+struct Run {
+    latencies: Vec<f64>,
+    seconds: f64,
+}
+
+/// `clients` threads send the upload back to back for `seconds`.
+fn run(server: &Server, upload: &[u8], clients: usize, seconds: f64) -> Run {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(seconds);
+    let mut latencies: Vec<f64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..clients)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut own = Vec::new();
+                    while Instant::now() < deadline {
+                        let start = Instant::now();
+                        let response = predict(server, "photo.jpg", upload, "");
+                        assert_eq!(
+                            response.status,
+                            200,
+                            "{}",
+                            String::from_utf8_lossy(&response.body)
+                        );
+                        own.push(start.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    own
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    latencies.sort_by(f64::total_cmp);
+    Run {
+        latencies,
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+/// Time from spawning the server to its "listening" line, with weights in `.bpk` form.
+fn time_to_ready(backend: &str) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let device = match backend {
+        "ndarray" =>
+        {
+            #[allow(deprecated)]
+            burn::prelude::Device::ndarray()
+        }
+        _ => burn::prelude::Device::flex(),
+    };
+    let (model, _) = midas_serve::weights::untrained(&device);
+    let weights = dir.path().join("midas.bpk");
+    midas_serve::weights::save_burnpack(&model, &weights, &[]).unwrap();
+    let store = dir.path().join("store");
+    let mut samples: Vec<f64> = (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            let server = Server::start(
+                &[
+                    "--backend",
+                    backend,
+                    "--store",
+                    store.to_str().unwrap(),
+                    "--weights",
+                    weights.to_str().unwrap(),
+                ],
+                &[],
+            );
+            let elapsed = start.elapsed().as_secs_f64() * 1000.0;
+            drop(server);
+            elapsed
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+fn main() {
+    let backends = std::env::var("LOAD_BACKENDS").unwrap_or_else(|_| "flex".to_string());
+    let seconds: f64 = std::env::var("LOAD_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15.0);
+    println!("| backend | upload | clients | requests | p50 ms | p99 ms | req/s |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut summary = Vec::new();
+    for backend in backends.split(',') {
+        let store = tempfile::tempdir().unwrap();
+        let server = Server::start(
+            &[
+                "--backend",
+                backend,
+                "--store",
+                store.path().to_str().unwrap(),
+                "--queue-size",
+                "32",
+            ],
+            &[],
+        );
+        for (width, height) in [(640, 480), (1920, 1080)] {
+            let upload = jpeg(width, height);
+            for clients in [1, 8] {
+                let result = run(&server, &upload, clients, seconds);
+                let count = result.latencies.len();
+                println!(
+                    "| {backend} | {width}x{height} | {clients} | {count} | {:.0} | {:.0} | {:.1} |",
+                    percentile(&result.latencies, 0.5),
+                    percentile(&result.latencies, 0.99),
+                    count as f64 / result.seconds,
+                );
+            }
+        }
+        let peak = server.memory_kib("VmHWM") as f64 / 1024.0;
+        drop(server);
+        summary.push(format!("{backend}: peak RSS {peak:.0} MiB, ready {:.0} ms after start with .bpk weights (median of 5)", time_to_ready(backend)));
+    }
+    for line in summary {
+        println!("\n{line}");
+    }
+}

@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Forward-pass medians of upstream MiDaS v2.1 small in PyTorch (eager) and ONNX Runtime, on the
+same synthetic weights and inputs as `cargo bench --bench forward` and the same thread count, so
+one run on one machine gives the ratios the README reports.
+
+    /tmp/midas-ref/bin/pip install -r scripts/reference/requirements.txt onnx onnxruntime
+    /tmp/midas-ref/bin/python scripts/reference/bench_pytorch.py --midas-src /tmp/MiDaS --threads 2
+
+Prints one JSON object per runtime and size: {"runtime", "shape", "runs", "median_ms", "min_ms"}.
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+
+import synthetic
+import upstream
+
+SIZES = [(256, 256), (256, 192), (256, 128)]
+
+
+def measure(run, runs):
+    run()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times), min(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--midas-src", required=True, help="isl-org/MiDaS checkout")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+
+    MidasNet_small, _, _ = upstream.load_upstream(args.midas_src)
+    model = upstream.build_small(MidasNet_small)
+    layout = [(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in model.state_dict().items()]
+    model.load_state_dict(synthetic.state_dict(layout), strict=True)
+
+    for width, height in SIZES:
+        x = torch.from_numpy(synthetic.network_input(width, height))
+        with torch.inference_mode():
+            median, low = measure(lambda: model(x), args.runs)
+        print(json.dumps({"runtime": "pytorch", "shape": [1, 3, height, width], "runs": args.runs,
+                          "median_ms": round(median, 2), "min_ms": round(low, 2)}), flush=True)
+
+        if args.no_onnx:
+            continue
+        import onnxruntime
+
+        with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
+            torch.onnx.export(model, x, f.name, opset_version=17, dynamo=False)
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = args.threads
+            options.inter_op_num_threads = 1
+            session = onnxruntime.InferenceSession(f.name, options, providers=["CPUExecutionProvider"])
+            feed = {session.get_inputs()[0].name: x.numpy()}
+            median, low = measure(lambda: session.run(None, feed), args.runs)
+        print(json.dumps({"runtime": "onnxruntime", "shape": [1, 3, height, width], "runs": args.runs,
+                          "median_ms": round(median, 2), "min_ms": round(low, 2)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
