@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::fixture;
-use support::server::{Server, multipart, predict, read_response, request};
+use support::server::{Server, multipart, predict, read_response};
 
 const IMAGES: [&str; 3] = ["rocket.jpg", "camera_odd.png", "chelsea.webp"];
 

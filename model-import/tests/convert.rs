@@ -1,13 +1,14 @@
 //! `model-import` converts upstream-layout weights to a burnpack that loads and predicts the same.
 
-#[path = "../../tests/support/mod.rs"]
-mod support;
+#[path = "../../tests/support/checkpoints.rs"]
+#[allow(dead_code)] // shared with the root crate's tests, which use all of it
+mod checkpoints;
 
 use std::process::Command;
 
 use burn::prelude::*;
 use midas_serve::weights::{self, WeightsFormat};
-use support::checkpoints::{as_dict, synthetic_state_dict, write_pt, write_safetensors};
+use checkpoints::{as_dict, synthetic_state_dict, write_pt, write_safetensors};
 
 fn import(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_model-import"))

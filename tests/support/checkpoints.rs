@@ -9,8 +9,6 @@ use std::path::Path;
 
 use midas_serve::weights::synthetic::{self, Role};
 
-use super::fixture;
-
 /// One entry of upstream's state dict.
 #[derive(Clone, Debug)]
 pub struct Entry {
@@ -22,9 +20,11 @@ pub struct Entry {
     pub shape: Vec<usize>,
 }
 
-/// Upstream's layout, in its order.
+/// Upstream's layout, in its order (found from the root crate's and `model-import`'s tests).
 pub fn upstream_layout() -> Vec<Entry> {
-    std::fs::read_to_string(fixture("upstream_layout.tsv"))
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = if manifest.join("tests/fixtures").is_dir() { manifest } else { manifest.parent().unwrap() };
+    std::fs::read_to_string(root.join("tests/fixtures/upstream_layout.tsv"))
         .expect("layout fixture")
         .lines()
         .map(|line| {
