@@ -7,8 +7,8 @@ mod checkpoints;
 use std::process::Command;
 
 use burn::prelude::*;
-use midas_serve::weights::{self, WeightsFormat};
 use checkpoints::{as_dict, synthetic_state_dict, write_pt, write_safetensors};
+use midas_serve::weights::{self, WeightsFormat};
 
 fn import(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_model-import"))

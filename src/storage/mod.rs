@@ -49,7 +49,7 @@ pub enum Store {
     /// A directory.
     Local(LocalStore),
     /// A Cloud Storage bucket.
-    Gcs(gcs::GcsStore),
+    Gcs(Box<gcs::GcsStore>),
 }
 
 impl Store {
@@ -61,9 +61,8 @@ impl Store {
             if bucket.is_empty() {
                 return Err(StoreError::InvalidSpec(spec.to_string()));
             }
-            return Ok(Self::Gcs(
-                gcs::GcsStore::open(bucket, prefix.trim_matches('/'), timeout).await?,
-            ));
+            let store = gcs::GcsStore::open(bucket, prefix.trim_matches('/'), timeout).await?;
+            return Ok(Self::Gcs(Box::new(store)));
         }
         if spec.is_empty() || spec.contains("://") {
             return Err(StoreError::InvalidSpec(spec.to_string()));
@@ -92,7 +91,7 @@ impl Store {
         let (sender, receiver) = mpsc::channel(PIPE_DEPTH);
         let task = match self {
             Self::Local(store) => tokio::spawn(store.clone().write(name.to_string(), receiver)),
-            Self::Gcs(store) => tokio::spawn(store.clone().write(name.to_string(), receiver)),
+            Self::Gcs(store) => tokio::spawn((**store).clone().write(name.to_string(), receiver)),
         };
         Upload {
             sender,

@@ -23,7 +23,11 @@ pub struct Entry {
 /// Upstream's layout, in its order (found from the root crate's and `model-import`'s tests).
 pub fn upstream_layout() -> Vec<Entry> {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let root = if manifest.join("tests/fixtures").is_dir() { manifest } else { manifest.parent().unwrap() };
+    let root = if manifest.join("tests/fixtures").is_dir() {
+        manifest
+    } else {
+        manifest.parent().unwrap()
+    };
     std::fs::read_to_string(root.join("tests/fixtures/upstream_layout.tsv"))
         .expect("layout fixture")
         .lines()
