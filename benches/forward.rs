@@ -1,6 +1,7 @@
 //! Forward pass of the whole network per compiled backend at the three input shapes a photo
 //! becomes (256x256 square, 256x192 for 4:3, 256x128 for 16:9), with the untrained weights (speed
-//! does not depend on their values). `cargo bench --bench forward`.
+//! does not depend on their values). `cargo bench --bench forward`; `BENCH_BACKENDS=flex,ndarray`
+//! limits the backends (wgpu on a CPU-only machine runs on lavapipe, which is very slow).
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use midas_serve::backend::{Backend, BackendKind};
@@ -12,7 +13,14 @@ const SIZES: [(usize, usize); 3] = [(256, 256), (256, 192), (256, 128)];
 fn forward(c: &mut Criterion) {
     let mut group = c.benchmark_group("forward");
     group.sample_size(20);
+    let wanted = std::env::var("BENCH_BACKENDS").ok();
     for kind in BackendKind::compiled() {
+        if wanted
+            .as_ref()
+            .is_some_and(|list| !list.split(',').any(|name| name == kind.name()))
+        {
+            continue;
+        }
         let backend = match Backend::init(kind) {
             Ok(backend) => backend,
             Err(error) => {

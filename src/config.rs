@@ -49,10 +49,11 @@ pub enum Command {
 pub struct ModelArgs {
     /// Weights: a file path, an https:// URL or gs://bucket/object; PyTorch .pt/.pth,
     /// .safetensors (upstream MiDaS keys) or .bpk from model-import. Without it the untrained
-    /// deterministic model runs, and every output says so.
+    /// deterministic model runs, and every output says so. An empty value counts as absent
+    /// (deployment templates often set the variable to "").
     #[arg(long, env = "MIDAS_WEIGHTS", value_parser = parse_location)]
-    pub weights: Option<WeightsLocation>,
-    /// Expected sha256 (hex) of the weights file; a mismatch stops start-up.
+    pub weights: Option<OptionalLocation>,
+    /// Expected sha256 (hex) of the weights file; a mismatch stops start-up. Empty: no pin.
     #[arg(long, env = "MIDAS_WEIGHTS_SHA256")]
     pub weights_sha256: Option<String>,
     /// Prefix to strip from every state-dict key (detected automatically when absent; give ""
@@ -67,8 +68,16 @@ pub struct ModelArgs {
     pub cache_dir: Option<PathBuf>,
 }
 
-fn parse_location(text: &str) -> Result<WeightsLocation, String> {
+/// A weights location, or none for an empty value.
+#[derive(Clone, Debug)]
+pub struct OptionalLocation(Option<WeightsLocation>);
+
+fn parse_location(text: &str) -> Result<OptionalLocation, String> {
+    if text.is_empty() {
+        return Ok(OptionalLocation(None));
+    }
     text.parse()
+        .map(|location| OptionalLocation(Some(location)))
         .map_err(|e: crate::weights::WeightsError| e.to_string())
 }
 
@@ -83,6 +92,16 @@ fn default_backend() -> BackendKind {
 }
 
 impl ModelArgs {
+    /// Where the weights come from, if anywhere.
+    pub fn location(&self) -> Option<&WeightsLocation> {
+        self.weights.as_ref().and_then(|w| w.0.as_ref())
+    }
+
+    /// The pinned sha256, if one was given.
+    pub fn sha256_pin(&self) -> Option<String> {
+        self.weights_sha256.clone().filter(|pin| !pin.is_empty())
+    }
+
     /// The download cache directory, resolved.
     pub fn cache_dir(&self) -> PathBuf {
         if let Some(dir) = &self.cache_dir {

@@ -19,6 +19,9 @@ def _placeholder(name):
     module = types.ModuleType(name)
 
     def __getattr__(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+
         def unavailable(*_args, **_kwargs):
             raise RuntimeError(f"{name}.{attr} is not part of MiDaS v2.1 small")
 

@@ -112,10 +112,10 @@ impl Pipeline {
         }
         let options = FetchOptions {
             cache_dir: args.cache_dir(),
-            sha256: args.weights_sha256.clone(),
+            sha256: args.sha256_pin(),
         };
         let (model, report) = weights::load(
-            args.weights.as_ref(),
+            args.location(),
             &options,
             args.key_prefix.as_deref(),
             &backend.device,
