@@ -50,6 +50,21 @@ impl fmt::Display for BackendKind {
     }
 }
 
+/// Whether tensors on `device` live in host memory, where [`crate::kernels`] can run on them.
+pub fn is_cpu(device: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    if *device == Device::flex() {
+        return true;
+    }
+    // The ndarray constructor is deprecated in favour of flex, not going away.
+    #[cfg(feature = "ndarray")]
+    #[allow(deprecated)]
+    if *device == Device::ndarray() {
+        return true;
+    }
+    false
+}
+
 /// The GPU adapter wgpu really selected, so that a software or fallback adapter is visible
 /// instead of being reported as "GPU".
 #[derive(Clone, Debug, Serialize)]

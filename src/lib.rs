@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod kernels;
 pub mod model;
 pub mod pipeline;
 pub mod server;

@@ -36,8 +36,8 @@ fn upsample2x(x: Tensor<4>, align_corners: bool) -> Tensor<4> {
 /// `ResidualConvUnit_custom`: `x + conv2(relu(conv1(relu(x))))`.
 #[derive(Module, Debug)]
 pub struct ResidualConvUnit {
-    conv1: Conv2d,
-    conv2: Conv2d,
+    pub(crate) conv1: Conv2d,
+    pub(crate) conv2: Conv2d,
 }
 
 impl ResidualConvUnit {
@@ -61,9 +61,9 @@ impl ResidualConvUnit {
 pub struct FeatureFusionBlock {
     /// Refines the skip input. The deepest block has no skip input, so upstream's copy of this
     /// unit there is never called and is not built here (its keys are accepted and ignored).
-    res_conf_unit1: Option<ResidualConvUnit>,
-    res_conf_unit2: ResidualConvUnit,
-    out_conv: Conv2d,
+    pub(crate) res_conf_unit1: Option<ResidualConvUnit>,
+    pub(crate) res_conf_unit2: ResidualConvUnit,
+    pub(crate) out_conv: Conv2d,
 }
 
 impl FeatureFusionBlock {
@@ -100,9 +100,9 @@ impl FeatureFusionBlock {
 /// conv 3x3 -> 32, ReLU, conv 1x1 -> 1, ReLU (`non_negative=True`).
 #[derive(Module, Debug)]
 pub struct OutputHead {
-    conv1: Conv2d,
-    conv2: Conv2d,
-    conv3: Conv2d,
+    pub(crate) conv1: Conv2d,
+    pub(crate) conv2: Conv2d,
+    pub(crate) conv3: Conv2d,
 }
 
 /// Channels of the head's hidden convolution (hard-coded upstream).

@@ -17,15 +17,15 @@ const ENCODER_CHANNELS: [usize; 4] = [32, 48, 136, 384];
 /// the four fusion blocks and the output head.
 #[derive(Module, Debug)]
 pub struct Scratch {
-    layer1_rn: Conv2d,
-    layer2_rn: Conv2d,
-    layer3_rn: Conv2d,
-    layer4_rn: Conv2d,
-    refinenet1: FeatureFusionBlock,
-    refinenet2: FeatureFusionBlock,
-    refinenet3: FeatureFusionBlock,
-    refinenet4: FeatureFusionBlock,
-    output_conv: OutputHead,
+    pub(crate) layer1_rn: Conv2d,
+    pub(crate) layer2_rn: Conv2d,
+    pub(crate) layer3_rn: Conv2d,
+    pub(crate) layer4_rn: Conv2d,
+    pub(crate) refinenet1: FeatureFusionBlock,
+    pub(crate) refinenet2: FeatureFusionBlock,
+    pub(crate) refinenet3: FeatureFusionBlock,
+    pub(crate) refinenet4: FeatureFusionBlock,
+    pub(crate) output_conv: OutputHead,
 }
 
 impl Scratch {
@@ -64,7 +64,7 @@ impl Scratch {
 #[derive(Module, Debug)]
 pub struct MidasSmall {
     pretrained: EfficientNetLite3,
-    scratch: Scratch,
+    pub(crate) scratch: Scratch,
 }
 
 impl MidasSmall {
@@ -78,7 +78,17 @@ impl MidasSmall {
 
     /// Runs the network.
     pub fn forward(&self, input: Tensor<4>) -> Tensor<3> {
-        let [layer1, layer2, layer3, layer4] = self.pretrained.forward(input);
+        self.decode(self.encode(input))
+    }
+
+    /// The encoder: features at 1/4, 1/8, 1/16 and 1/32 of the input's resolution.
+    pub fn encode(&self, input: Tensor<4>) -> [Tensor<4>; 4] {
+        self.pretrained.forward(input)
+    }
+
+    /// The decoder: the encoder's features to `[batch, H, W]` inverse depth.
+    pub fn decode(&self, features: [Tensor<4>; 4]) -> Tensor<3> {
+        let [layer1, layer2, layer3, layer4] = features;
         let s = &self.scratch;
         let path4 = s.refinenet4.forward(s.layer4_rn.forward(layer4), None);
         let path3 = s

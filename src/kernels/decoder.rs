@@ -1,0 +1,132 @@
+//! The MiDaS decoder (`scratch`) on the CPU kernels, with its weights packed from the Burn module.
+//!
+//! Same mathematics as [`crate::model::Scratch`], in a cheaper order where it is exact: the
+//! fusion blocks' 1x1 projection runs before their x2 upsampling instead of after (both are
+//! linear and bilinear weights sum to one, so the two commute, bias included), which makes the
+//! projection four times cheaper and upsamples half the channels.
+
+use burn::prelude::*;
+
+use super::{FeatureMap, PackedConv, conv1x1, conv3x3, upsample2x};
+use crate::model::{FeatureFusionBlock, OutputHead, ResidualConvUnit, Scratch};
+
+/// `ResidualConvUnit_custom`'s two convolutions.
+#[derive(Debug)]
+struct Unit {
+    conv1: PackedConv,
+    conv2: PackedConv,
+}
+
+impl Unit {
+    fn pack(unit: &ResidualConvUnit) -> Self {
+        Self {
+            conv1: PackedConv::from_conv(&unit.conv1),
+            conv2: PackedConv::from_conv(&unit.conv2),
+        }
+    }
+
+    /// `x + conv2(relu(conv1(relu(x)))) + extra`, the additions fused into `conv2`.
+    fn forward(&self, x: &FeatureMap, extra: Option<&FeatureMap>) -> FeatureMap {
+        let hidden = conv3x3(x, &self.conv1, true, true, &[]);
+        match extra {
+            Some(extra) => conv3x3(&hidden, &self.conv2, false, false, &[x, extra]),
+            None => conv3x3(&hidden, &self.conv2, false, false, &[x]),
+        }
+    }
+}
+
+/// `FeatureFusionBlock_custom`.
+#[derive(Debug)]
+struct Fusion {
+    unit1: Option<Unit>,
+    unit2: Unit,
+    out_conv: PackedConv,
+}
+
+impl Fusion {
+    fn pack(block: &FeatureFusionBlock) -> Self {
+        Self {
+            unit1: block.res_conf_unit1.as_ref().map(Unit::pack),
+            unit2: Unit::pack(&block.res_conf_unit2),
+            out_conv: PackedConv::from_conv(&block.out_conv),
+        }
+    }
+
+    fn forward(&self, input: FeatureMap, skip: Option<&FeatureMap>) -> FeatureMap {
+        let x = match (&self.unit1, skip) {
+            (Some(unit), Some(skip)) => unit.forward(skip, Some(&input)),
+            _ => input,
+        };
+        let x = self.unit2.forward(&x, None);
+        upsample2x(&conv1x1(&x, &self.out_conv, false), true)
+    }
+}
+
+/// The output head.
+#[derive(Debug)]
+struct Head {
+    conv1: PackedConv,
+    conv2: PackedConv,
+    conv3: PackedConv,
+}
+
+impl Head {
+    fn pack(head: &OutputHead) -> Self {
+        Self {
+            conv1: PackedConv::from_conv(&head.conv1),
+            conv2: PackedConv::from_conv(&head.conv2),
+            conv3: PackedConv::from_conv(&head.conv3),
+        }
+    }
+
+    fn forward(&self, input: &FeatureMap) -> FeatureMap {
+        let x = upsample2x(&conv3x3(input, &self.conv1, false, false, &[]), false);
+        let x = conv3x3(&x, &self.conv2, false, true, &[]);
+        conv1x1(&x, &self.conv3, true)
+    }
+}
+
+/// The decoder with its weights packed for the CPU kernels; built once after the weights load.
+#[derive(Debug)]
+pub struct CpuDecoder {
+    projections: [PackedConv; 4],
+    fusions: [Fusion; 4],
+    head: Head,
+}
+
+impl CpuDecoder {
+    /// Packs the weights of a loaded decoder.
+    pub fn pack(scratch: &Scratch) -> Self {
+        Self {
+            projections: [
+                PackedConv::from_conv(&scratch.layer1_rn),
+                PackedConv::from_conv(&scratch.layer2_rn),
+                PackedConv::from_conv(&scratch.layer3_rn),
+                PackedConv::from_conv(&scratch.layer4_rn),
+            ],
+            fusions: [
+                Fusion::pack(&scratch.refinenet1),
+                Fusion::pack(&scratch.refinenet2),
+                Fusion::pack(&scratch.refinenet3),
+                Fusion::pack(&scratch.refinenet4),
+            ],
+            head: Head::pack(&scratch.output_conv),
+        }
+    }
+
+    /// The encoder's four features (finest first) to `[batch, H, W]` inverse depth.
+    pub fn forward(&self, features: [Tensor<4>; 4]) -> Tensor<3> {
+        let device = features[0].device();
+        let [layer1, layer2, layer3, layer4] = features;
+        let project = |level: usize, feature: Tensor<4>| {
+            let feature = FeatureMap::from_tensor(feature);
+            conv3x3(&feature, &self.projections[level], false, false, &[])
+        };
+        let [f1, f2, f3, f4] = &self.fusions;
+        let path = f4.forward(project(3, layer4), None);
+        let path = f3.forward(path, Some(&project(2, layer3)));
+        let path = f2.forward(path, Some(&project(1, layer2)));
+        let path = f1.forward(path, Some(&project(0, layer1)));
+        self.head.forward(&path).into_tensor(&device).squeeze_dim(1)
+    }
+}

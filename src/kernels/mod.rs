@@ -1,0 +1,89 @@
+//! CPU kernels for the layers that dominate the forward on Burn's CPU backends: the decoder's
+//! dense 3x3 convolutions, its 1x1 projections and its x2 bilinear upsampling.
+//!
+//! Burn's CPU convolution re-lays out its input to NHWC, re-packs the weights and builds im2col
+//! tiles on every call, and its bilinear resize is not separable. Here the weights are packed
+//! once at load ([`PackedConv`]), activations stay in Burn's NCHW layout, bias, residual
+//! additions and ReLUs are fused into the matrix product, and the work is split into
+//! cache-sized bands of rows over the `gemm` crate (the same GEMM Burn's `flex` backend uses).
+//! [`CpuDecoder`] runs the MiDaS decoder on these kernels; the Burn module stays the network's
+//! definition and the path used on GPUs.
+
+mod conv;
+mod decoder;
+mod upsample;
+
+pub use conv::{PackedConv, conv1x1, conv3x3};
+pub use decoder::CpuDecoder;
+pub use upsample::upsample2x;
+
+use burn::prelude::*;
+use burn::tensor::TensorData;
+
+/// A batch of feature maps, `[batch, channels, height, width]`, row-major like Burn's NCHW.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FeatureMap {
+    /// The values, `batch * channels * height * width` of them.
+    pub data: Vec<f32>,
+    /// Images in the batch.
+    pub batch: usize,
+    /// Channels per image.
+    pub channels: usize,
+    /// Rows.
+    pub height: usize,
+    /// Columns.
+    pub width: usize,
+}
+
+impl FeatureMap {
+    /// A map of zeros.
+    pub fn zeros(batch: usize, channels: usize, height: usize, width: usize) -> Self {
+        Self {
+            data: vec![0.0; batch * channels * height * width],
+            batch,
+            channels,
+            height,
+            width,
+        }
+    }
+
+    /// Takes a Burn tensor's values (a move, not a copy, where the backend allows it).
+    pub fn from_tensor(tensor: Tensor<4>) -> Self {
+        let [batch, channels, height, width] = tensor.dims();
+        let data = tensor
+            .into_data()
+            .try_into_vec::<f32>()
+            .expect("the network's activations are float32");
+        Self {
+            data,
+            batch,
+            channels,
+            height,
+            width,
+        }
+    }
+
+    /// Hands the values back to Burn on `device`.
+    pub fn into_tensor(self, device: &Device) -> Tensor<4> {
+        let shape = [self.batch, self.channels, self.height, self.width];
+        Tensor::from_data(TensorData::new(self.data, shape), device)
+    }
+
+    /// Values per channel plane.
+    pub fn plane(&self) -> usize {
+        self.height * self.width
+    }
+
+    /// Values per image.
+    pub fn image_len(&self) -> usize {
+        self.channels * self.plane()
+    }
+}
+
+/// The float32 values of a Burn tensor, flattened.
+fn tensor_values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+    tensor
+        .into_data()
+        .try_into_vec::<f32>()
+        .expect("the network's parameters are float32")
+}

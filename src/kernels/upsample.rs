@@ -1,0 +1,61 @@
+//! x2 bilinear upsampling as two separable passes (rows, then columns), each output value a
+//! blend of two inputs with precomputed taps.
+
+use rayon::prelude::*;
+
+use super::FeatureMap;
+
+/// For one axis of `length` inputs and `2 * length` outputs: each output's two source indices
+/// and the weight of the second. PyTorch's rules: with aligned corners the ends map onto the
+/// ends (`o * (length - 1) / (2 * length - 1)`); without, half-pixel centres
+/// (`(o + 0.5) / 2 - 0.5`, clamped at 0).
+fn taps(length: usize, align_corners: bool) -> Vec<(usize, usize, f32)> {
+    let outputs = 2 * length;
+    (0..outputs)
+        .map(|o| {
+            let source = if align_corners {
+                if outputs > 1 {
+                    o as f32 * (length - 1) as f32 / (outputs - 1) as f32
+                } else {
+                    0.0
+                }
+            } else {
+                ((o as f32 + 0.5) * 0.5 - 0.5).max(0.0)
+            };
+            let first = (source.floor() as usize).min(length - 1);
+            let second = (first + 1).min(length - 1);
+            (first, second, source - first as f32)
+        })
+        .collect()
+}
+
+/// Doubles the height and width of every plane.
+pub fn upsample2x(input: &FeatureMap, align_corners: bool) -> FeatureMap {
+    let (height, width) = (input.height, input.width);
+    let (out_height, out_width) = (2 * height, 2 * width);
+    let row_taps = taps(height, align_corners);
+    let column_taps = taps(width, align_corners);
+    let mut output = FeatureMap::zeros(input.batch, input.channels, out_height, out_width);
+    output
+        .data
+        .par_chunks_mut(out_height * out_width)
+        .zip(input.data.par_chunks(height * width))
+        .for_each_init(
+            || vec![0.0f32; height * out_width],
+            |wide, (out_plane, plane)| {
+                for (source_row, wide_row) in plane.chunks(width).zip(wide.chunks_mut(out_width)) {
+                    for (value, &(a, b, t)) in wide_row.iter_mut().zip(&column_taps) {
+                        *value = source_row[a] + t * (source_row[b] - source_row[a]);
+                    }
+                }
+                for (out_row, &(a, b, t)) in out_plane.chunks_mut(out_width).zip(&row_taps) {
+                    let first = &wide[a * out_width..(a + 1) * out_width];
+                    let second = &wide[b * out_width..(b + 1) * out_width];
+                    for ((value, x), y) in out_row.iter_mut().zip(first).zip(second) {
+                        *value = x + t * (y - x);
+                    }
+                }
+            },
+        );
+    output
+}

@@ -1,0 +1,174 @@
+//! The CPU kernels against Burn's own operations on the same values: every fused variant of the
+//! 3x3 convolution (ReLU before, ReLU after, residual additions, a batch, bands of rows), the 1x1
+//! convolution, both upsampling rules, and the whole network through either decoder.
+
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use burn::tensor::activation::relu;
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use midas_serve::kernels::{FeatureMap, PackedConv, conv1x1, conv3x3, upsample2x};
+use midas_serve::pipeline::DepthModel;
+use midas_serve::weights::{self, synthetic};
+
+fn device() -> Device {
+    Device::flex()
+}
+
+fn random(shape: [usize; 4]) -> Tensor<4> {
+    Tensor::random(shape, Distribution::Uniform(-1.0, 1.0), &device())
+}
+
+fn conv(in_channels: usize, out_channels: usize, kernel: usize) -> Conv2d {
+    let padding = if kernel == 3 {
+        PaddingConfig2d::Explicit(1, 1, 1, 1)
+    } else {
+        PaddingConfig2d::Valid
+    };
+    Conv2dConfig::new([in_channels, out_channels], [kernel, kernel])
+        .with_padding(padding)
+        .init(&device())
+}
+
+fn values(tensor: Tensor<4>) -> Vec<f32> {
+    tensor.into_data().try_into_vec::<f32>().unwrap()
+}
+
+/// Largest |a - b| relative to the reference's range, after checking the shapes agree.
+fn assert_close(ours: FeatureMap, reference: Tensor<4>, what: &str) {
+    let dims = reference.dims();
+    assert_eq!(
+        [ours.batch, ours.channels, ours.height, ours.width],
+        dims,
+        "{what}: shape"
+    );
+    let reference = values(reference);
+    let range = reference
+        .iter()
+        .fold(0.0f32, |m, v| m.max(v.abs()))
+        .max(1.0);
+    let worst = ours
+        .data
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst <= 1e-5 * range * 10.0,
+        "{what}: max |diff| {worst} (range {range})"
+    );
+}
+
+#[test]
+fn conv3x3_matches_burn_in_every_fused_form() {
+    // (batch, in, out, height, width): odd sizes; a shape big enough to split into row bands.
+    for (batch, cin, cout, height, width) in
+        [(1, 5, 7, 9, 13), (2, 8, 16, 11, 6), (1, 64, 32, 64, 64)]
+    {
+        let layer = conv(cin, cout, 3);
+        let packed = PackedConv::from_conv(&layer);
+        let x = random([batch, cin, height, width]);
+        let r1 = random([batch, cout, height, width]);
+        let r2 = random([batch, cout, height, width]);
+        let map = |t: &Tensor<4>| FeatureMap::from_tensor(t.clone());
+        let what = format!("{batch}x{cin}->{cout} {height}x{width}");
+
+        assert_close(
+            conv3x3(&map(&x), &packed, false, false, &[]),
+            layer.forward(x.clone()),
+            &format!("{what} plain"),
+        );
+        assert_close(
+            conv3x3(&map(&x), &packed, true, true, &[]),
+            relu(layer.forward(relu(x.clone()))),
+            &format!("{what} relu in and out"),
+        );
+        assert_close(
+            conv3x3(&map(&x), &packed, true, false, &[&map(&r1), &map(&r2)]),
+            layer.forward(relu(x.clone())) + r1.clone() + r2.clone(),
+            &format!("{what} residuals"),
+        );
+    }
+}
+
+#[test]
+fn conv3x3_without_bias_matches_burn() {
+    let layer = Conv2dConfig::new([6, 4], [3, 3])
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .with_bias(false)
+        .init(&device());
+    let x = random([1, 6, 5, 8]);
+    assert_close(
+        conv3x3(
+            &FeatureMap::from_tensor(x.clone()),
+            &PackedConv::from_conv(&layer),
+            false,
+            false,
+            &[],
+        ),
+        layer.forward(x),
+        "no bias",
+    );
+}
+
+#[test]
+fn conv1x1_matches_burn() {
+    for (batch, cin, cout, height, width) in [(1, 64, 32, 17, 9), (2, 32, 1, 8, 8)] {
+        let layer = conv(cin, cout, 1);
+        let x = random([batch, cin, height, width]);
+        let packed = PackedConv::from_conv(&layer);
+        assert_close(
+            conv1x1(&FeatureMap::from_tensor(x.clone()), &packed, false),
+            layer.forward(x.clone()),
+            "1x1",
+        );
+        assert_close(
+            conv1x1(&FeatureMap::from_tensor(x.clone()), &packed, true),
+            relu(layer.forward(x)),
+            "1x1 relu",
+        );
+    }
+}
+
+#[test]
+fn upsampling_matches_burn_with_and_without_aligned_corners() {
+    for align_corners in [true, false] {
+        for [batch, channels, height, width] in [[1, 3, 5, 7], [2, 4, 8, 8], [1, 2, 1, 3]] {
+            let x = random([batch, channels, height, width]);
+            let mut options = InterpolateOptions::new(InterpolateMode::Bilinear);
+            options.align_corners = align_corners;
+            options.output_size = Some([2 * height, 2 * width]);
+            assert_close(
+                upsample2x(&FeatureMap::from_tensor(x.clone()), align_corners),
+                interpolate(x, options),
+                &format!("{height}x{width} align_corners={align_corners}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn whole_network_is_the_same_through_either_decoder() {
+    let (model, _) = weights::untrained(&device());
+    let (height, width) = (96, 64);
+    let one = synthetic::network_input(width, height);
+    let input = [one.clone(), one.iter().map(|v| -v).collect()].concat();
+    let kernels = DepthModel::new(model.clone(), device())
+        .forward(input.clone(), 2, height, width)
+        .unwrap();
+    let burn = DepthModel::burn_only(model, device())
+        .forward(input, 2, height, width)
+        .unwrap();
+    assert_eq!(kernels.len(), 2 * height * width);
+    let range =
+        burn.iter().fold(0.0f32, |m, v| m.max(*v)) - burn.iter().fold(f32::MAX, |m, v| m.min(*v));
+    assert!(range > 0.0, "the synthetic model gives a varied output");
+    let worst = kernels
+        .iter()
+        .zip(&burn)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst <= 1e-4 * range, "max |diff| {worst}, range {range}");
+}
