@@ -8,7 +8,7 @@ use burn::tensor::Distribution;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use midas_serve::kernels::{FeatureMap, PackedConv, conv1x1, conv3x3, upsample2x};
+use midas_serve::kernels::{Activation, FeatureMap, PackedConv, conv1x1, conv3x3, upsample2x};
 
 /// (in channels, out channels, side): the 3x3 convolutions of the four decoder levels and the
 /// output head's two.
@@ -36,7 +36,7 @@ fn ops(c: &mut Criterion) {
         let layer = Conv2dConfig::new([cin, cout], [3, 3])
             .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
             .init(&device);
-        let packed = PackedConv::from_conv(&layer);
+        let packed = PackedConv::from_conv(layer.clone());
         let x = random([1, cin, side, side], &device);
         let map = FeatureMap::from_tensor(x.clone());
         let id = format!("{cin}-{cout}@{side}");
@@ -44,12 +44,12 @@ fn ops(c: &mut Criterion) {
             b.iter(|| layer.forward(x.clone()).into_data())
         });
         group.bench_with_input(BenchmarkId::new("conv3x3/kernels", &id), &map, |b, map| {
-            b.iter(|| conv3x3(map, &packed, false, false, &[]))
+            b.iter(|| conv3x3(map, &packed, false, Activation::Identity, &[]))
         });
     }
     for (cin, side) in [(128, 32), (64, 64)] {
         let layer = Conv2dConfig::new([cin, cin / 2], [1, 1]).init(&device);
-        let packed = PackedConv::from_conv(&layer);
+        let packed = PackedConv::from_conv(layer.clone());
         let x = random([1, cin, side, side], &device);
         let map = FeatureMap::from_tensor(x.clone());
         let id = format!("{cin}-{}@{side}", cin / 2);
@@ -57,7 +57,7 @@ fn ops(c: &mut Criterion) {
             b.iter(|| layer.forward(x.clone()).into_data())
         });
         group.bench_with_input(BenchmarkId::new("conv1x1/kernels", &id), &map, |b, map| {
-            b.iter(|| conv1x1(map, &packed, false))
+            b.iter(|| conv1x1(map, &packed, Activation::Identity, &[]))
         });
     }
     for (channels, side) in UPSAMPLE {

@@ -4,12 +4,15 @@
 
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::relu;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-use midas_serve::kernels::{FeatureMap, PackedConv, conv1x1, conv3x3, upsample2x};
+use midas_serve::kernels::{
+    Activation, FeatureMap, PackedConv, PackedDepthwise, conv1x1, conv3x3, depthwise, upsample2x,
+};
 use midas_serve::pipeline::DepthModel;
 use midas_serve::weights::{self, synthetic};
 
@@ -68,7 +71,7 @@ fn conv3x3_matches_burn_in_every_fused_form() {
         [(1, 5, 7, 9, 13), (2, 8, 16, 11, 6), (1, 64, 32, 64, 64)]
     {
         let layer = conv(cin, cout, 3);
-        let packed = PackedConv::from_conv(&layer);
+        let packed = PackedConv::from_conv(layer.clone());
         let x = random([batch, cin, height, width]);
         let r1 = random([batch, cout, height, width]);
         let r2 = random([batch, cout, height, width]);
@@ -76,17 +79,23 @@ fn conv3x3_matches_burn_in_every_fused_form() {
         let what = format!("{batch}x{cin}->{cout} {height}x{width}");
 
         assert_close(
-            conv3x3(&map(&x), &packed, false, false, &[]),
+            conv3x3(&map(&x), &packed, false, Activation::Identity, &[]),
             layer.forward(x.clone()),
             &format!("{what} plain"),
         );
         assert_close(
-            conv3x3(&map(&x), &packed, true, true, &[]),
+            conv3x3(&map(&x), &packed, true, Activation::Relu, &[]),
             relu(layer.forward(relu(x.clone()))),
             &format!("{what} relu in and out"),
         );
         assert_close(
-            conv3x3(&map(&x), &packed, true, false, &[&map(&r1), &map(&r2)]),
+            conv3x3(
+                &map(&x),
+                &packed,
+                true,
+                Activation::Identity,
+                &[&map(&r1), &map(&r2)],
+            ),
             layer.forward(relu(x.clone())) + r1.clone() + r2.clone(),
             &format!("{what} residuals"),
         );
@@ -103,9 +112,9 @@ fn conv3x3_without_bias_matches_burn() {
     assert_close(
         conv3x3(
             &FeatureMap::from_tensor(x.clone()),
-            &PackedConv::from_conv(&layer),
+            &PackedConv::from_conv(layer.clone()),
             false,
-            false,
+            Activation::Identity,
             &[],
         ),
         layer.forward(x),
@@ -118,17 +127,103 @@ fn conv1x1_matches_burn() {
     for (batch, cin, cout, height, width) in [(1, 64, 32, 17, 9), (2, 32, 1, 8, 8)] {
         let layer = conv(cin, cout, 1);
         let x = random([batch, cin, height, width]);
-        let packed = PackedConv::from_conv(&layer);
+        let packed = PackedConv::from_conv(layer.clone());
         assert_close(
-            conv1x1(&FeatureMap::from_tensor(x.clone()), &packed, false),
+            conv1x1(
+                &FeatureMap::from_tensor(x.clone()),
+                &packed,
+                Activation::Identity,
+                &[],
+            ),
             layer.forward(x.clone()),
             "1x1",
         );
         assert_close(
-            conv1x1(&FeatureMap::from_tensor(x.clone()), &packed, true),
+            conv1x1(
+                &FeatureMap::from_tensor(x.clone()),
+                &packed,
+                Activation::Relu,
+                &[],
+            ),
             relu(layer.forward(x)),
             "1x1 relu",
         );
+    }
+}
+
+/// A BatchNorm with non-trivial statistics, as a trained network has.
+fn batch_norm(channels: usize) -> BatchNorm {
+    let mut bn = BatchNormConfig::new(channels)
+        .with_epsilon(1e-3)
+        .init(&device());
+    let values = |low: f32, high: f32| {
+        Tensor::<1>::random(
+            [channels],
+            Distribution::Uniform(low.into(), high.into()),
+            &device(),
+        )
+    };
+    bn.gamma = bn.gamma.map(|_| values(0.5, 1.5));
+    bn.beta = bn.beta.map(|_| values(-0.5, 0.5));
+    bn.running_mean = burn::module::RunningState::new(values(-0.5, 0.5));
+    bn.running_var = burn::module::RunningState::new(values(0.5, 1.5));
+    bn
+}
+
+#[test]
+fn batch_norm_folds_into_the_1x1_convolution_with_relu6_and_a_residual() {
+    let layer = Conv2dConfig::new([24, 40], [1, 1])
+        .with_bias(false)
+        .init(&device());
+    let bn = batch_norm(40);
+    let x = random([2, 24, 9, 5]).mul_scalar(4.0);
+    let r = random([2, 40, 9, 5]);
+    let packed = PackedConv::from_conv_bn(layer.clone(), bn.clone());
+    assert_close(
+        conv1x1(
+            &FeatureMap::from_tensor(x.clone()),
+            &packed,
+            Activation::Relu6,
+            &[&FeatureMap::from_tensor(r.clone())],
+        ),
+        (bn.forward(layer.forward(x)) + r).clamp(0.0, 6.0),
+        "1x1 + bn + residual + relu6",
+    );
+}
+
+#[test]
+fn depthwise_matches_burn_with_same_padding() {
+    for (kernel, stride) in [(3, 1), (3, 2), (5, 1), (5, 2)] {
+        for [batch, channels, height, width] in [[1, 6, 9, 13], [2, 4, 16, 16], [1, 3, 2, 5]] {
+            let layer = Conv2dConfig::new([channels, channels], [kernel, kernel])
+                .with_stride([stride, stride])
+                .with_groups(channels)
+                .with_padding(PaddingConfig2d::Same)
+                .with_bias(false)
+                .init(&device());
+            let bn = batch_norm(channels);
+            let x = random([batch, channels, height, width]).mul_scalar(4.0);
+            let packed = PackedDepthwise::from_conv_bn(layer.clone(), bn.clone());
+            let what = format!("{kernel}x{kernel}/{stride} on {height}x{width}");
+            assert_close(
+                depthwise(
+                    &FeatureMap::from_tensor(x.clone()),
+                    &packed,
+                    Activation::Relu6,
+                ),
+                bn.forward(layer.forward(x.clone())).clamp(0.0, 6.0),
+                &what,
+            );
+            assert_close(
+                depthwise(
+                    &FeatureMap::from_tensor(x.clone()),
+                    &packed,
+                    Activation::Identity,
+                ),
+                bn.forward(layer.forward(x)),
+                &what,
+            );
+        }
     }
 }
 
@@ -150,7 +245,7 @@ fn upsampling_matches_burn_with_and_without_aligned_corners() {
 }
 
 #[test]
-fn whole_network_is_the_same_through_either_decoder() {
+fn whole_network_is_the_same_on_kernels_and_on_burn_ops() {
     let (model, _) = weights::untrained(&device());
     let (height, width) = (96, 64);
     let one = synthetic::network_input(width, height);

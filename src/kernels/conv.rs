@@ -6,10 +6,11 @@
 //! a time, sized to stay in cache, and each band's GEMM writes straight into the output planes.
 //! The output is first filled with the bias and any residual, and the GEMM accumulates onto it.
 
+use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 
-use super::{FeatureMap, tensor_values};
+use super::{Activation, FeatureMap, tensor_values};
 
 /// im2col bytes per band that keep a band's working set in a core's L2 cache.
 const BAND_BYTES: usize = 1 << 20;
@@ -27,13 +28,15 @@ pub struct PackedConv {
 }
 
 impl PackedConv {
-    /// Packs a Burn convolution (groups 1, stride 1, square kernel).
-    pub fn from_conv(conv: &Conv2d) -> Self {
+    /// Packs a Burn convolution (groups 1, stride 1, square kernel). It takes the module so
+    /// that the parameters move into the packed form instead of being copied: the decoder's
+    /// weights are then held once.
+    pub fn from_conv(conv: Conv2d) -> Self {
         let [out_channels, in_channels, kernel, kernel_w] = conv.weight.dims();
         debug_assert_eq!(kernel, kernel_w, "square kernels only");
-        let weights = tensor_values(conv.weight.val());
-        let bias = match &conv.bias {
-            Some(bias) => tensor_values(bias.val()),
+        let weights = tensor_values(conv.weight.into_value());
+        let bias = match conv.bias {
+            Some(bias) => tensor_values(bias.into_value()),
             None => vec![0.0; out_channels],
         };
         Self {
@@ -45,9 +48,17 @@ impl PackedConv {
         }
     }
 
-    /// Output channels.
-    pub fn out_channels(&self) -> usize {
-        self.out_channels
+    /// Packs a convolution without bias followed by inference-mode BatchNorm, folded into one:
+    /// `w' = w * s` and `b' = beta - mean * s` with `s = gamma / sqrt(var + eps)` per channel.
+    pub fn from_conv_bn(conv: Conv2d, bn: BatchNorm) -> Self {
+        let mut packed = Self::from_conv(conv);
+        let (scale, shift) = fold_batch_norm(bn);
+        let per_channel = packed.depth();
+        for (channel, weights) in packed.weights.chunks_mut(per_channel).enumerate() {
+            weights.iter_mut().for_each(|w| *w *= scale[channel]);
+            packed.bias[channel] = packed.bias[channel] * scale[channel] + shift[channel];
+        }
+        packed
     }
 
     /// The weights of `[out_channels, in_channels * kernel * kernel]` as a GEMM's depth.
@@ -80,6 +91,26 @@ impl PackedConv {
             }
         }
     }
+}
+
+/// Inference-mode BatchNorm as a per-channel `(scale, shift)`.
+pub(super) fn fold_batch_norm(bn: BatchNorm) -> (Vec<f32>, Vec<f32>) {
+    let gamma = tensor_values(bn.gamma.into_value());
+    let beta = tensor_values(bn.beta.into_value());
+    let mean = tensor_values(bn.running_mean.value());
+    let var = tensor_values(bn.running_var.value());
+    let scale: Vec<f32> = gamma
+        .iter()
+        .zip(&var)
+        .map(|(g, v)| (f64::from(*g) / (f64::from(*v) + bn.epsilon).sqrt()) as f32)
+        .collect();
+    let shift = beta
+        .iter()
+        .zip(&mean)
+        .zip(&scale)
+        .map(|((b, m), s)| b - m * s)
+        .collect();
+    (scale, shift)
 }
 
 /// A raw output pointer shared by tasks that write disjoint parts of the same buffer.
@@ -146,17 +177,26 @@ unsafe fn gemm_accumulate(
     }
 }
 
-/// In place `x = max(x, 0)` over the part `range` of each of `channels` planes.
+/// Applies `activation` in place over the part `range` of each of `channels` planes.
 ///
 /// # Safety
 /// As [`PackedConv::prefill`]: `out` holds the planes and the part is the caller's alone.
-unsafe fn relu_rows(out: *mut f32, channels: usize, plane: usize, range: (usize, usize)) {
+unsafe fn activate_rows(
+    out: *mut f32,
+    channels: usize,
+    plane: usize,
+    range: (usize, usize),
+    activation: Activation,
+) {
+    if activation == Activation::Identity {
+        return;
+    }
     for channel in 0..channels {
         // SAFETY: the caller's contract.
         let target = unsafe {
             std::slice::from_raw_parts_mut(out.add(channel * plane + range.0), range.1 - range.0)
         };
-        target.iter_mut().for_each(|v| *v = v.max(0.0));
+        activation.apply(target);
     }
 }
 
@@ -211,12 +251,12 @@ fn im2col3x3(
     }
 }
 
-/// 3x3 convolution, stride 1, padding 1: `relu_out?(conv(relu_in?(input)) + bias + residuals)`.
+/// 3x3 convolution, stride 1, padding 1: `activation(conv(relu_in?(input)) + bias + residuals)`.
 pub fn conv3x3(
     input: &FeatureMap,
     conv: &PackedConv,
     relu_in: bool,
-    relu_out: bool,
+    activation: Activation,
     residuals: &[&FeatureMap],
 ) -> FeatureMap {
     debug_assert_eq!(conv.kernel, 3);
@@ -272,9 +312,7 @@ pub fn conv3x3(
                 range.1 - range.0,
                 parallel_gemm,
             );
-            if relu_out {
-                relu_rows(out_image, conv.out_channels, plane, range);
-            }
+            activate_rows(out_image, conv.out_channels, plane, range, activation);
         }
     };
     if parallel_gemm {
@@ -285,8 +323,13 @@ pub fn conv3x3(
     output
 }
 
-/// 1x1 convolution: `relu_out?(conv(input) + bias)`, one GEMM per image.
-pub fn conv1x1(input: &FeatureMap, conv: &PackedConv, relu_out: bool) -> FeatureMap {
+/// 1x1 convolution: `activation(conv(input) + bias + residuals)`, one GEMM per image.
+pub fn conv1x1(
+    input: &FeatureMap,
+    conv: &PackedConv,
+    activation: Activation,
+    residuals: &[&FeatureMap],
+) -> FeatureMap {
     debug_assert_eq!(conv.kernel, 1);
     debug_assert_eq!(conv.in_channels, input.channels);
     let plane = input.plane();
@@ -294,10 +337,14 @@ pub fn conv1x1(input: &FeatureMap, conv: &PackedConv, relu_out: bool) -> Feature
     let out_len = output.image_len();
     for image in 0..input.batch {
         let source = &input.data[image * input.image_len()..(image + 1) * input.image_len()];
+        let residual_images: Vec<&[f32]> = residuals
+            .iter()
+            .map(|r| &r.data[image * out_len..(image + 1) * out_len])
+            .collect();
         // SAFETY: image `image` of the output, exclusively borrowed, holds out_channels planes.
         unsafe {
             let out_image = output.data.as_mut_ptr().add(image * out_len);
-            conv.prefill(out_image, &[], plane, (0, plane));
+            conv.prefill(out_image, &residual_images, plane, (0, plane));
             gemm_accumulate(
                 conv.out_channels,
                 plane,
@@ -309,9 +356,7 @@ pub fn conv1x1(input: &FeatureMap, conv: &PackedConv, relu_out: bool) -> Feature
                 plane,
                 true,
             );
-            if relu_out {
-                relu_rows(out_image, conv.out_channels, plane, (0, plane));
-            }
+            activate_rows(out_image, conv.out_channels, plane, (0, plane), activation);
         }
     }
     output

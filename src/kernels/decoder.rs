@@ -5,9 +5,7 @@
 //! linear and bilinear weights sum to one, so the two commute, bias included), which makes the
 //! projection four times cheaper and upsamples half the channels.
 
-use burn::prelude::*;
-
-use super::{FeatureMap, PackedConv, conv1x1, conv3x3, upsample2x};
+use super::{Activation, FeatureMap, PackedConv, conv1x1, conv3x3, upsample2x};
 use crate::model::{FeatureFusionBlock, OutputHead, ResidualConvUnit, Scratch};
 
 /// `ResidualConvUnit_custom`'s two convolutions.
@@ -18,19 +16,25 @@ struct Unit {
 }
 
 impl Unit {
-    fn pack(unit: &ResidualConvUnit) -> Self {
+    fn pack(unit: ResidualConvUnit) -> Self {
         Self {
-            conv1: PackedConv::from_conv(&unit.conv1),
-            conv2: PackedConv::from_conv(&unit.conv2),
+            conv1: PackedConv::from_conv(unit.conv1),
+            conv2: PackedConv::from_conv(unit.conv2),
         }
     }
 
     /// `x + conv2(relu(conv1(relu(x)))) + extra`, the additions fused into `conv2`.
     fn forward(&self, x: &FeatureMap, extra: Option<&FeatureMap>) -> FeatureMap {
-        let hidden = conv3x3(x, &self.conv1, true, true, &[]);
+        let hidden = conv3x3(x, &self.conv1, true, Activation::Relu, &[]);
         match extra {
-            Some(extra) => conv3x3(&hidden, &self.conv2, false, false, &[x, extra]),
-            None => conv3x3(&hidden, &self.conv2, false, false, &[x]),
+            Some(extra) => conv3x3(
+                &hidden,
+                &self.conv2,
+                false,
+                Activation::Identity,
+                &[x, extra],
+            ),
+            None => conv3x3(&hidden, &self.conv2, false, Activation::Identity, &[x]),
         }
     }
 }
@@ -44,11 +48,11 @@ struct Fusion {
 }
 
 impl Fusion {
-    fn pack(block: &FeatureFusionBlock) -> Self {
+    fn pack(block: FeatureFusionBlock) -> Self {
         Self {
-            unit1: block.res_conf_unit1.as_ref().map(Unit::pack),
-            unit2: Unit::pack(&block.res_conf_unit2),
-            out_conv: PackedConv::from_conv(&block.out_conv),
+            unit1: block.res_conf_unit1.map(Unit::pack),
+            unit2: Unit::pack(block.res_conf_unit2),
+            out_conv: PackedConv::from_conv(block.out_conv),
         }
     }
 
@@ -58,7 +62,10 @@ impl Fusion {
             _ => input,
         };
         let x = self.unit2.forward(&x, None);
-        upsample2x(&conv1x1(&x, &self.out_conv, false), true)
+        upsample2x(
+            &conv1x1(&x, &self.out_conv, Activation::Identity, &[]),
+            true,
+        )
     }
 }
 
@@ -71,18 +78,19 @@ struct Head {
 }
 
 impl Head {
-    fn pack(head: &OutputHead) -> Self {
+    fn pack(head: OutputHead) -> Self {
         Self {
-            conv1: PackedConv::from_conv(&head.conv1),
-            conv2: PackedConv::from_conv(&head.conv2),
-            conv3: PackedConv::from_conv(&head.conv3),
+            conv1: PackedConv::from_conv(head.conv1),
+            conv2: PackedConv::from_conv(head.conv2),
+            conv3: PackedConv::from_conv(head.conv3),
         }
     }
 
     fn forward(&self, input: &FeatureMap) -> FeatureMap {
-        let x = upsample2x(&conv3x3(input, &self.conv1, false, false, &[]), false);
-        let x = conv3x3(&x, &self.conv2, false, true, &[]);
-        conv1x1(&x, &self.conv3, true)
+        let x = conv3x3(input, &self.conv1, false, Activation::Identity, &[]);
+        let x = upsample2x(&x, false);
+        let x = conv3x3(&x, &self.conv2, false, Activation::Relu, &[]);
+        conv1x1(&x, &self.conv3, Activation::Relu, &[])
     }
 }
 
@@ -95,38 +103,42 @@ pub struct CpuDecoder {
 }
 
 impl CpuDecoder {
-    /// Packs the weights of a loaded decoder.
-    pub fn pack(scratch: &Scratch) -> Self {
+    /// Packs the weights of a loaded decoder, taking them over.
+    pub fn pack(scratch: Scratch) -> Self {
         Self {
             projections: [
-                PackedConv::from_conv(&scratch.layer1_rn),
-                PackedConv::from_conv(&scratch.layer2_rn),
-                PackedConv::from_conv(&scratch.layer3_rn),
-                PackedConv::from_conv(&scratch.layer4_rn),
+                PackedConv::from_conv(scratch.layer1_rn),
+                PackedConv::from_conv(scratch.layer2_rn),
+                PackedConv::from_conv(scratch.layer3_rn),
+                PackedConv::from_conv(scratch.layer4_rn),
             ],
             fusions: [
-                Fusion::pack(&scratch.refinenet1),
-                Fusion::pack(&scratch.refinenet2),
-                Fusion::pack(&scratch.refinenet3),
-                Fusion::pack(&scratch.refinenet4),
+                Fusion::pack(scratch.refinenet1),
+                Fusion::pack(scratch.refinenet2),
+                Fusion::pack(scratch.refinenet3),
+                Fusion::pack(scratch.refinenet4),
             ],
-            head: Head::pack(&scratch.output_conv),
+            head: Head::pack(scratch.output_conv),
         }
     }
 
-    /// The encoder's four features (finest first) to `[batch, H, W]` inverse depth.
-    pub fn forward(&self, features: [Tensor<4>; 4]) -> Tensor<3> {
-        let device = features[0].device();
+    /// The encoder's four features (finest first) to `[batch, 1, H, W]` inverse depth.
+    pub fn forward(&self, features: [FeatureMap; 4]) -> FeatureMap {
         let [layer1, layer2, layer3, layer4] = features;
-        let project = |level: usize, feature: Tensor<4>| {
-            let feature = FeatureMap::from_tensor(feature);
-            conv3x3(&feature, &self.projections[level], false, false, &[])
+        let project = |level: usize, feature: &FeatureMap| {
+            conv3x3(
+                feature,
+                &self.projections[level],
+                false,
+                Activation::Identity,
+                &[],
+            )
         };
         let [f1, f2, f3, f4] = &self.fusions;
-        let path = f4.forward(project(3, layer4), None);
-        let path = f3.forward(path, Some(&project(2, layer3)));
-        let path = f2.forward(path, Some(&project(1, layer2)));
-        let path = f1.forward(path, Some(&project(0, layer1)));
-        self.head.forward(&path).into_tensor(&device).squeeze_dim(1)
+        let path = f4.forward(project(3, &layer4), None);
+        let path = f3.forward(path, Some(&project(2, &layer3)));
+        let path = f2.forward(path, Some(&project(1, &layer2)));
+        let path = f1.forward(path, Some(&project(0, &layer1)));
+        self.head.forward(&path)
     }
 }

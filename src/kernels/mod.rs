@@ -1,24 +1,51 @@
-//! CPU kernels for the layers that dominate the forward on Burn's CPU backends: the decoder's
-//! dense 3x3 convolutions, its 1x1 projections and its x2 bilinear upsampling.
+//! CPU kernels for the network on Burn's CPU backends: dense 3x3 and 1x1 convolutions,
+//! depthwise convolutions and x2 bilinear upsampling, over Burn's tensor data.
 //!
 //! Burn's CPU convolution re-lays out its input to NHWC, re-packs the weights and builds im2col
-//! tiles on every call, and its bilinear resize is not separable. Here the weights are packed
-//! once at load ([`PackedConv`]), activations stay in Burn's NCHW layout, bias, residual
-//! additions and ReLUs are fused into the matrix product, and the work is split into
+//! tiles on every call; BatchNorm and activations are separate passes; its bilinear resize is
+//! not separable. Here the weights are packed once at load ([`PackedConv`], [`PackedDepthwise`])
+//! with BatchNorm folded in, activations stay in Burn's NCHW layout, bias, residual additions
+//! and activations are fused into the kernel that produces them, and dense convolutions run as
 //! cache-sized bands of rows over the `gemm` crate (the same GEMM Burn's `flex` backend uses).
-//! [`CpuDecoder`] runs the MiDaS decoder on these kernels; the Burn module stays the network's
-//! definition and the path used on GPUs.
+//! [`CpuEncoder`] and [`CpuDecoder`] run MiDaS on these kernels; the Burn modules stay the
+//! network's definition, what the weights load into, and the path used on GPUs.
 
 mod conv;
 mod decoder;
+mod depthwise;
+mod encoder;
 mod upsample;
 
 pub use conv::{PackedConv, conv1x1, conv3x3};
 pub use decoder::CpuDecoder;
+pub use depthwise::{PackedDepthwise, depthwise};
+pub use encoder::CpuEncoder;
 pub use upsample::upsample2x;
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
+
+/// What follows a layer's sum, fused into the kernel that computes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// Nothing.
+    Identity,
+    /// `max(x, 0)`.
+    Relu,
+    /// `min(max(x, 0), 6)`, EfficientNet-Lite's activation.
+    Relu6,
+}
+
+impl Activation {
+    /// Applies the activation in place.
+    fn apply(self, values: &mut [f32]) {
+        match self {
+            Self::Identity => {}
+            Self::Relu => values.iter_mut().for_each(|v| *v = v.max(0.0)),
+            Self::Relu6 => values.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)),
+        }
+    }
+}
 
 /// A batch of feature maps, `[batch, channels, height, width]`, row-major like Burn's NCHW.
 #[derive(Clone, Debug, PartialEq)]

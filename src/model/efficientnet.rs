@@ -47,12 +47,12 @@ fn relu6(x: Tensor<4>) -> Tensor<4> {
 /// `DepthwiseSeparableConv` of gen-efficientnet: depthwise conv, BN, ReLU6, pointwise conv, BN.
 #[derive(Module, Debug)]
 pub struct DepthwiseSeparableConv {
-    conv_dw: Conv2d,
-    bn1: BatchNorm,
-    conv_pw: Conv2d,
-    bn2: BatchNorm,
+    pub(crate) conv_dw: Conv2d,
+    pub(crate) bn1: BatchNorm,
+    pub(crate) conv_pw: Conv2d,
+    pub(crate) bn2: BatchNorm,
     /// Upstream adds the input back only when the block keeps its shape.
-    has_residual: bool,
+    pub(crate) has_residual: bool,
 }
 
 impl DepthwiseSeparableConv {
@@ -86,14 +86,14 @@ impl DepthwiseSeparableConv {
 /// projection, each followed by BN (ReLU6 after the first two), plus the input when shapes allow.
 #[derive(Module, Debug)]
 pub struct InvertedResidual {
-    conv_pw: Conv2d,
-    bn1: BatchNorm,
-    conv_dw: Conv2d,
-    bn2: BatchNorm,
-    conv_pwl: Conv2d,
-    bn3: BatchNorm,
+    pub(crate) conv_pw: Conv2d,
+    pub(crate) bn1: BatchNorm,
+    pub(crate) conv_dw: Conv2d,
+    pub(crate) bn2: BatchNorm,
+    pub(crate) conv_pwl: Conv2d,
+    pub(crate) bn3: BatchNorm,
     /// Upstream adds the input back only for stride 1 with equal channel counts.
-    has_residual: bool,
+    pub(crate) has_residual: bool,
 }
 
 impl InvertedResidual {
@@ -128,10 +128,10 @@ impl InvertedResidual {
 /// The EfficientNet-Lite3 trunk up to its last block (MiDaS drops the classifier head).
 #[derive(Module, Debug)]
 pub struct EfficientNetLite3 {
-    conv_stem: Conv2d,
-    bn1: BatchNorm,
-    stem_block: DepthwiseSeparableConv,
-    stages: Vec<Vec<InvertedResidual>>,
+    pub(crate) conv_stem: Conv2d,
+    pub(crate) bn1: BatchNorm,
+    pub(crate) stem_block: DepthwiseSeparableConv,
+    pub(crate) stages: Vec<Vec<InvertedResidual>>,
 }
 
 impl EfficientNetLite3 {

@@ -55,6 +55,25 @@ impl Scratch {
             output_conv: OutputHead::new(device, FEATURES),
         }
     }
+
+    /// The encoder's features at 1/4, 1/8, 1/16 and 1/32 of the input's resolution to
+    /// `[batch, H, W]` inverse depth.
+    pub fn forward(&self, features: [Tensor<4>; 4]) -> Tensor<3> {
+        let [layer1, layer2, layer3, layer4] = features;
+        let path4 = self
+            .refinenet4
+            .forward(self.layer4_rn.forward(layer4), None);
+        let path3 = self
+            .refinenet3
+            .forward(path4, Some(self.layer3_rn.forward(layer3)));
+        let path2 = self
+            .refinenet2
+            .forward(path3, Some(self.layer2_rn.forward(layer2)));
+        let path1 = self
+            .refinenet1
+            .forward(path2, Some(self.layer1_rn.forward(layer1)));
+        self.output_conv.forward(path1).squeeze_dim(1)
+    }
 }
 
 /// MiDaS v2.1 small: EfficientNet-Lite3 encoder (`pretrained`) and fusion decoder (`scratch`).
@@ -64,7 +83,7 @@ impl Scratch {
 #[derive(Module, Debug)]
 pub struct MidasSmall {
     pretrained: EfficientNetLite3,
-    pub(crate) scratch: Scratch,
+    scratch: Scratch,
 }
 
 impl MidasSmall {
@@ -78,28 +97,11 @@ impl MidasSmall {
 
     /// Runs the network.
     pub fn forward(&self, input: Tensor<4>) -> Tensor<3> {
-        self.decode(self.encode(input))
+        self.scratch.forward(self.pretrained.forward(input))
     }
 
-    /// The encoder: features at 1/4, 1/8, 1/16 and 1/32 of the input's resolution.
-    pub fn encode(&self, input: Tensor<4>) -> [Tensor<4>; 4] {
-        self.pretrained.forward(input)
-    }
-
-    /// The decoder: the encoder's features to `[batch, H, W]` inverse depth.
-    pub fn decode(&self, features: [Tensor<4>; 4]) -> Tensor<3> {
-        let [layer1, layer2, layer3, layer4] = features;
-        let s = &self.scratch;
-        let path4 = s.refinenet4.forward(s.layer4_rn.forward(layer4), None);
-        let path3 = s
-            .refinenet3
-            .forward(path4, Some(s.layer3_rn.forward(layer3)));
-        let path2 = s
-            .refinenet2
-            .forward(path3, Some(s.layer2_rn.forward(layer2)));
-        let path1 = s
-            .refinenet1
-            .forward(path2, Some(s.layer1_rn.forward(layer1)));
-        s.output_conv.forward(path1).squeeze_dim(1)
+    /// The encoder and the decoder, to run them apart.
+    pub fn into_parts(self) -> (EfficientNetLite3, Scratch) {
+        (self.pretrained, self.scratch)
     }
 }

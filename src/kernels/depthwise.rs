@@ -1,0 +1,123 @@
+//! Depthwise convolution (one filter per channel) with TensorFlow "SAME" padding, BatchNorm
+//! folded in and the activation fused: EfficientNet-Lite's 3x3 and 5x5, stride 1 and 2.
+//!
+//! Each output row accumulates `kernel * kernel` scaled input rows; the range of output columns
+//! whose taps fall inside the image is computed once per tap, so the inner loop has no bounds
+//! tests and, at stride 1, runs over contiguous memory.
+
+use burn::nn::BatchNorm;
+use burn::nn::conv::Conv2d;
+use rayon::prelude::*;
+
+use super::conv::fold_batch_norm;
+use super::{Activation, FeatureMap, tensor_values};
+
+/// A depthwise convolution and its BatchNorm, packed.
+#[derive(Clone, Debug)]
+pub struct PackedDepthwise {
+    /// `[channels, kernel * kernel]`, BatchNorm's scale folded in.
+    weights: Vec<f32>,
+    /// BatchNorm's shift, per channel.
+    bias: Vec<f32>,
+    kernel: usize,
+    stride: usize,
+}
+
+impl PackedDepthwise {
+    /// Packs a bias-free depthwise convolution followed by BatchNorm.
+    pub fn from_conv_bn(conv: Conv2d, bn: BatchNorm) -> Self {
+        let [channels, _, kernel, _] = conv.weight.dims();
+        let stride = conv.stride[0];
+        let mut weights = tensor_values(conv.weight.into_value());
+        let (scale, bias) = fold_batch_norm(bn);
+        for (filter, scale) in weights.chunks_mut(kernel * kernel).zip(&scale) {
+            filter.iter_mut().for_each(|w| *w *= scale);
+        }
+        debug_assert_eq!(bias.len(), channels);
+        Self {
+            weights,
+            bias,
+            kernel,
+            stride,
+        }
+    }
+}
+
+/// TensorFlow's SAME rule for one axis: output length and padding before the first input.
+fn same(length: usize, kernel: usize, stride: usize) -> (usize, usize) {
+    let out = length.div_ceil(stride);
+    let total = ((out - 1) * stride + kernel).saturating_sub(length);
+    (out, total / 2)
+}
+
+/// The output columns `ox` whose input column `ox * stride + tap - pad` lies in `0..width`.
+fn valid_columns(
+    out: usize,
+    width: usize,
+    tap: usize,
+    pad: usize,
+    stride: usize,
+) -> (usize, usize) {
+    let first = pad.saturating_sub(tap).div_ceil(stride);
+    // Largest ox with ox * stride + tap - pad <= width - 1.
+    let end = if width + pad > tap {
+        ((width - 1 + pad - tap) / stride + 1).min(out)
+    } else {
+        0
+    };
+    (first.min(end), end)
+}
+
+/// `activation(depthwise(input) + bias)`.
+pub fn depthwise(input: &FeatureMap, conv: &PackedDepthwise, activation: Activation) -> FeatureMap {
+    let (kernel, stride) = (conv.kernel, conv.stride);
+    let (out_height, pad_top) = same(input.height, kernel, stride);
+    let (out_width, pad_left) = same(input.width, kernel, stride);
+    let (height, width) = (input.height, input.width);
+    let channels = input.channels;
+    let mut output = FeatureMap::zeros(input.batch, channels, out_height, out_width);
+    let columns: Vec<(usize, usize)> = (0..kernel)
+        .map(|kx| valid_columns(out_width, width, kx, pad_left, stride))
+        .collect();
+    output
+        .data
+        .par_chunks_mut(out_height * out_width)
+        .zip(input.data.par_chunks(height * width))
+        .enumerate()
+        .for_each(|(index, (out_plane, plane))| {
+            let channel = index % channels;
+            let filter = &conv.weights[channel * kernel * kernel..(channel + 1) * kernel * kernel];
+            out_plane.fill(conv.bias[channel]);
+            for (oy, out_row) in out_plane.chunks_mut(out_width).enumerate() {
+                for ky in 0..kernel {
+                    let iy = oy * stride + ky;
+                    if iy < pad_top || iy - pad_top >= height {
+                        continue;
+                    }
+                    let row = &plane[(iy - pad_top) * width..(iy - pad_top + 1) * width];
+                    for (kx, &(first, end)) in columns.iter().enumerate() {
+                        if first == end {
+                            continue;
+                        }
+                        let weight = filter[ky * kernel + kx];
+                        let start = first * stride + kx - pad_left;
+                        if stride == 1 {
+                            let source = &row[start..start + (end - first)];
+                            for (o, s) in out_row[first..end].iter_mut().zip(source) {
+                                *o += weight * s;
+                            }
+                        } else {
+                            for (o, s) in out_row[first..end]
+                                .iter_mut()
+                                .zip(row[start..].iter().step_by(stride))
+                            {
+                                *o += weight * s;
+                            }
+                        }
+                    }
+                }
+            }
+            activation.apply(out_plane);
+        });
+    output
+}
