@@ -24,12 +24,9 @@ impl InferenceError {
 #[derive(Debug)]
 enum Network {
     /// Burn's operations, on any backend.
-    Burn(MidasSmall),
+    Burn(Box<MidasSmall>),
     /// [`crate::kernels`], with the weights packed for them: CPU backends only.
-    Kernels {
-        encoder: CpuEncoder,
-        decoder: CpuDecoder,
-    },
+    Kernels(Box<(CpuEncoder, CpuDecoder)>),
 }
 
 /// The network on its device.
@@ -45,12 +42,12 @@ impl DepthModel {
     pub fn new(model: MidasSmall, device: Device) -> Self {
         let network = if backend::is_cpu(&device) {
             let (encoder, decoder) = model.into_parts();
-            Network::Kernels {
-                encoder: CpuEncoder::pack(encoder),
-                decoder: CpuDecoder::pack(decoder),
-            }
+            Network::Kernels(Box::new((
+                CpuEncoder::pack(encoder),
+                CpuDecoder::pack(decoder),
+            )))
         } else {
-            Network::Burn(model)
+            Network::Burn(Box::new(model))
         };
         Self { network, device }
     }
@@ -59,7 +56,7 @@ impl DepthModel {
     /// compare the two paths).
     pub fn burn_only(model: MidasSmall, device: Device) -> Self {
         Self {
-            network: Network::Burn(model),
+            network: Network::Burn(Box::new(model)),
             device,
         }
     }
@@ -84,7 +81,8 @@ impl DepthModel {
                 .map_err(|e| InferenceError(format!("{e:?}")))?
                 .try_into_vec::<f32>()
                 .map_err(|e| InferenceError(format!("{e:?}"))),
-            Network::Kernels { encoder, decoder } => {
+            Network::Kernels(kernels) => {
+                let (encoder, decoder) = kernels.as_ref();
                 Ok(decoder.forward(encoder.forward(input)).data)
             }
         }
