@@ -38,6 +38,7 @@ pub enum Activation {
 
 impl Activation {
     /// Applies the activation in place.
+    #[inline(always)]
     fn apply(self, values: &mut [f32]) {
         match self {
             Self::Identity => {}
