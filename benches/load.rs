@@ -9,27 +9,12 @@
 #[allow(dead_code)]
 mod server;
 
-use std::io::Cursor;
+#[path = "support/photo.rs"]
+mod photo;
+
 use std::time::{Duration, Instant};
 
-use image::imageops::FilterType;
 use server::{Server, predict};
-
-fn jpeg(width: u32, height: u32) -> Vec<u8> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/images/rocket.jpg"
-    );
-    let photo = image::open(path)
-        .unwrap()
-        .resize_exact(width, height, FilterType::Triangle)
-        .into_rgb8();
-    let mut out = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(Cursor::new(&mut out), 90)
-        .encode_image(&photo)
-        .unwrap();
-    out
-}
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
@@ -137,7 +122,7 @@ fn main() {
             &[],
         );
         for (width, height) in [(640, 480), (1920, 1080)] {
-            let upload = jpeg(width, height);
+            let upload = photo::jpeg(width, height);
             for clients in [1, 8] {
                 let result = run(&server, &upload, clients, seconds);
                 let count = result.latencies.len();

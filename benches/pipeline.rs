@@ -2,33 +2,16 @@
 //! photo): decode, pre-process (resize + normalise), post-process (colourise + resize back) and
 //! PNG encoding. `cargo bench --bench pipeline`.
 
-use std::io::Cursor;
+#[path = "support/photo.rs"]
+mod photo;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use image::imageops::FilterType;
 use midas_serve::pipeline::{self, Colormap, DecodeLimits, DepthMap, PngChunks};
 
 const SIZES: [(u32, u32); 2] = [(640, 480), (1920, 1080)];
 const LIMITS: DecodeLimits = DecodeLimits {
     max_pixels: 50_000_000,
 };
-
-/// A JPEG of the test photo at `width` x `height` (quality 90, like a phone's).
-fn jpeg(width: u32, height: u32) -> Vec<u8> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/images/rocket.jpg"
-    );
-    let photo = image::open(path)
-        .unwrap()
-        .resize_exact(width, height, FilterType::Triangle)
-        .into_rgb8();
-    let mut out = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(Cursor::new(&mut out), 90)
-        .encode_image(&photo)
-        .unwrap();
-    out
-}
 
 /// A smooth depth map like a network's, at the network size for `width` x `height`.
 fn depth(width: u32, height: u32) -> DepthMap {
@@ -53,7 +36,7 @@ fn stages(c: &mut Criterion) {
     group.sample_size(30);
     for (width, height) in SIZES {
         let label = format!("{width}x{height}");
-        let bytes = jpeg(width, height);
+        let bytes = photo::jpeg(width, height);
         let image = pipeline::decode(&bytes, &LIMITS).unwrap();
         let map = depth(width, height);
         let coloured = pipeline::colourise(&map, Colormap::Inferno);
