@@ -25,6 +25,14 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Runs `midas-serve` with `args`, expecting it to fail with `needle` in its error output.
+fn assert_refused(args: &[&str], needle: &str) {
+    let output = midas(args);
+    assert!(!output.status.success(), "{args:?} succeeded");
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains(needle), "{stderr}");
+}
+
 fn write_npy(path: &Path, shape: &[u64], values: &[f32]) {
     let mut bytes = Vec::new();
     let mut writer = npyz::WriteOptions::new()
@@ -109,50 +117,20 @@ fn forward_refuses_bad_input_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("odd.npy");
     write_npy(&input, &[1, 3, 100, 100], &vec![0.0; 30_000]);
-    let output = midas(&[
-        "forward",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        "/dev/null",
-    ]);
-    assert!(!output.status.success());
-    assert!(
-        text(&output.stderr).contains("multiples of 32"),
-        "{}",
-        text(&output.stderr)
-    );
-
-    let output = midas(&[
-        "forward",
-        "--input",
-        "/nonexistent.npy",
-        "--output",
-        "/dev/null",
-    ]);
-    assert!(!output.status.success());
-    assert!(
-        text(&output.stderr).contains("cannot read /nonexistent.npy"),
-        "{}",
-        text(&output.stderr)
-    );
-
+    let forward = |extra: &[&str], input: &str, needle: &str| {
+        let mut args = vec!["forward"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--input", input, "--output", "/dev/null"]);
+        assert_refused(&args, needle);
+    };
+    forward(&[], input.to_str().unwrap(), "multiples of 32");
+    forward(&[], "/nonexistent.npy", "cannot read /nonexistent.npy");
     if !cfg!(feature = "wgpu") {
         write_npy(&input, &[1, 3, 32, 32], &vec![0.0; 3 * 32 * 32]);
-        let output = midas(&[
-            "forward",
-            "--backend",
-            "wgpu",
-            "--input",
+        forward(
+            &["--backend", "wgpu"],
             input.to_str().unwrap(),
-            "--output",
-            "/dev/null",
-        ]);
-        assert!(!output.status.success());
-        assert!(
-            text(&output.stderr).contains("not compiled into this binary"),
-            "{}",
-            text(&output.stderr)
+            "not compiled into this binary",
         );
     }
 }
@@ -212,16 +190,12 @@ fn predict_refuses_a_corrupt_image() {
     let mut bytes = std::fs::read(fixture("images/camera_odd.png")).unwrap();
     bytes.truncate(bytes.len() / 2);
     std::fs::write(&broken, bytes).unwrap();
-    let output = midas(&[
+    let args = [
         "predict",
         "--out-dir",
         dir.path().to_str().unwrap(),
         broken.to_str().unwrap(),
-    ]);
-    assert!(!output.status.success());
-    let stderr = text(&output.stderr);
-    assert!(
-        stderr.contains("broken.png") && stderr.contains("truncated"),
-        "{stderr}"
-    );
+    ];
+    assert_refused(&args, "broken.png");
+    assert_refused(&args, "truncated");
 }

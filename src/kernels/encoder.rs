@@ -9,7 +9,7 @@ use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 
 use super::{Activation, FeatureMap, PackedConv, PackedDepthwise, conv1x1, depthwise};
-use crate::model::{DepthwiseSeparableConv, EfficientNetLite3, InvertedResidual};
+use crate::model::{DepthwiseSeparableConv, EfficientNetLite3, InvertedResidual, relu6};
 
 /// `InvertedResidual`: expansion (none in the stem block), depthwise, projection.
 #[derive(Debug)]
@@ -83,7 +83,7 @@ impl CpuEncoder {
     /// The four features MiDaS decodes: the ends of stages 1, 2, 4 and 6.
     pub fn forward(&self, input: Tensor<4>) -> [FeatureMap; 4] {
         let stem = self.stem_norm.forward(self.stem.forward(input));
-        let mut x = FeatureMap::from_tensor(burn::tensor::activation::relu(stem).clamp_max(6.0));
+        let mut x = FeatureMap::from_tensor(relu6(stem));
         let wanted = [
             self.stage_ends[0],
             self.stage_ends[1],
