@@ -11,7 +11,8 @@ use burn::tensor::activation::relu;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use midas_serve::kernels::{
-    Activation, FeatureMap, PackedConv, PackedDepthwise, conv1x1, conv3x3, depthwise, upsample2x,
+    Activation, FeatureMap, PackedConv, PackedDepthwise, WinogradConv, conv1x1, conv3x3, depthwise,
+    upsample2x, winograd3x3,
 };
 use midas_serve::pipeline::DepthModel;
 use midas_serve::weights::{self, synthetic};
@@ -64,41 +65,71 @@ fn assert_close(ours: FeatureMap, reference: Tensor<4>, what: &str) {
     );
 }
 
+/// A 3x3 convolution kernel under test: `(input, relu_in, activation, residuals)`.
+type Conv3x3Kernel = Box<dyn Fn(&FeatureMap, bool, Activation, &[&FeatureMap]) -> FeatureMap>;
+
+/// Both 3x3 kernels (im2col and Winograd) packed from `layer`.
+fn conv3x3_kernels(layer: &Conv2d) -> [(&'static str, Conv3x3Kernel); 2] {
+    let direct = PackedConv::from_conv(layer.clone());
+    let winograd = WinogradConv::from_conv(layer.clone());
+    [
+        (
+            "im2col",
+            Box::new(move |x, relu_in, activation, residuals| {
+                conv3x3(x, &direct, relu_in, activation, residuals)
+            }),
+        ),
+        (
+            "winograd",
+            Box::new(move |x, relu_in, activation, residuals| {
+                winograd3x3(x, &winograd, relu_in, activation, residuals)
+            }),
+        ),
+    ]
+}
+
 #[test]
 fn conv3x3_matches_burn_in_every_fused_form() {
-    // (batch, in, out, height, width): odd sizes; a shape big enough to split into row bands.
-    for (batch, cin, cout, height, width) in
-        [(1, 5, 7, 9, 13), (2, 8, 16, 11, 6), (1, 64, 32, 64, 64)]
-    {
+    // (batch, in, out, height, width): odd sizes; shapes big enough to split into row bands.
+    for (batch, cin, cout, height, width) in [
+        (1, 5, 7, 9, 13),
+        (2, 8, 16, 11, 6),
+        (1, 64, 32, 64, 64),
+        (1, 32, 32, 95, 129),
+    ] {
         let layer = conv(cin, cout, 3);
-        let packed = PackedConv::from_conv(layer.clone());
         let x = random([batch, cin, height, width]);
         let r1 = random([batch, cout, height, width]);
         let r2 = random([batch, cout, height, width]);
         let map = |t: &Tensor<4>| FeatureMap::from_tensor(t.clone());
-        let what = format!("{batch}x{cin}->{cout} {height}x{width}");
-
-        assert_close(
-            conv3x3(&map(&x), &packed, false, Activation::Identity, &[]),
-            layer.forward(x.clone()),
-            &format!("{what} plain"),
-        );
-        assert_close(
-            conv3x3(&map(&x), &packed, true, Activation::Relu, &[]),
-            relu(layer.forward(relu(x.clone()))),
-            &format!("{what} relu in and out"),
-        );
-        assert_close(
-            conv3x3(
-                &map(&x),
-                &packed,
-                true,
-                Activation::Identity,
-                &[&map(&r1), &map(&r2)],
-            ),
-            layer.forward(relu(x.clone())) + r1.clone() + r2.clone(),
-            &format!("{what} residuals"),
-        );
+        for (kernel, run) in conv3x3_kernels(&layer) {
+            let what = format!("{kernel} {batch}x{cin}->{cout} {height}x{width}");
+            assert_close(
+                run(&map(&x), false, Activation::Identity, &[]),
+                layer.forward(x.clone()),
+                &format!("{what} plain"),
+            );
+            assert_close(
+                run(&map(&x), true, Activation::Relu, &[]),
+                relu(layer.forward(relu(x.clone()))),
+                &format!("{what} relu in and out"),
+            );
+            assert_close(
+                run(&map(&x), true, Activation::Identity, &[&map(&r1)]),
+                layer.forward(relu(x.clone())) + r1.clone(),
+                &format!("{what} one residual"),
+            );
+            assert_close(
+                run(
+                    &map(&x),
+                    true,
+                    Activation::Identity,
+                    &[&map(&r1), &map(&r2)],
+                ),
+                layer.forward(relu(x.clone())) + r1.clone() + r2.clone(),
+                &format!("{what} residuals"),
+            );
+        }
     }
 }
 
@@ -109,17 +140,18 @@ fn conv3x3_without_bias_matches_burn() {
         .with_bias(false)
         .init(&device());
     let x = random([1, 6, 5, 8]);
-    assert_close(
-        conv3x3(
-            &FeatureMap::from_tensor(x.clone()),
-            &PackedConv::from_conv(layer.clone()),
-            false,
-            Activation::Identity,
-            &[],
-        ),
-        layer.forward(x),
-        "no bias",
-    );
+    for (kernel, run) in conv3x3_kernels(&layer) {
+        assert_close(
+            run(
+                &FeatureMap::from_tensor(x.clone()),
+                false,
+                Activation::Identity,
+                &[],
+            ),
+            layer.forward(x.clone()),
+            &format!("{kernel} no bias"),
+        );
+    }
 }
 
 #[test]

@@ -10,6 +10,7 @@ use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 
+use super::scratch::Scratch;
 use super::{Activation, FeatureMap, tensor_values};
 
 /// im2col bytes per band that keep a band's working set in a core's L2 cache.
@@ -115,7 +116,7 @@ pub(super) fn fold_batch_norm(bn: BatchNorm) -> (Vec<f32>, Vec<f32>) {
 
 /// A raw output pointer shared by tasks that write disjoint parts of the same buffer.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+pub(super) struct SharedOut(pub(super) *mut f32);
 // SAFETY: every task writes a disjoint set of indices (its own band of rows), and the buffer
 // outlives the parallel loop that uses it.
 unsafe impl Send for SharedOut {}
@@ -123,18 +124,19 @@ unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
     /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }
 
-/// `dst[m, n] += lhs[m, k] * rhs[k, n]`, all row-major with the given row strides.
+/// `dst[m, n] (+)= lhs[m, k] * rhs[k, n]`, all row-major with the given row strides: added to
+/// `dst` when `accumulate`, written over it otherwise.
 ///
 /// # Safety
-/// `dst` must be valid for `m` rows of `n` values at stride `dst_rs`, and no other thread may
-/// touch those values during the call.
+/// `dst` must be valid for `m` rows of `n` values at stride `dst_rs` (initialised when
+/// `accumulate`), and no other thread may touch those values during the call.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_accumulate(
+pub(super) unsafe fn gemm(
     m: usize,
     n: usize,
     k: usize,
@@ -143,6 +145,7 @@ unsafe fn gemm_accumulate(
     lhs: &[f32],
     rhs: &[f32],
     rhs_rs: usize,
+    accumulate: bool,
     parallel: bool,
 ) {
     let parallelism = if parallel {
@@ -160,7 +163,7 @@ unsafe fn gemm_accumulate(
             dst,
             1,
             dst_rs as isize,
-            true,
+            accumulate,
             lhs.as_ptr(),
             1,
             k as isize,
@@ -286,7 +289,7 @@ pub fn conv3x3(
             .iter()
             .map(|r| &r.data[image * out_len..(image + 1) * out_len])
             .collect();
-        let mut col = vec![0.0f32; depth * (range.1 - range.0)];
+        let mut col = Scratch::take(depth * (range.1 - range.0));
         im2col3x3(
             source,
             input.channels,
@@ -301,7 +304,7 @@ pub fn conv3x3(
         unsafe {
             let out_image = out.get().add(image * out_len);
             conv.prefill(out_image, &residual_images, plane, range);
-            gemm_accumulate(
+            gemm(
                 conv.out_channels,
                 range.1 - range.0,
                 depth,
@@ -310,6 +313,7 @@ pub fn conv3x3(
                 &conv.weights,
                 &col,
                 range.1 - range.0,
+                true,
                 parallel_gemm,
             );
             activate_rows(out_image, conv.out_channels, plane, range, activation);
@@ -345,7 +349,7 @@ pub fn conv1x1(
         unsafe {
             let out_image = output.data.as_mut_ptr().add(image * out_len);
             conv.prefill(out_image, &residual_images, plane, (0, plane));
-            gemm_accumulate(
+            gemm(
                 conv.out_channels,
                 plane,
                 conv.in_channels,
@@ -354,6 +358,7 @@ pub fn conv1x1(
                 &conv.weights,
                 source,
                 plane,
+                true,
                 true,
             );
             activate_rows(out_image, conv.out_channels, plane, (0, plane), activation);

@@ -5,36 +5,36 @@
 //! linear and bilinear weights sum to one, so the two commute, bias included), which makes the
 //! projection four times cheaper and upsamples half the channels.
 
-use super::{Activation, FeatureMap, PackedConv, conv1x1, conv3x3, upsample2x};
+use super::{Activation, FeatureMap, PackedConv, WinogradConv, conv1x1, upsample2x, winograd3x3};
 use crate::model::{FeatureFusionBlock, OutputHead, ResidualConvUnit, Scratch};
 
 /// `ResidualConvUnit_custom`'s two convolutions.
 #[derive(Debug)]
 struct Unit {
-    conv1: PackedConv,
-    conv2: PackedConv,
+    conv1: WinogradConv,
+    conv2: WinogradConv,
 }
 
 impl Unit {
     fn pack(unit: ResidualConvUnit) -> Self {
         Self {
-            conv1: PackedConv::from_conv(unit.conv1),
-            conv2: PackedConv::from_conv(unit.conv2),
+            conv1: WinogradConv::from_conv(unit.conv1),
+            conv2: WinogradConv::from_conv(unit.conv2),
         }
     }
 
     /// `x + conv2(relu(conv1(relu(x)))) + extra`, the additions fused into `conv2`.
     fn forward(&self, x: &FeatureMap, extra: Option<&FeatureMap>) -> FeatureMap {
-        let hidden = conv3x3(x, &self.conv1, true, Activation::Relu, &[]);
+        let hidden = winograd3x3(x, &self.conv1, true, Activation::Relu, &[]);
         match extra {
-            Some(extra) => conv3x3(
+            Some(extra) => winograd3x3(
                 &hidden,
                 &self.conv2,
                 false,
                 Activation::Identity,
                 &[x, extra],
             ),
-            None => conv3x3(&hidden, &self.conv2, false, Activation::Identity, &[x]),
+            None => winograd3x3(&hidden, &self.conv2, false, Activation::Identity, &[x]),
         }
     }
 }
@@ -72,24 +72,24 @@ impl Fusion {
 /// The output head.
 #[derive(Debug)]
 struct Head {
-    conv1: PackedConv,
-    conv2: PackedConv,
+    conv1: WinogradConv,
+    conv2: WinogradConv,
     conv3: PackedConv,
 }
 
 impl Head {
     fn pack(head: OutputHead) -> Self {
         Self {
-            conv1: PackedConv::from_conv(head.conv1),
-            conv2: PackedConv::from_conv(head.conv2),
+            conv1: WinogradConv::from_conv(head.conv1),
+            conv2: WinogradConv::from_conv(head.conv2),
             conv3: PackedConv::from_conv(head.conv3),
         }
     }
 
     fn forward(&self, input: &FeatureMap) -> FeatureMap {
-        let x = conv3x3(input, &self.conv1, false, Activation::Identity, &[]);
+        let x = winograd3x3(input, &self.conv1, false, Activation::Identity, &[]);
         let x = upsample2x(&x, false);
-        let x = conv3x3(&x, &self.conv2, false, Activation::Relu, &[]);
+        let x = winograd3x3(&x, &self.conv2, false, Activation::Relu, &[]);
         conv1x1(&x, &self.conv3, Activation::Relu, &[])
     }
 }
@@ -97,7 +97,7 @@ impl Head {
 /// The decoder with its weights packed for the CPU kernels; built once after the weights load.
 #[derive(Debug)]
 pub struct CpuDecoder {
-    projections: [PackedConv; 4],
+    projections: [WinogradConv; 4],
     fusions: [Fusion; 4],
     head: Head,
 }
@@ -107,10 +107,10 @@ impl CpuDecoder {
     pub fn pack(scratch: Scratch) -> Self {
         Self {
             projections: [
-                PackedConv::from_conv(scratch.layer1_rn),
-                PackedConv::from_conv(scratch.layer2_rn),
-                PackedConv::from_conv(scratch.layer3_rn),
-                PackedConv::from_conv(scratch.layer4_rn),
+                WinogradConv::from_conv(scratch.layer1_rn),
+                WinogradConv::from_conv(scratch.layer2_rn),
+                WinogradConv::from_conv(scratch.layer3_rn),
+                WinogradConv::from_conv(scratch.layer4_rn),
             ],
             fusions: [
                 Fusion::pack(scratch.refinenet1),
@@ -126,7 +126,7 @@ impl CpuDecoder {
     pub fn forward(&self, features: [FeatureMap; 4]) -> FeatureMap {
         let [layer1, layer2, layer3, layer4] = features;
         let project = |level: usize, feature: &FeatureMap| {
-            conv3x3(
+            winograd3x3(
                 feature,
                 &self.projections[level],
                 false,

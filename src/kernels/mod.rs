@@ -14,13 +14,16 @@ mod conv;
 mod decoder;
 mod depthwise;
 mod encoder;
+mod scratch;
 mod upsample;
+mod winograd;
 
 pub use conv::{PackedConv, conv1x1, conv3x3};
 pub use decoder::CpuDecoder;
 pub use depthwise::{PackedDepthwise, depthwise};
 pub use encoder::CpuEncoder;
 pub use upsample::upsample2x;
+pub use winograd::{WinogradConv, winograd3x3};
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
@@ -44,6 +47,16 @@ impl Activation {
             Self::Identity => {}
             Self::Relu => values.iter_mut().for_each(|v| *v = v.max(0.0)),
             Self::Relu6 => values.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)),
+        }
+    }
+
+    /// The activation of one value.
+    #[inline(always)]
+    fn of(self, value: f32) -> f32 {
+        match self {
+            Self::Identity => value,
+            Self::Relu => value.max(0.0),
+            Self::Relu6 => value.clamp(0.0, 6.0),
         }
     }
 }

@@ -1,0 +1,59 @@
+//! Working buffers reused across calls, one free list per thread, so that a forward in steady
+//! state neither allocates nor zeroes its im2col and Winograd buffers again.
+
+use std::cell::RefCell;
+use std::ops::{Deref, DerefMut};
+
+/// Buffers a thread keeps for reuse; more are freed instead of kept.
+const KEPT_PER_THREAD: usize = 4;
+
+thread_local! {
+    static FREE: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A working buffer of `len` values whose contents are left over from earlier use: every value
+/// must be written before it is read.
+pub(super) struct Scratch {
+    values: Vec<f32>,
+    len: usize,
+}
+
+impl Scratch {
+    /// Takes a buffer from this thread's free list (or a new one), at least `len` long.
+    pub(super) fn take(len: usize) -> Self {
+        let mut values = FREE
+            .with(|free| free.borrow_mut().pop())
+            .unwrap_or_default();
+        if values.len() < len {
+            values.resize(len, 0.0);
+        }
+        Self { values, len }
+    }
+}
+
+impl Deref for Scratch {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        &self.values[..self.len]
+    }
+}
+
+impl DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.values[..self.len]
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let values = std::mem::take(&mut self.values);
+        // During thread teardown the list may already be gone; the buffer is then just freed.
+        let _ = FREE.try_with(|free| {
+            let mut free = free.borrow_mut();
+            if free.len() < KEPT_PER_THREAD {
+                free.push(values);
+            }
+        });
+    }
+}
