@@ -9,7 +9,7 @@ use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use midas_serve::kernels::{
-    Activation, FeatureMap, PackedConv, WinogradConv, conv1x1, conv3x3, upsample2x, winograd3x3,
+    Activation, FeatureMap, PackedConv, WinogradConv, conv1x1, upsample2x, winograd3x3,
 };
 
 /// (in channels, out channels, side): the 3x3 convolutions of the four decoder levels and the
@@ -38,7 +38,6 @@ fn ops(c: &mut Criterion) {
         let layer = Conv2dConfig::new([cin, cout], [3, 3])
             .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
             .init(&device);
-        let packed = PackedConv::from_conv(layer.clone());
         let winograd = WinogradConv::from_conv(layer.clone());
         let x = random([1, cin, side, side], &device);
         let map = FeatureMap::from_tensor(x.clone());
@@ -47,9 +46,6 @@ fn ops(c: &mut Criterion) {
             b.iter(|| layer.forward(x.clone()).into_data())
         });
         group.bench_with_input(BenchmarkId::new("conv3x3/kernels", &id), &map, |b, map| {
-            b.iter(|| conv3x3(map, &packed, false, Activation::Identity, &[]))
-        });
-        group.bench_with_input(BenchmarkId::new("conv3x3/winograd", &id), &map, |b, map| {
             b.iter(|| winograd3x3(map, &winograd, false, Activation::Identity, &[]))
         });
     }

@@ -1,6 +1,7 @@
 //! The CPU kernels against Burn's own operations on the same values: every fused variant of the
-//! 3x3 convolution (ReLU before, ReLU after, residual additions, a batch, bands of rows), the 1x1
-//! convolution, both upsampling rules, and the whole network through either decoder.
+//! Winograd 3x3 convolution (ReLU before, ReLU after, residual additions, a batch, bands of tile
+//! rows, odd sizes), the 1x1 convolution, the strided stem, depthwise convolutions, both
+//! upsampling rules, and the whole network on kernels against the whole network on Burn's ops.
 
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -11,8 +12,8 @@ use burn::tensor::activation::relu;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use midas_serve::kernels::{
-    Activation, FeatureMap, PackedConv, PackedDepthwise, WinogradConv, conv1x1, conv3x3, depthwise,
-    upsample2x, winograd3x3,
+    Activation, FeatureMap, PackedConv, PackedDepthwise, WinogradConv, conv_same, conv1x1,
+    depthwise, upsample2x, winograd3x3,
 };
 use midas_serve::pipeline::DepthModel;
 use midas_serve::weights::{self, synthetic};
@@ -65,31 +66,8 @@ fn assert_close(ours: FeatureMap, reference: Tensor<4>, what: &str) {
     );
 }
 
-/// A 3x3 convolution kernel under test: `(input, relu_in, activation, residuals)`.
-type Conv3x3Kernel = Box<dyn Fn(&FeatureMap, bool, Activation, &[&FeatureMap]) -> FeatureMap>;
-
-/// Both 3x3 kernels (im2col and Winograd) packed from `layer`.
-fn conv3x3_kernels(layer: &Conv2d) -> [(&'static str, Conv3x3Kernel); 2] {
-    let direct = PackedConv::from_conv(layer.clone());
-    let winograd = WinogradConv::from_conv(layer.clone());
-    [
-        (
-            "im2col",
-            Box::new(move |x, relu_in, activation, residuals| {
-                conv3x3(x, &direct, relu_in, activation, residuals)
-            }),
-        ),
-        (
-            "winograd",
-            Box::new(move |x, relu_in, activation, residuals| {
-                winograd3x3(x, &winograd, relu_in, activation, residuals)
-            }),
-        ),
-    ]
-}
-
 #[test]
-fn conv3x3_matches_burn_in_every_fused_form() {
+fn winograd_conv3x3_matches_burn_in_every_fused_form() {
     // (batch, in, out, height, width): odd sizes; shapes big enough to split into row bands.
     for (batch, cin, cout, height, width) in [
         (1, 5, 7, 9, 13),
@@ -102,56 +80,52 @@ fn conv3x3_matches_burn_in_every_fused_form() {
         let r1 = random([batch, cout, height, width]);
         let r2 = random([batch, cout, height, width]);
         let map = |t: &Tensor<4>| FeatureMap::from_tensor(t.clone());
-        for (kernel, run) in conv3x3_kernels(&layer) {
-            let what = format!("{kernel} {batch}x{cin}->{cout} {height}x{width}");
-            assert_close(
-                run(&map(&x), false, Activation::Identity, &[]),
-                layer.forward(x.clone()),
-                &format!("{what} plain"),
-            );
-            assert_close(
-                run(&map(&x), true, Activation::Relu, &[]),
-                relu(layer.forward(relu(x.clone()))),
-                &format!("{what} relu in and out"),
-            );
-            assert_close(
-                run(&map(&x), true, Activation::Identity, &[&map(&r1)]),
-                layer.forward(relu(x.clone())) + r1.clone(),
-                &format!("{what} one residual"),
-            );
-            assert_close(
-                run(
-                    &map(&x),
-                    true,
-                    Activation::Identity,
-                    &[&map(&r1), &map(&r2)],
-                ),
-                layer.forward(relu(x.clone())) + r1.clone() + r2.clone(),
-                &format!("{what} residuals"),
-            );
-        }
+        let packed = WinogradConv::from_conv(layer.clone());
+        let run = |x: &Tensor<4>, relu_in, activation, residuals: &[&FeatureMap]| {
+            winograd3x3(&map(x), &packed, relu_in, activation, residuals)
+        };
+        let what = format!("{batch}x{cin}->{cout} {height}x{width}");
+        assert_close(
+            run(&x, false, Activation::Identity, &[]),
+            layer.forward(x.clone()),
+            &format!("{what} plain"),
+        );
+        assert_close(
+            run(&x, true, Activation::Relu, &[]),
+            relu(layer.forward(relu(x.clone()))),
+            &format!("{what} relu in and out"),
+        );
+        assert_close(
+            run(&x, true, Activation::Identity, &[&map(&r1)]),
+            layer.forward(relu(x.clone())) + r1.clone(),
+            &format!("{what} one residual"),
+        );
+        assert_close(
+            run(&x, true, Activation::Identity, &[&map(&r1), &map(&r2)]),
+            layer.forward(relu(x.clone())) + r1.clone() + r2.clone(),
+            &format!("{what} residuals"),
+        );
     }
 }
 
 #[test]
-fn conv3x3_without_bias_matches_burn() {
+fn winograd_conv3x3_without_bias_matches_burn() {
     let layer = Conv2dConfig::new([6, 4], [3, 3])
         .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
         .with_bias(false)
         .init(&device());
     let x = random([1, 6, 5, 8]);
-    for (kernel, run) in conv3x3_kernels(&layer) {
-        assert_close(
-            run(
-                &FeatureMap::from_tensor(x.clone()),
-                false,
-                Activation::Identity,
-                &[],
-            ),
-            layer.forward(x.clone()),
-            &format!("{kernel} no bias"),
-        );
-    }
+    assert_close(
+        winograd3x3(
+            &FeatureMap::from_tensor(x.clone()),
+            &WinogradConv::from_conv(layer.clone()),
+            false,
+            Activation::Identity,
+            &[],
+        ),
+        layer.forward(x),
+        "no bias",
+    );
 }
 
 #[test]
@@ -221,6 +195,28 @@ fn batch_norm_folds_into_the_1x1_convolution_with_relu6_and_a_residual() {
         (bn.forward(layer.forward(x)) + r).clamp(0.0, 6.0),
         "1x1 + bn + residual + relu6",
     );
+}
+
+#[test]
+fn strided_stem_convolution_matches_burn_with_same_padding() {
+    for [batch, height, width] in [[1, 32, 32], [2, 17, 10]] {
+        let layer = Conv2dConfig::new([3, 32], [3, 3])
+            .with_stride([2, 2])
+            .with_padding(PaddingConfig2d::Same)
+            .with_bias(false)
+            .init(&device());
+        let bn = batch_norm(32);
+        let x = random([batch, 3, height, width]).mul_scalar(4.0);
+        assert_close(
+            conv_same(
+                &FeatureMap::from_tensor(x.clone()),
+                &PackedConv::from_conv_bn(layer.clone(), bn.clone()),
+                Activation::Relu6,
+            ),
+            bn.forward(layer.forward(x)).clamp(0.0, 6.0),
+            &format!("stem {batch}x{height}x{width}"),
+        );
+    }
 }
 
 #[test]

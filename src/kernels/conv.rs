@@ -1,20 +1,17 @@
-//! Dense 3x3 (stride 1, padding 1) and 1x1 convolutions as GEMMs over NCHW data.
+//! Dense convolutions as GEMMs over NCHW data: 1x1 convolutions, and the encoder's strided stem
+//! through im2col.
 //!
-//! A 3x3 convolution is `out[co, p] = bias[co] + sum_k W[co, k] * col[k, p]` where `k` runs over
+//! A convolution is `out[co, p] = bias[co] + sum_k W[co, k] * col[k, p]` where `k` runs over
 //! (input channel, ky, kx), which is exactly the row-major order of PyTorch's and Burn's weight
-//! tensor, so the weights need no re-layout. `col` (im2col) is built one band of output rows at
-//! a time, sized to stay in cache, and each band's GEMM writes straight into the output planes.
+//! tensor, so the weights need no re-layout (for a 1x1 convolution `col` is the input itself).
 //! The output is first filled with the bias and any residual, and the GEMM accumulates onto it.
+//! The stride-1 3x3 convolutions of the decoder go through [`super::winograd3x3`] instead.
 
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
-use rayon::prelude::*;
 
 use super::scratch::Scratch;
-use super::{Activation, FeatureMap, tensor_values};
-
-/// im2col bytes per band that keep a band's working set in a core's L2 cache.
-const BAND_BYTES: usize = 1 << 20;
+use super::{Activation, FeatureMap, same, tensor_values};
 
 /// A convolution's parameters, packed once for these kernels.
 #[derive(Clone, Debug)]
@@ -26,10 +23,11 @@ pub struct PackedConv {
     out_channels: usize,
     in_channels: usize,
     kernel: usize,
+    stride: usize,
 }
 
 impl PackedConv {
-    /// Packs a Burn convolution (groups 1, stride 1, square kernel). It takes the module so
+    /// Packs a Burn convolution (groups 1, square kernel). It takes the module so
     /// that the parameters move into the packed form instead of being copied: the decoder's
     /// weights are then held once.
     pub fn from_conv(conv: Conv2d) -> Self {
@@ -46,6 +44,7 @@ impl PackedConv {
             out_channels,
             in_channels,
             kernel,
+            stride: conv.stride[0],
         }
     }
 
@@ -112,21 +111,6 @@ pub(super) fn fold_batch_norm(bn: BatchNorm) -> (Vec<f32>, Vec<f32>) {
         .map(|((b, m), s)| b - m * s)
         .collect();
     (scale, shift)
-}
-
-/// A raw output pointer shared by tasks that write disjoint parts of the same buffer.
-#[derive(Clone, Copy)]
-pub(super) struct SharedOut(pub(super) *mut f32);
-// SAFETY: every task writes a disjoint set of indices (its own band of rows), and the buffer
-// outlives the parallel loop that uses it.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    pub(super) fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// `dst[m, n] (+)= lhs[m, k] * rhs[k, n]`, all row-major with the given row strides: added to
@@ -203,130 +187,6 @@ unsafe fn activate_rows(
     }
 }
 
-/// Builds the im2col rows of output rows `rows.0..rows.1` for one image:
-/// `col[(c * 9 + ky * 3 + kx), (y - rows.0) * width + x] = input[c, y + ky - 1, x + kx - 1]`,
-/// zero outside the image, passed through ReLU first when `relu` is set.
-fn im2col3x3(
-    image: &[f32],
-    channels: usize,
-    height: usize,
-    width: usize,
-    rows: (usize, usize),
-    relu: bool,
-    col: &mut [f32],
-) {
-    let cols = (rows.1 - rows.0) * width;
-    let activate = |v: f32| if relu { v.max(0.0) } else { v };
-    for channel in 0..channels {
-        let plane = &image[channel * height * width..(channel + 1) * height * width];
-        for ky in 0..3 {
-            for kx in 0..3 {
-                let row_start = (channel * 9 + ky * 3 + kx) * cols;
-                let dst = &mut col[row_start..row_start + cols];
-                for (band_row, y) in (rows.0..rows.1).enumerate() {
-                    let out = &mut dst[band_row * width..(band_row + 1) * width];
-                    let source_y = y + ky;
-                    if source_y == 0 || source_y > height {
-                        out.fill(0.0);
-                        continue;
-                    }
-                    let src = &plane[(source_y - 1) * width..source_y * width];
-                    match kx {
-                        0 => {
-                            out[0] = 0.0;
-                            out[1..]
-                                .iter_mut()
-                                .zip(src)
-                                .for_each(|(o, s)| *o = activate(*s));
-                        }
-                        1 => out.iter_mut().zip(src).for_each(|(o, s)| *o = activate(*s)),
-                        _ => {
-                            out[width - 1] = 0.0;
-                            out[..width - 1]
-                                .iter_mut()
-                                .zip(&src[1..])
-                                .for_each(|(o, s)| *o = activate(*s));
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// 3x3 convolution, stride 1, padding 1: `activation(conv(relu_in?(input)) + bias + residuals)`.
-pub fn conv3x3(
-    input: &FeatureMap,
-    conv: &PackedConv,
-    relu_in: bool,
-    activation: Activation,
-    residuals: &[&FeatureMap],
-) -> FeatureMap {
-    debug_assert_eq!(conv.kernel, 3);
-    debug_assert_eq!(conv.in_channels, input.channels);
-    let (height, width, plane) = (input.height, input.width, input.plane());
-    let depth = conv.depth();
-    let mut output = FeatureMap::zeros(input.batch, conv.out_channels, height, width);
-    let out_len = output.image_len();
-
-    let band_rows = (BAND_BYTES / (4 * depth * width)).clamp(1, height);
-    let bands = height.div_ceil(band_rows);
-    let threads = rayon::current_num_threads();
-    // Too few bands to keep every thread busy: one band per image, and the GEMM itself in parallel.
-    let (band_rows, bands, parallel_gemm) = if input.batch * bands < 2 * threads {
-        (height, 1, true)
-    } else {
-        (band_rows, bands, false)
-    };
-
-    let out = SharedOut(output.data.as_mut_ptr());
-    let task = |index: usize| {
-        let (image, band) = (index / bands, index % bands);
-        let rows = (band * band_rows, ((band + 1) * band_rows).min(height));
-        let range = (rows.0 * width, rows.1 * width);
-        let source = &input.data[image * input.image_len()..(image + 1) * input.image_len()];
-        let residual_images: Vec<&[f32]> = residuals
-            .iter()
-            .map(|r| &r.data[image * out_len..(image + 1) * out_len])
-            .collect();
-        let mut col = Scratch::take(depth * (range.1 - range.0));
-        im2col3x3(
-            source,
-            input.channels,
-            height,
-            width,
-            rows,
-            relu_in,
-            &mut col,
-        );
-        // SAFETY: the output holds `batch` images of `out_channels` planes, and this task alone
-        // writes the part `range` (its band of rows) of the planes of image `image`.
-        unsafe {
-            let out_image = out.get().add(image * out_len);
-            conv.prefill(out_image, &residual_images, plane, range);
-            gemm(
-                conv.out_channels,
-                range.1 - range.0,
-                depth,
-                out_image.add(range.0),
-                plane,
-                &conv.weights,
-                &col,
-                range.1 - range.0,
-                true,
-                parallel_gemm,
-            );
-            activate_rows(out_image, conv.out_channels, plane, range, activation);
-        }
-    };
-    if parallel_gemm {
-        (0..input.batch * bands).for_each(task);
-    } else {
-        (0..input.batch * bands).into_par_iter().for_each(task);
-    }
-    output
-}
-
 /// 1x1 convolution: `activation(conv(input) + bias + residuals)`, one GEMM per image.
 pub fn conv1x1(
     input: &FeatureMap,
@@ -334,7 +194,7 @@ pub fn conv1x1(
     activation: Activation,
     residuals: &[&FeatureMap],
 ) -> FeatureMap {
-    debug_assert_eq!(conv.kernel, 1);
+    debug_assert_eq!((conv.kernel, conv.stride), (1, 1));
     debug_assert_eq!(conv.in_channels, input.channels);
     let plane = input.plane();
     let mut output = FeatureMap::zeros(input.batch, conv.out_channels, input.height, input.width);
@@ -357,6 +217,66 @@ pub fn conv1x1(
                 plane,
                 &conv.weights,
                 source,
+                plane,
+                true,
+                true,
+            );
+            activate_rows(out_image, conv.out_channels, plane, (0, plane), activation);
+        }
+    }
+    output
+}
+
+/// Fills `col` (`[channels * kernel * kernel, out_height * out_width]`) with the inputs each
+/// output position's taps read, zero in the padding, for a convolution with TensorFlow's SAME
+/// padding.
+fn im2col_same(image: &[f32], input: &FeatureMap, kernel: usize, stride: usize, col: &mut [f32]) {
+    let (height, width) = (input.height, input.width);
+    let (out_height, pad_top) = same(height, kernel, stride);
+    let (out_width, pad_left) = same(width, kernel, stride);
+    let taps = col.chunks_exact_mut(out_height * out_width);
+    for (tap, row) in taps.enumerate() {
+        let (channel, ky, kx) = (tap / (kernel * kernel), tap / kernel % kernel, tap % kernel);
+        let plane = &image[channel * height * width..(channel + 1) * height * width];
+        for (oy, out) in row.chunks_exact_mut(out_width).enumerate() {
+            let y = (oy * stride + ky).wrapping_sub(pad_top);
+            for (ox, value) in out.iter_mut().enumerate() {
+                let x = (ox * stride + kx).wrapping_sub(pad_left);
+                *value = if y < height && x < width {
+                    plane[y * width + x]
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+}
+
+/// A dense convolution of any kernel size and stride with TensorFlow's SAME padding, the
+/// encoder's stem: `activation(conv(input) + bias)`.
+pub fn conv_same(input: &FeatureMap, conv: &PackedConv, activation: Activation) -> FeatureMap {
+    debug_assert_eq!(conv.in_channels, input.channels);
+    let (out_height, _) = same(input.height, conv.kernel, conv.stride);
+    let (out_width, _) = same(input.width, conv.kernel, conv.stride);
+    let plane = out_height * out_width;
+    let mut output = FeatureMap::zeros(input.batch, conv.out_channels, out_height, out_width);
+    let out_len = output.image_len();
+    let mut col = Scratch::take(conv.depth() * plane);
+    for image in 0..input.batch {
+        let source = &input.data[image * input.image_len()..(image + 1) * input.image_len()];
+        im2col_same(source, input, conv.kernel, conv.stride, &mut col);
+        // SAFETY: image `image` of the output, exclusively borrowed, holds out_channels planes.
+        unsafe {
+            let out_image = output.data.as_mut_ptr().add(image * out_len);
+            conv.prefill(out_image, &[], plane, (0, plane));
+            gemm(
+                conv.out_channels,
+                plane,
+                conv.depth(),
+                out_image,
+                plane,
+                &conv.weights,
+                &col,
                 plane,
                 true,
                 true,

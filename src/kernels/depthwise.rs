@@ -10,7 +10,7 @@ use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 
 use super::conv::fold_batch_norm;
-use super::{Activation, FeatureMap, tensor_values};
+use super::{Activation, FeatureMap, same, tensor_values};
 
 /// A depthwise convolution and its BatchNorm, packed.
 #[derive(Clone, Debug)]
@@ -41,13 +41,6 @@ impl PackedDepthwise {
             stride,
         }
     }
-}
-
-/// TensorFlow's SAME rule for one axis: output length and padding before the first input.
-fn same(length: usize, kernel: usize, stride: usize) -> (usize, usize) {
-    let out = length.div_ceil(stride);
-    let total = ((out - 1) * stride + kernel).saturating_sub(length);
-    (out, total / 2)
 }
 
 /// The output columns `ox` whose input column `ox * stride + tap - pad` lies in `0..width`.

@@ -1,15 +1,10 @@
 //! The EfficientNet-Lite3 encoder on the CPU kernels, with every BatchNorm folded into the
 //! convolution before it and every ReLU6 fused into the kernel that produces its input.
-//!
-//! The stem convolution (3 input channels, stride 2) stays on Burn's operations: it is a small
-//! share of the work and the kernels have no strided dense convolution.
 
-use burn::nn::BatchNorm;
-use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 
-use super::{Activation, FeatureMap, PackedConv, PackedDepthwise, conv1x1, depthwise};
-use crate::model::{DepthwiseSeparableConv, EfficientNetLite3, InvertedResidual, relu6};
+use super::{Activation, FeatureMap, PackedConv, PackedDepthwise, conv_same, conv1x1, depthwise};
+use crate::model::{DepthwiseSeparableConv, EfficientNetLite3, InvertedResidual};
 
 /// `InvertedResidual`: expansion (none in the stem block), depthwise, projection.
 #[derive(Debug)]
@@ -56,8 +51,7 @@ impl Block {
 /// The encoder with its weights packed for the CPU kernels; built once after the weights load.
 #[derive(Debug)]
 pub struct CpuEncoder {
-    stem: Conv2d,
-    stem_norm: BatchNorm,
+    stem: PackedConv,
     blocks: Vec<Block>,
     /// How many blocks end each of the stages, to pick out the four features.
     stage_ends: Vec<usize>,
@@ -73,8 +67,7 @@ impl CpuEncoder {
             stage_ends.push(blocks.len());
         }
         Self {
-            stem: encoder.conv_stem,
-            stem_norm: encoder.bn1,
+            stem: PackedConv::from_conv_bn(encoder.conv_stem, encoder.bn1),
             blocks,
             stage_ends,
         }
@@ -82,8 +75,11 @@ impl CpuEncoder {
 
     /// The four features MiDaS decodes: the ends of stages 1, 2, 4 and 6.
     pub fn forward(&self, input: Tensor<4>) -> [FeatureMap; 4] {
-        let stem = self.stem_norm.forward(self.stem.forward(input));
-        let mut x = FeatureMap::from_tensor(relu6(stem));
+        let mut x = conv_same(
+            &FeatureMap::from_tensor(input),
+            &self.stem,
+            Activation::Relu6,
+        );
         let wanted = [
             self.stage_ends[0],
             self.stage_ends[1],

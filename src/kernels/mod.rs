@@ -18,7 +18,7 @@ mod scratch;
 mod upsample;
 mod winograd;
 
-pub use conv::{PackedConv, conv1x1, conv3x3};
+pub use conv::{PackedConv, conv_same, conv1x1};
 pub use decoder::CpuDecoder;
 pub use depthwise::{PackedDepthwise, depthwise};
 pub use encoder::CpuEncoder;
@@ -119,6 +119,13 @@ impl FeatureMap {
     pub fn image_len(&self) -> usize {
         self.channels * self.plane()
     }
+}
+
+/// TensorFlow's SAME rule for one axis: output length and padding before the first input.
+fn same(length: usize, kernel: usize, stride: usize) -> (usize, usize) {
+    let out = length.div_ceil(stride);
+    let total = ((out - 1) * stride + kernel).saturating_sub(length);
+    (out, total / 2)
 }
 
 /// The float32 values of a Burn tensor, flattened.

@@ -11,7 +11,7 @@
 use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 
-use super::conv::{SharedOut, gemm};
+use super::conv::gemm;
 use super::scratch::Scratch;
 use super::{Activation, FeatureMap, tensor_values};
 
@@ -86,6 +86,21 @@ fn input_transform(x0: f32, x1: f32, x2: f32, x3: f32) -> [f32; 4] {
 #[inline(always)]
 fn output_transform(x0: f32, x1: f32, x2: f32, x3: f32) -> [f32; 2] {
     [x0 + x1 + x2, x1 - x2 - x3]
+}
+
+/// A raw output pointer shared by tasks that write disjoint parts of the same buffer.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: every task writes a disjoint set of indices (its own band of rows, its own columns of a product), and the buffer
+// outlives the parallel loop that uses it.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
 }
 
 /// One image's geometry in tiles, and the band of tile rows a call works on.

@@ -40,7 +40,7 @@ fn batch_norm(device: &Device, channels: usize) -> BatchNorm {
 }
 
 /// ReLU6 written as `relu` then `clamp_max`, which Burn's CPU backends run faster than `clamp`.
-pub(crate) fn relu6(x: Tensor<4>) -> Tensor<4> {
+fn relu6(x: Tensor<4>) -> Tensor<4> {
     relu(x).clamp_max(6.0)
 }
 

@@ -10,7 +10,6 @@ mod efficientnet;
 mod fusion;
 mod midas;
 
-pub(crate) use efficientnet::relu6;
 pub use efficientnet::{DepthwiseSeparableConv, EfficientNetLite3, InvertedResidual};
 pub use fusion::{FeatureFusionBlock, OutputHead, ResidualConvUnit};
 pub use midas::{MidasSmall, Scratch};
