@@ -130,7 +130,10 @@ fn winograd_conv3x3_without_bias_matches_burn() {
 
 #[test]
 fn conv1x1_matches_burn() {
-    for (batch, cin, cout, height, width) in [(1, 64, 32, 17, 9), (2, 32, 1, 8, 8)] {
+    // The last shape is split into bands of pixels.
+    for (batch, cin, cout, height, width) in
+        [(1, 64, 32, 17, 9), (2, 32, 1, 8, 8), (2, 16, 8, 100, 131)]
+    {
         let layer = conv(cin, cout, 1);
         let x = random([batch, cin, height, width]);
         let packed = PackedConv::from_conv(layer.clone());

@@ -9,9 +9,13 @@
 
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
+use rayon::prelude::*;
 
 use super::scratch::Scratch;
-use super::{Activation, FeatureMap, same, tensor_values};
+use super::{Activation, FeatureMap, SharedOut, same, tensor_values};
+
+/// Input and output bytes per band of pixels of a 1x1 convolution: a core's L2 cache.
+const BAND_BYTES: usize = 1 << 20;
 
 /// A convolution's parameters, packed once for these kernels.
 #[derive(Clone, Debug)]
@@ -66,28 +70,44 @@ impl PackedConv {
         self.in_channels * self.kernel * self.kernel
     }
 
-    /// Fills the part `range` of each output plane with its bias plus the residuals there.
+    /// Adds the bias and the residuals to the part `range` of each output plane of one image
+    /// and applies the activation, in one pass over values the GEMM has just written.
     ///
     /// # Safety
-    /// `out` must point at `out_channels` planes of `plane` values, and no other thread may
-    /// touch their part `range` during the call.
-    unsafe fn prefill(
+    /// `out` must hold `out_channels` planes of `plane` values, initialised in `range`, and no
+    /// other thread may touch that part during the call.
+    unsafe fn finish(
         &self,
-        out: *mut f32,
+        out: SharedOut,
         residuals: &[&[f32]],
         plane: usize,
         range: (usize, usize),
+        activation: Activation,
     ) {
-        for (channel, bias) in self.bias.iter().enumerate() {
-            let start = channel * plane;
-            // SAFETY: inside the planes, and this caller's part alone (the contract).
-            let target = unsafe {
-                std::slice::from_raw_parts_mut(out.add(start + range.0), range.1 - range.0)
-            };
-            target.fill(*bias);
-            for residual in residuals {
-                let source = &residual[start + range.0..start + range.1];
-                target.iter_mut().zip(source).for_each(|(t, r)| *t += r);
+        let len = range.1 - range.0;
+        for (channel, &bias) in self.bias.iter().enumerate() {
+            let start = channel * plane + range.0;
+            // SAFETY: inside the planes, written, and this caller's part alone (the contract).
+            let target = unsafe { out.slice(start, len) };
+            match residuals {
+                [] => target
+                    .iter_mut()
+                    .for_each(|v| *v = activation.of(*v + bias)),
+                [residual] => {
+                    let residual = &residual[start..start + len];
+                    for (v, r) in target.iter_mut().zip(residual) {
+                        *v = activation.of(*v + bias + r);
+                    }
+                }
+                _ => {
+                    for residual in residuals {
+                        let residual = &residual[start..start + len];
+                        target.iter_mut().zip(residual).for_each(|(v, r)| *v += r);
+                    }
+                    target
+                        .iter_mut()
+                        .for_each(|v| *v = activation.of(*v + bias));
+                }
             }
         }
     }
@@ -164,30 +184,11 @@ pub(super) unsafe fn gemm(
     }
 }
 
-/// Applies `activation` in place over the part `range` of each of `channels` planes.
+/// 1x1 convolution: `activation(conv(input) + bias + residuals)`.
 ///
-/// # Safety
-/// As [`PackedConv::prefill`]: `out` holds the planes and the part is the caller's alone.
-unsafe fn activate_rows(
-    out: *mut f32,
-    channels: usize,
-    plane: usize,
-    range: (usize, usize),
-    activation: Activation,
-) {
-    if activation == Activation::Identity {
-        return;
-    }
-    for channel in 0..channels {
-        // SAFETY: the caller's contract.
-        let target = unsafe {
-            std::slice::from_raw_parts_mut(out.add(channel * plane + range.0), range.1 - range.0)
-        };
-        activation.apply(target);
-    }
-}
-
-/// 1x1 convolution: `activation(conv(input) + bias + residuals)`, one GEMM per image.
+/// The pixels are split into bands whose inputs and outputs fit in a core's L2 cache; each band's
+/// GEMM writes its outputs and [`PackedConv::finish`] adds bias and residuals and applies the
+/// activation while they are still in cache, so a large map is written to memory once.
 pub fn conv1x1(
     input: &FeatureMap,
     conv: &PackedConv,
@@ -197,34 +198,62 @@ pub fn conv1x1(
     debug_assert_eq!((conv.kernel, conv.stride), (1, 1));
     debug_assert_eq!(conv.in_channels, input.channels);
     let plane = input.plane();
-    let mut output = FeatureMap::zeros(input.batch, conv.out_channels, input.height, input.width);
-    let out_len = output.image_len();
-    for image in 0..input.batch {
+    let out_len = conv.out_channels * plane;
+    let per_pixel = 4 * (conv.in_channels + conv.out_channels);
+    let band = (BAND_BYTES / per_pixel).next_multiple_of(16).min(plane);
+    let bands = plane.div_ceil(band);
+    let threads = rayon::current_num_threads();
+    // Too few bands to keep every thread busy: one band per image, and the GEMM in parallel.
+    let (band, bands, parallel_gemm) = if input.batch * bands < 2 * threads {
+        (plane, 1, true)
+    } else {
+        (band, bands, false)
+    };
+    let task = |out: SharedOut, index: usize| {
+        let (image, band_index) = (index / bands, index % bands);
+        let range = (band_index * band, ((band_index + 1) * band).min(plane));
         let source = &input.data[image * input.image_len()..(image + 1) * input.image_len()];
         let residual_images: Vec<&[f32]> = residuals
             .iter()
             .map(|r| &r.data[image * out_len..(image + 1) * out_len])
             .collect();
-        // SAFETY: image `image` of the output, exclusively borrowed, holds out_channels planes.
+        // SAFETY: image `image` of the output holds out_channels planes; this task alone writes
+        // their part `range`, first through the GEMM, then in `finish`.
         unsafe {
-            let out_image = output.data.as_mut_ptr().add(image * out_len);
-            conv.prefill(out_image, &residual_images, plane, (0, plane));
+            let out_image = SharedOut(out.get().add(image * out_len));
             gemm(
                 conv.out_channels,
-                plane,
+                range.1 - range.0,
                 conv.in_channels,
-                out_image,
+                out_image.get().add(range.0),
                 plane,
                 &conv.weights,
-                source,
+                &source[range.0..],
                 plane,
-                true,
-                true,
+                false,
+                parallel_gemm,
             );
-            activate_rows(out_image, conv.out_channels, plane, (0, plane), activation);
+            conv.finish(out_image, &residual_images, plane, range, activation);
         }
+    };
+    // SAFETY: the bands cover every pixel of every image, each writing all output channels.
+    unsafe {
+        FeatureMap::filled_by(
+            input.batch,
+            conv.out_channels,
+            input.height,
+            input.width,
+            |out| {
+                if parallel_gemm {
+                    (0..input.batch * bands).for_each(|index| task(out, index));
+                } else {
+                    (0..input.batch * bands)
+                        .into_par_iter()
+                        .for_each(|index| task(out, index));
+                }
+            },
+        )
     }
-    output
 }
 
 /// Fills `col` (`[channels * kernel * kernel, out_height * out_width]`) with the inputs each
@@ -259,30 +288,36 @@ pub fn conv_same(input: &FeatureMap, conv: &PackedConv, activation: Activation) 
     let (out_height, _) = same(input.height, conv.kernel, conv.stride);
     let (out_width, _) = same(input.width, conv.kernel, conv.stride);
     let plane = out_height * out_width;
-    let mut output = FeatureMap::zeros(input.batch, conv.out_channels, out_height, out_width);
-    let out_len = output.image_len();
+    let out_len = conv.out_channels * plane;
     let mut col = Scratch::take(conv.depth() * plane);
-    for image in 0..input.batch {
-        let source = &input.data[image * input.image_len()..(image + 1) * input.image_len()];
-        im2col_same(source, input, conv.kernel, conv.stride, &mut col);
-        // SAFETY: image `image` of the output, exclusively borrowed, holds out_channels planes.
-        unsafe {
-            let out_image = output.data.as_mut_ptr().add(image * out_len);
-            conv.prefill(out_image, &[], plane, (0, plane));
-            gemm(
-                conv.out_channels,
-                plane,
-                conv.depth(),
-                out_image,
-                plane,
-                &conv.weights,
-                &col,
-                plane,
-                true,
-                true,
-            );
-            activate_rows(out_image, conv.out_channels, plane, (0, plane), activation);
-        }
+    // SAFETY: every image's GEMM writes all its output planes.
+    unsafe {
+        FeatureMap::filled_by(
+            input.batch,
+            conv.out_channels,
+            out_height,
+            out_width,
+            |out| {
+                for image in 0..input.batch {
+                    let source =
+                        &input.data[image * input.image_len()..(image + 1) * input.image_len()];
+                    im2col_same(source, input, conv.kernel, conv.stride, &mut col);
+                    let out_image = SharedOut(out.get().add(image * out_len));
+                    gemm(
+                        conv.out_channels,
+                        plane,
+                        conv.depth(),
+                        out_image.get(),
+                        plane,
+                        &conv.weights,
+                        &col,
+                        plane,
+                        false,
+                        true,
+                    );
+                    conv.finish(out_image, &[], plane, (0, plane), activation);
+                }
+            },
+        )
     }
-    output
 }

@@ -10,7 +10,7 @@ use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 
 use super::conv::fold_batch_norm;
-use super::{Activation, FeatureMap, same, tensor_values};
+use super::{Activation, FeatureMap, SharedOut, same, tensor_values};
 
 /// A depthwise convolution and its BatchNorm, packed.
 #[derive(Clone, Debug)]
@@ -68,49 +68,54 @@ pub fn depthwise(input: &FeatureMap, conv: &PackedDepthwise, activation: Activat
     let (out_width, pad_left) = same(input.width, kernel, stride);
     let (height, width) = (input.height, input.width);
     let channels = input.channels;
-    let mut output = FeatureMap::zeros(input.batch, channels, out_height, out_width);
     let columns: Vec<(usize, usize)> = (0..kernel)
         .map(|kx| valid_columns(out_width, width, kx, pad_left, stride))
         .collect();
-    output
-        .data
-        .par_chunks_mut(out_height * out_width)
-        .zip(input.data.par_chunks(height * width))
-        .enumerate()
-        .for_each(|(index, (out_plane, plane))| {
-            let channel = index % channels;
-            let filter = &conv.weights[channel * kernel * kernel..(channel + 1) * kernel * kernel];
-            out_plane.fill(conv.bias[channel]);
-            for (oy, out_row) in out_plane.chunks_mut(out_width).enumerate() {
-                for ky in 0..kernel {
-                    let iy = oy * stride + ky;
-                    if iy < pad_top || iy - pad_top >= height {
+    let out_plane_len = out_height * out_width;
+    let plane_task = |out: SharedOut, index: usize| {
+        let channel = index % channels;
+        let plane = &input.data[index * height * width..(index + 1) * height * width];
+        let filter = &conv.weights[channel * kernel * kernel..(channel + 1) * kernel * kernel];
+        // SAFETY: plane `index` of the output is this task's alone.
+        let out_plane =
+            unsafe { out.filled(index * out_plane_len, out_plane_len, conv.bias[channel]) };
+        for (oy, out_row) in out_plane.chunks_mut(out_width).enumerate() {
+            for ky in 0..kernel {
+                let iy = oy * stride + ky;
+                if iy < pad_top || iy - pad_top >= height {
+                    continue;
+                }
+                let row = &plane[(iy - pad_top) * width..(iy - pad_top + 1) * width];
+                for (kx, &(first, end)) in columns.iter().enumerate() {
+                    if first == end {
                         continue;
                     }
-                    let row = &plane[(iy - pad_top) * width..(iy - pad_top + 1) * width];
-                    for (kx, &(first, end)) in columns.iter().enumerate() {
-                        if first == end {
-                            continue;
+                    let weight = filter[ky * kernel + kx];
+                    let start = first * stride + kx - pad_left;
+                    if stride == 1 {
+                        let source = &row[start..start + (end - first)];
+                        for (o, s) in out_row[first..end].iter_mut().zip(source) {
+                            *o += weight * s;
                         }
-                        let weight = filter[ky * kernel + kx];
-                        let start = first * stride + kx - pad_left;
-                        if stride == 1 {
-                            let source = &row[start..start + (end - first)];
-                            for (o, s) in out_row[first..end].iter_mut().zip(source) {
-                                *o += weight * s;
-                            }
-                        } else {
-                            for (o, s) in out_row[first..end]
-                                .iter_mut()
-                                .zip(row[start..].iter().step_by(stride))
-                            {
-                                *o += weight * s;
-                            }
+                    } else {
+                        for (o, s) in out_row[first..end]
+                            .iter_mut()
+                            .zip(row[start..].iter().step_by(stride))
+                        {
+                            *o += weight * s;
                         }
                     }
                 }
             }
-            activation.apply(out_plane);
-        });
-    output
+        }
+        activation.apply(out_plane);
+    };
+    // SAFETY: one task per plane, each writing all of it.
+    unsafe {
+        FeatureMap::filled_by(input.batch, channels, out_height, out_width, |out| {
+            (0..input.batch * channels)
+                .into_par_iter()
+                .for_each(|index| plane_task(out, index));
+        })
+    }
 }

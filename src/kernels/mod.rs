@@ -25,6 +25,8 @@ pub use encoder::CpuEncoder;
 pub use upsample::upsample2x;
 pub use winograd::{WinogradConv, winograd3x3};
 
+use std::mem::MaybeUninit;
+
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
@@ -77,10 +79,26 @@ pub struct FeatureMap {
 }
 
 impl FeatureMap {
-    /// A map of zeros.
-    pub fn zeros(batch: usize, channels: usize, height: usize, width: usize) -> Self {
+    /// A map whose values `fill` writes, with no zeroing pass before it: the kernels write
+    /// every output value anyway, and on large maps a zeroing pass costs as much as a layer.
+    ///
+    /// # Safety
+    /// `fill` must write all `batch * channels * height * width` values behind the pointer
+    /// before it returns, and read none it has not written.
+    unsafe fn filled_by(
+        batch: usize,
+        channels: usize,
+        height: usize,
+        width: usize,
+        fill: impl FnOnce(SharedOut),
+    ) -> Self {
+        let len = batch * channels * height * width;
+        let mut data = Vec::with_capacity(len);
+        fill(SharedOut(data.as_mut_ptr()));
+        // SAFETY: `fill` wrote every value (the contract).
+        unsafe { data.set_len(len) };
         Self {
-            data: vec![0.0; batch * channels * height * width],
+            data,
             batch,
             channels,
             height,
@@ -118,6 +136,53 @@ impl FeatureMap {
     /// Values per image.
     pub fn image_len(&self) -> usize {
         self.channels * self.plane()
+    }
+}
+
+/// A raw output pointer shared by tasks that write disjoint parts of the same buffer.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: every task writes a disjoint set of indices (its own rows, planes or columns), and the
+// buffer outlives the parallel loop that uses it.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+
+    /// `len` values from `offset` on.
+    ///
+    /// # Safety
+    /// They must be inside the buffer, initialised, and this caller's alone while it holds them.
+    unsafe fn slice<'a>(self, offset: usize, len: usize) -> &'a mut [f32] {
+        // SAFETY: the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(offset), len) }
+    }
+
+    /// `len` values from `offset` on, not yet written.
+    ///
+    /// # Safety
+    /// They must be inside the buffer and this caller's alone while it holds them.
+    unsafe fn uninit<'a>(self, offset: usize, len: usize) -> &'a mut [MaybeUninit<f32>] {
+        // SAFETY: the caller's contract; MaybeUninit<f32> has f32's layout.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(offset).cast(), len) }
+    }
+
+    /// `len` values from `offset` on, first set to `value`.
+    ///
+    /// # Safety
+    /// As [`SharedOut::uninit`].
+    unsafe fn filled<'a>(self, offset: usize, len: usize, value: f32) -> &'a mut [f32] {
+        // SAFETY: the caller's contract.
+        let values = unsafe { self.uninit(offset, len) };
+        values.iter_mut().for_each(|v| {
+            v.write(value);
+        });
+        // SAFETY: every value was just written.
+        unsafe { self.slice(offset, len) }
     }
 }
 

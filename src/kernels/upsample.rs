@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::FeatureMap;
+use super::{FeatureMap, SharedOut};
 
 /// For one axis of `length` inputs and `2 * length` outputs: each output's two source indices
 /// and the weight of the second. PyTorch's rules: with aligned corners the ends map onto the
@@ -35,27 +35,33 @@ pub fn upsample2x(input: &FeatureMap, align_corners: bool) -> FeatureMap {
     let (out_height, out_width) = (2 * height, 2 * width);
     let row_taps = taps(height, align_corners);
     let column_taps = taps(width, align_corners);
-    let mut output = FeatureMap::zeros(input.batch, input.channels, out_height, out_width);
-    output
-        .data
-        .par_chunks_mut(out_height * out_width)
-        .zip(input.data.par_chunks(height * width))
-        .for_each_init(
-            || vec![0.0f32; height * out_width],
-            |wide, (out_plane, plane)| {
-                for (source_row, wide_row) in plane.chunks(width).zip(wide.chunks_mut(out_width)) {
-                    for (value, &(a, b, t)) in wide_row.iter_mut().zip(&column_taps) {
-                        *value = source_row[a] + t * (source_row[b] - source_row[a]);
-                    }
-                }
-                for (out_row, &(a, b, t)) in out_plane.chunks_mut(out_width).zip(&row_taps) {
-                    let first = &wide[a * out_width..(a + 1) * out_width];
-                    let second = &wide[b * out_width..(b + 1) * out_width];
-                    for ((value, x), y) in out_row.iter_mut().zip(first).zip(second) {
-                        *value = x + t * (y - x);
-                    }
-                }
-            },
-        );
-    output
+    let out_plane = out_height * out_width;
+    let plane_task = |out: SharedOut, wide: &mut Vec<f32>, index: usize| {
+        let plane = &input.data[index * height * width..(index + 1) * height * width];
+        for (source_row, wide_row) in plane.chunks(width).zip(wide.chunks_mut(out_width)) {
+            for (value, &(a, b, t)) in wide_row.iter_mut().zip(&column_taps) {
+                *value = source_row[a] + t * (source_row[b] - source_row[a]);
+            }
+        }
+        // SAFETY: plane `index` of the output is this task's alone.
+        let out_rows = unsafe { out.uninit(index * out_plane, out_plane) };
+        for (out_row, &(a, b, t)) in out_rows.chunks_mut(out_width).zip(&row_taps) {
+            let first = &wide[a * out_width..(a + 1) * out_width];
+            let second = &wide[b * out_width..(b + 1) * out_width];
+            for ((value, x), y) in out_row.iter_mut().zip(first).zip(second) {
+                value.write(x + t * (y - x));
+            }
+        }
+    };
+    // SAFETY: one task per plane, each writing every row of it.
+    unsafe {
+        FeatureMap::filled_by(input.batch, input.channels, out_height, out_width, |out| {
+            (0..input.batch * input.channels)
+                .into_par_iter()
+                .for_each_init(
+                    || vec![0.0f32; height * out_width],
+                    |wide, index| plane_task(out, wide, index),
+                );
+        })
+    }
 }

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::conv::gemm;
 use super::scratch::Scratch;
-use super::{Activation, FeatureMap, tensor_values};
+use super::{Activation, FeatureMap, SharedOut, tensor_values};
 
 /// Positions in a transformed 4x4 tile: one GEMM each.
 const POSITIONS: usize = 16;
@@ -86,21 +86,6 @@ fn input_transform(x0: f32, x1: f32, x2: f32, x3: f32) -> [f32; 4] {
 #[inline(always)]
 fn output_transform(x0: f32, x1: f32, x2: f32, x3: f32) -> [f32; 2] {
     [x0 + x1 + x2, x1 - x2 - x3]
-}
-
-/// A raw output pointer shared by tasks that write disjoint parts of the same buffer.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: every task writes a disjoint set of indices (its own band of rows, its own columns of a product), and the buffer
-// outlives the parallel loop that uses it.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// One image's geometry in tiles, and the band of tile rows a call works on.
@@ -296,9 +281,7 @@ pub fn winograd3x3(
     };
 
     let out_len = out_channels * height * width;
-    let mut data: Vec<f32> = Vec::with_capacity(input.batch * out_len);
-    let out = SharedOut(data.as_mut_ptr());
-    let task = |index: usize| {
+    let task = |out: SharedOut, index: usize| {
         let (image, band_index) = (index / bands, index % bands);
         let band = Band {
             height,
@@ -353,19 +336,16 @@ pub fn winograd3x3(
         };
         transform_outputs(&m, band, &epilogue, parallel_inside);
     };
-    if parallel_inside {
-        (0..input.batch * bands).for_each(task);
-    } else {
-        (0..input.batch * bands).into_par_iter().for_each(task);
-    }
     // SAFETY: the bands cover every tile row of every image, and each writes all the output
     // rows and columns its tiles cover.
-    unsafe { data.set_len(input.batch * out_len) };
-    FeatureMap {
-        data,
-        batch: input.batch,
-        channels: out_channels,
-        height,
-        width,
+    unsafe {
+        FeatureMap::filled_by(input.batch, out_channels, height, width, |out| {
+            let task = |index: usize| task(out, index);
+            if parallel_inside {
+                (0..input.batch * bands).for_each(task);
+            } else {
+                (0..input.batch * bands).into_par_iter().for_each(task);
+            }
+        })
     }
 }
