@@ -225,7 +225,13 @@ fn strided_stem_convolution_matches_burn_with_same_padding() {
 #[test]
 fn depthwise_matches_burn_with_same_padding() {
     for (kernel, stride) in [(3, 1), (3, 2), (5, 1), (5, 2)] {
-        for [batch, channels, height, width] in [[1, 6, 9, 13], [2, 4, 16, 16], [1, 3, 2, 5]] {
+        for [batch, channels, height, width] in [
+            [1, 6, 9, 13],
+            [2, 4, 16, 16],
+            [1, 3, 2, 5],
+            [2, 5, 7, 45],
+            [1, 3, 12, 66],
+        ] {
             let layer = Conv2dConfig::new([channels, channels], [kernel, kernel])
                 .with_stride([stride, stride])
                 .with_groups(channels)

@@ -106,55 +106,69 @@ impl Band {
 
 /// Fills `v` (`[in_channels, 16, tiles]`) with `Bᵀ d B` for every tile of the band and every
 /// channel of `image`, ReLU applied to the inputs first when `relu`.
+///
+/// Tiles start every two columns, so each input row is split into its even and odd padded
+/// columns first: the tile at `x` then reads `even[x], odd[x], even[x + 1], odd[x + 1]`, and
+/// every loop below runs over contiguous memory and vectorises.
 fn transform_inputs(image: &[f32], band: Band, relu: bool, v: &mut [f32], parallel: bool) {
     let (height, width, tiles_x) = (band.height, band.width, band.tiles_x);
     let tiles = band.tiles();
-    // The four input rows a tile row reads, with zero borders, and their column transform.
-    let padded_width = 2 * tiles_x + 2;
+    let split = tiles_x + 1;
     let channel = |(source, v): (&[f32], &mut [f32])| {
-        let mut padded = Scratch::take(4 * padded_width);
-        let mut mixed = Scratch::take(4 * padded_width);
+        // Rows 0..4 even columns, rows 0..4 odd columns; then the same after Bᵀ.
+        let mut columns = Scratch::take(8 * split);
+        let mut mixed = Scratch::take(8 * split);
         for tile_row in band.rows.0..band.rows.1 {
-            for (r, row) in padded.chunks_exact_mut(padded_width).enumerate() {
-                row.fill(0.0);
+            let (evens, odds) = columns.split_at_mut(4 * split);
+            for r in 0..4 {
+                let even = &mut evens[r * split..(r + 1) * split];
+                let odd = &mut odds[r * split..(r + 1) * split];
+                even.fill(0.0);
+                odd.fill(0.0);
                 let y = (2 * tile_row + r).wrapping_sub(1);
                 if y < height {
-                    let src = &source[y * width..(y + 1) * width];
-                    let inside = &mut row[1..=width];
-                    if relu {
-                        inside
-                            .iter_mut()
-                            .zip(src)
-                            .for_each(|(d, s)| *d = s.max(0.0));
-                    } else {
-                        inside.copy_from_slice(src);
+                    // Padded column 2i is input column 2i - 1, padded column 2i + 1 is 2i.
+                    let pairs = source[y * width..(y + 1) * width].chunks_exact(2);
+                    if let [last] = pairs.remainder() {
+                        odd[width / 2] = *last;
+                    }
+                    for (pair, (o, e)) in pairs.zip(odd.iter_mut().zip(&mut even[1..])) {
+                        *o = pair[0];
+                        *e = pair[1];
                     }
                 }
             }
-            // Bᵀ d: down the columns, every tile of the row at once.
-            let (p0, rest) = padded.split_at(padded_width);
-            let (p1, rest) = rest.split_at(padded_width);
-            let (p2, p3) = rest.split_at(padded_width);
-            let (m0, rest) = mixed.split_at_mut(padded_width);
-            let (m1, rest) = rest.split_at_mut(padded_width);
-            let (m2, m3) = rest.split_at_mut(padded_width);
-            for x in 0..padded_width {
-                [m0[x], m1[x], m2[x], m3[x]] = input_transform(p0[x], p1[x], p2[x], p3[x]);
+            if relu {
+                columns.iter_mut().for_each(|value| *value = value.max(0.0));
             }
-            // (Bᵀ d) B: along the rows, tiles two columns apart.
+            // Bᵀ d: down the columns.
+            for (input, output) in columns
+                .chunks_exact(4 * split)
+                .zip(mixed.chunks_exact_mut(4 * split))
+            {
+                let (p0, rest) = input.split_at(split);
+                let (p1, rest) = rest.split_at(split);
+                let (p2, p3) = rest.split_at(split);
+                let (m0, rest) = output.split_at_mut(split);
+                let (m1, rest) = rest.split_at_mut(split);
+                let (m2, m3) = rest.split_at_mut(split);
+                for x in 0..split {
+                    [m0[x], m1[x], m2[x], m3[x]] = input_transform(p0[x], p1[x], p2[x], p3[x]);
+                }
+            }
+            // (Bᵀ d) B: along the rows.
             let first_tile = (tile_row - band.rows.0) * tiles_x;
-            for (r, row) in mixed.chunks_exact(padded_width).enumerate() {
-                let [v0, v1, v2, v3] = [0, 1, 2, 3].map(|c| {
-                    let start = (r * 4 + c) * tiles + first_tile;
-                    start..start + tiles_x
-                });
-                for tile_x in 0..tiles_x {
-                    let x = 2 * tile_x;
-                    let t = input_transform(row[x], row[x + 1], row[x + 2], row[x + 3]);
-                    v[v0.start + tile_x] = t[0];
-                    v[v1.start + tile_x] = t[1];
-                    v[v2.start + tile_x] = t[2];
-                    v[v3.start + tile_x] = t[3];
+            let (evens, odds) = mixed.split_at(4 * split);
+            let mut positions = v.chunks_exact_mut(tiles);
+            for r in 0..4 {
+                let even = &evens[r * split..(r + 1) * split];
+                let odd = &odds[r * split..(r + 1) * split];
+                let mut next =
+                    || &mut positions.next().expect("16 positions")[first_tile..][..tiles_x];
+                let (v0, v1, v2, v3) = (next(), next(), next(), next());
+                for x in 0..tiles_x {
+                    [v0[x], v1[x], v2[x], v3[x]] =
+                        input_transform(even[x], odd[x], even[x + 1], odd[x + 1]);
                 }
             }
         }
@@ -183,47 +197,51 @@ struct Epilogue<'a> {
 
 /// `Aᵀ M A` for every tile of the band, from `m` (`[out_channels, 16, tiles]`), plus bias and
 /// residuals, through the activation, written into the band's output rows.
+///
+/// The transform writes each output row's even and odd columns to separate arrays (contiguous,
+/// so it vectorises); one interleaving pass then lays them out as a row for the epilogue.
 fn transform_outputs(m: &[f32], band: Band, epilogue: &Epilogue, parallel: bool) {
     let (height, width, tiles_x) = (band.height, band.width, band.tiles_x);
     let tiles = band.tiles();
     let plane = height * width;
     let channel = |(out_channel, m): (usize, &[f32])| {
-        // Two output rows per tile row, two columns per tile.
-        let mut rows = Scratch::take(2 * 2 * tiles_x);
+        // Even and odd columns of the tile row's two output rows, then one interleaved row.
+        let mut halves = Scratch::take(4 * tiles_x);
+        let mut row = Scratch::take(2 * tiles_x);
         let bias = epilogue.bias[out_channel];
         for tile_row in band.rows.0..band.rows.1 {
             let first_tile = (tile_row - band.rows.0) * tiles_x;
-            let at = |position: usize| &m[position * tiles + first_tile..][..tiles_x];
-            let products: [&[f32]; POSITIONS] = std::array::from_fn(at);
-            let (y0, y1) = rows.split_at_mut(2 * tiles_x);
-            for tile_x in 0..tiles_x {
-                let p = |position: usize| products[position][tile_x];
+            let p: [&[f32]; POSITIONS] =
+                std::array::from_fn(|position| &m[position * tiles + first_tile..][..tiles_x]);
+            let (even0, rest) = halves.split_at_mut(tiles_x);
+            let (odd0, rest) = rest.split_at_mut(tiles_x);
+            let (even1, odd1) = rest.split_at_mut(tiles_x);
+            for x in 0..tiles_x {
                 // Aᵀ M down the columns, then along the rows.
-                let columns: [[f32; 2]; 4] =
-                    std::array::from_fn(|c| output_transform(p(c), p(4 + c), p(8 + c), p(12 + c)));
-                [y0[2 * tile_x], y0[2 * tile_x + 1]] =
-                    output_transform(columns[0][0], columns[1][0], columns[2][0], columns[3][0]);
-                [y1[2 * tile_x], y1[2 * tile_x + 1]] =
-                    output_transform(columns[0][1], columns[1][1], columns[2][1], columns[3][1]);
+                let [a0, a1] = output_transform(p[0][x], p[4][x], p[8][x], p[12][x]);
+                let [b0, b1] = output_transform(p[1][x], p[5][x], p[9][x], p[13][x]);
+                let [c0, c1] = output_transform(p[2][x], p[6][x], p[10][x], p[14][x]);
+                let [d0, d1] = output_transform(p[3][x], p[7][x], p[11][x], p[15][x]);
+                [even0[x], odd0[x]] = output_transform(a0, b0, c0, d0);
+                [even1[x], odd1[x]] = output_transform(a1, b1, c1, d1);
             }
-            for (i, values) in [&*y0, &*y1].into_iter().enumerate() {
+            for (i, (even, odd)) in [(&*even0, &*odd0), (&*even1, &*odd1)]
+                .into_iter()
+                .enumerate()
+            {
                 let y = 2 * tile_row + i;
                 if y >= height {
                     break;
                 }
+                for (pair, (e, o)) in row.chunks_exact_mut(2).zip(even.iter().zip(odd)) {
+                    pair[0] = *e;
+                    pair[1] = *o;
+                }
+                let values = &row[..width];
                 let start = out_channel * plane + y * width;
                 // SAFETY: row `y` of plane `out_channel` is inside the image, and only this
                 // channel's task writes it.
-                let target = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        epilogue
-                            .out
-                            .get()
-                            .add(start)
-                            .cast::<std::mem::MaybeUninit<f32>>(),
-                        width,
-                    )
-                };
+                let target = unsafe { epilogue.out.uninit(start, width) };
                 let activation = epilogue.activation;
                 match epilogue.residuals.as_slice() {
                     [] => {
