@@ -42,11 +42,18 @@ impl WinogradConv {
             Some(bias) => tensor_values(bias.into_value()),
             None => vec![0.0; out_channels],
         };
+        // Transformed in parallel (this runs at start-up, before the port is bound), then laid
+        // out position by position.
+        let transformed: Vec<[f32; POSITIONS]> =
+            filters.par_chunks_exact(9).map(transform_filter).collect();
+        drop(filters);
         let mut weights = vec![0.0; POSITIONS * out_channels * in_channels];
-        for (pair, g) in filters.chunks_exact(9).enumerate() {
-            let (out, input) = (pair / in_channels, pair % in_channels);
-            for (position, u) in transform_filter(g).into_iter().enumerate() {
-                weights[(position * out_channels + out) * in_channels + input] = u;
+        for (position, matrix) in weights
+            .chunks_exact_mut(out_channels * in_channels)
+            .enumerate()
+        {
+            for (value, filter) in matrix.iter_mut().zip(&transformed) {
+                *value = filter[position];
             }
         }
         Self {
