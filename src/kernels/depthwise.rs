@@ -3,13 +3,14 @@
 //!
 //! Each output row accumulates `kernel * kernel` scaled input rows; the range of output columns
 //! whose taps fall inside the image is computed once per tap, so the inner loop has no bounds
-//! tests and, at stride 1, runs over contiguous memory.
+//! tests and runs over contiguous memory (at stride 2, over the plane's even or odd columns).
 
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 
 use super::conv::fold_batch_norm;
+use super::scratch::Scratch;
 use super::{Activation, FeatureMap, SharedOut, same, tensor_values};
 
 /// A depthwise convolution and its BatchNorm, packed.
@@ -72,9 +73,25 @@ pub fn depthwise(input: &FeatureMap, conv: &PackedDepthwise, activation: Activat
         .map(|kx| valid_columns(out_width, width, kx, pad_left, stride))
         .collect();
     let out_plane_len = out_height * out_width;
+    // At stride 2 the taps of consecutive outputs are two columns apart: the plane is split
+    // into its even and odd columns first (its phases), so every tap reads a contiguous run.
+    let phase_width = width.div_ceil(stride);
     let plane_task = |out: SharedOut, index: usize| {
         let channel = index % channels;
         let plane = &input.data[index * height * width..(index + 1) * height * width];
+        let split = (stride > 1).then(|| {
+            let mut split = Scratch::take(stride * height * phase_width);
+            for (phase, rows) in split.chunks_exact_mut(height * phase_width).enumerate() {
+                let rows = rows.chunks_exact_mut(phase_width);
+                for (target, row) in rows.zip(plane.chunks_exact(width)) {
+                    target.fill(0.0);
+                    let values = row.iter().skip(phase).step_by(stride);
+                    target.iter_mut().zip(values).for_each(|(t, v)| *t = *v);
+                }
+            }
+            split
+        });
+        let phases = split.as_deref().unwrap_or(plane);
         let filter = &conv.weights[channel * kernel * kernel..(channel + 1) * kernel * kernel];
         // SAFETY: plane `index` of the output is this task's alone.
         let out_plane =
@@ -85,25 +102,18 @@ pub fn depthwise(input: &FeatureMap, conv: &PackedDepthwise, activation: Activat
                 if iy < pad_top || iy - pad_top >= height {
                     continue;
                 }
-                let row = &plane[(iy - pad_top) * width..(iy - pad_top + 1) * width];
+                let y = iy - pad_top;
                 for (kx, &(first, end)) in columns.iter().enumerate() {
                     if first == end {
                         continue;
                     }
                     let weight = filter[ky * kernel + kx];
+                    // Input column of output `first`, as (phase, column within the phase).
                     let start = first * stride + kx - pad_left;
-                    if stride == 1 {
-                        let source = &row[start..start + (end - first)];
-                        for (o, s) in out_row[first..end].iter_mut().zip(source) {
-                            *o += weight * s;
-                        }
-                    } else {
-                        for (o, s) in out_row[first..end]
-                            .iter_mut()
-                            .zip(row[start..].iter().step_by(stride))
-                        {
-                            *o += weight * s;
-                        }
+                    let row = &phases[((start % stride) * height + y) * phase_width..];
+                    let source = &row[start / stride..start / stride + (end - first)];
+                    for (o, s) in out_row[first..end].iter_mut().zip(source) {
+                        *o += weight * s;
                     }
                 }
             }

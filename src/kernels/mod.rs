@@ -1,12 +1,13 @@
-//! CPU kernels for the network on Burn's CPU backends: dense 3x3 and 1x1 convolutions,
-//! depthwise convolutions and x2 bilinear upsampling, over Burn's tensor data.
+//! CPU kernels for the network on Burn's CPU backends: dense 3x3 (Winograd), 1x1 and strided
+//! convolutions, depthwise convolutions and x2 bilinear upsampling, over Burn's tensor data.
 //!
 //! Burn's CPU convolution re-lays out its input to NHWC, re-packs the weights and builds im2col
 //! tiles on every call; BatchNorm and activations are separate passes; its bilinear resize is
-//! not separable. Here the weights are packed once at load ([`PackedConv`], [`PackedDepthwise`])
-//! with BatchNorm folded in, activations stay in Burn's NCHW layout, bias, residual additions
-//! and activations are fused into the kernel that produces them, and dense convolutions run as
-//! cache-sized bands of rows over the `gemm` crate (the same GEMM Burn's `flex` backend uses).
+//! not separable. Here the weights are packed once at load ([`PackedConv`], [`WinogradConv`],
+//! [`PackedDepthwise`]) with BatchNorm folded in, activations stay in Burn's NCHW layout, bias,
+//! residual additions and activations are fused into the kernel that produces them, outputs are
+//! written without a zeroing pass, working buffers are reused, and the products run as
+//! cache-sized bands over the `gemm` crate (the same GEMM Burn's `flex` backend uses).
 //! [`CpuEncoder`] and [`CpuDecoder`] run MiDaS on these kernels; the Burn modules stay the
 //! network's definition, what the weights load into, and the path used on GPUs.
 

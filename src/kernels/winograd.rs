@@ -6,7 +6,8 @@
 //! 16 GEMMs `M[ξ] = U[ξ] · V[ξ]` of `[out, in] x [in, tiles]`, and `Aᵀ M A` gives the outputs.
 //! That is 16 multiplications per 4 outputs and input channel instead of 36: 2.25x fewer than
 //! im2col's GEMM, for transforms made of additions. Tiles are processed in bands of tile rows
-//! sized to stay in cache, like [`super::conv3x3`]'s im2col bands.
+//! sized to stay in cache, so the transformed inputs (four times the input's size) and the
+//! products never leave it.
 
 use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
