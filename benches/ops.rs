@@ -1,15 +1,16 @@
-//! The decoder's operations one by one, Burn's CPU ops (`flex`) next to [`midas_serve::kernels`],
-//! at the shapes a 256x256 input gives them. `cargo bench --bench ops`.
+//! The network's operations one by one, Burn's CPU ops (`flex`) next to
+//! [`midas_serve::kernels`], at the shapes a 256x256 input gives them. `cargo bench --bench ops`.
 
-use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2dConfig;
+use burn::nn::{BatchNormConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use midas_serve::kernels::{
-    Activation, FeatureMap, PackedConv, WinogradConv, conv1x1, upsample2x, winograd3x3,
+    Activation, FeatureMap, PackedConv, PackedDepthwise, WinogradConv, conv1x1, depthwise,
+    upsample2x, winograd3x3,
 };
 
 /// (in channels, out channels, side): the 3x3 convolutions of the four decoder levels and the
@@ -21,6 +22,16 @@ const CONV3X3: [(usize, usize, usize); 6] = [
     (64, 64, 64),
     (64, 32, 128),
     (32, 32, 256),
+];
+
+/// (channels, input side, kernel, stride): encoder depthwise convolutions, from the widest map
+/// to the deepest.
+const DEPTHWISE: [(usize, usize, usize, usize); 5] = [
+    (144, 128, 3, 2),
+    (192, 64, 3, 1),
+    (288, 32, 5, 1),
+    (816, 16, 5, 1),
+    (1392, 8, 5, 1),
 ];
 
 /// (channels, side) of the upsamplings.
@@ -61,6 +72,31 @@ fn ops(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("conv1x1/kernels", &id), &map, |b, map| {
             b.iter(|| conv1x1(map, &packed, Activation::Identity, &[]))
         });
+    }
+    for (channels, side, kernel, stride) in DEPTHWISE {
+        let layer = Conv2dConfig::new([channels, channels], [kernel, kernel])
+            .with_stride([stride, stride])
+            .with_groups(channels)
+            .with_padding(PaddingConfig2d::Same)
+            .with_bias(false)
+            .init(&device);
+        let norm = BatchNormConfig::new(channels).init(&device);
+        let packed = PackedDepthwise::from_conv_bn(layer.clone(), norm.clone());
+        let x = random([1, channels, side, side], &device);
+        let map = FeatureMap::from_tensor(x.clone());
+        let id = format!("{channels}-k{kernel}s{stride}@{side}");
+        group.bench_with_input(BenchmarkId::new("depthwise/burn", &id), &x, |b, x| {
+            b.iter(|| {
+                norm.forward(layer.forward(x.clone()))
+                    .clamp(0.0, 6.0)
+                    .into_data()
+            })
+        });
+        group.bench_with_input(
+            BenchmarkId::new("depthwise/kernels", &id),
+            &map,
+            |b, map| b.iter(|| depthwise(map, &packed, Activation::Relu6)),
+        );
     }
     for (channels, side) in UPSAMPLE {
         let x = random([1, channels, side, side], &device);

@@ -69,10 +69,10 @@ impl WinogradConv {
 /// `G g Gᵀ` for one 3x3 filter `g` (row-major), with
 /// `G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]]`; computed in f64, rounded once.
 fn transform_filter(g: &[f32]) -> [f32; POSITIONS] {
-    let g: Vec<f64> = g.iter().map(|&v| f64::from(v)).collect();
+    let g: [f64; 9] = std::array::from_fn(|i| f64::from(g[i]));
     let apply = |a: f64, b: f64, c: f64| [a, (a + b + c) / 2.0, (a - b + c) / 2.0, c];
     // G g: 4 rows of 3, built column by column.
-    let columns: Vec<[f64; 4]> = (0..3).map(|x| apply(g[x], g[3 + x], g[6 + x])).collect();
+    let columns: [[f64; 4]; 3] = std::array::from_fn(|x| apply(g[x], g[3 + x], g[6 + x]));
     let mut u = [0.0; POSITIONS];
     for row in 0..4 {
         let transformed = apply(columns[0][row], columns[1][row], columns[2][row]);
