@@ -1,6 +1,7 @@
 //! Every stage around the forward pass, at 640x480 and 1920x1080 (JPEG uploads made from a test
 //! photo): decode, pre-process (resize + normalise), post-process (colourise + resize back) and
-//! PNG encoding. `cargo bench --bench pipeline`.
+//! PNG encoding; and the PNG's size against its encoding time at each zlib level the `png` crate
+//! offers. `cargo bench --bench pipeline`.
 
 #[path = "support/photo.rs"]
 mod photo;
@@ -9,6 +10,14 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use midas_serve::pipeline::{self, Colormap, DecodeLimits, DepthMap, PngChunks};
 
 const SIZES: [(u32, u32); 2] = [(640, 480), (1920, 1080)];
+/// The `png` crate's levels, for the README's size-against-time table.
+const LEVELS: [(&str, png::Compression); 5] = [
+    ("none", png::Compression::NoCompression),
+    ("fastest", png::Compression::Fastest),
+    ("fast", png::Compression::Fast),
+    ("balanced", png::Compression::Balanced),
+    ("high", png::Compression::High),
+];
 const LIMITS: DecodeLimits = DecodeLimits {
     max_pixels: 50_000_000,
 };
@@ -75,5 +84,37 @@ fn stages(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, stages);
+/// One colourised depth map, resized to the upload's size, encoded whole at `level`.
+fn encode_at(pixels: &[u8], width: u32, height: u32, level: png::Compression) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.set_compression(level);
+    let mut writer = encoder.write_header().unwrap();
+    writer.write_image_data(pixels).unwrap();
+    writer.finish().unwrap();
+    out
+}
+
+fn png_levels(c: &mut Criterion) {
+    let mut group = c.benchmark_group("png-level");
+    group.sample_size(20);
+    for (width, height) in SIZES {
+        let map = depth(width, height);
+        let coloured = pipeline::colourise(&map, Colormap::Inferno);
+        let pixels =
+            pipeline::resize_rgb(coloured, (map.width, map.height), (width, height)).unwrap();
+        for (name, level) in LEVELS {
+            let bytes = encode_at(&pixels, width, height, level).len();
+            println!("png-level/{name}/{width}x{height}: {bytes} bytes");
+            group.bench_function(BenchmarkId::new(name, format!("{width}x{height}")), |b| {
+                b.iter(|| encode_at(&pixels, width, height, level))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, stages, png_levels);
 criterion_main!(benches);
