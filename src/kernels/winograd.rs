@@ -43,20 +43,26 @@ impl WinogradConv {
             Some(bias) => tensor_values(bias.into_value()),
             None => vec![0.0; out_channels],
         };
-        // Transformed in parallel (this runs at start-up, before the port is bound), then laid
-        // out position by position.
-        let transformed: Vec<[f32; POSITIONS]> =
-            filters.par_chunks_exact(9).map(transform_filter).collect();
-        drop(filters);
-        let mut weights = vec![0.0; POSITIONS * out_channels * in_channels];
-        for (position, matrix) in weights
-            .chunks_exact_mut(out_channels * in_channels)
+        // This runs at start-up, before the port is bound: one parallel pass, each output
+        // channel's filters transformed and written straight to their 16 places.
+        let matrix = out_channels * in_channels;
+        let mut weights = Vec::with_capacity(POSITIONS * matrix);
+        let out = SharedOut(weights.as_mut_ptr());
+        filters
+            .par_chunks_exact(9 * in_channels)
             .enumerate()
-        {
-            for (value, filter) in matrix.iter_mut().zip(&transformed) {
-                *value = filter[position];
-            }
-        }
+            .for_each(|(channel, filters)| {
+                for (input, filter) in filters.chunks_exact(9).enumerate() {
+                    let offset = channel * in_channels + input;
+                    for (position, value) in transform_filter(filter).into_iter().enumerate() {
+                        // SAFETY: (position, channel, input) is written by this task alone,
+                        // once, inside the buffer of `POSITIONS * matrix` values.
+                        unsafe { out.get().add(position * matrix + offset).write(value) };
+                    }
+                }
+            });
+        // SAFETY: every (position, channel, input) was written above.
+        unsafe { weights.set_len(POSITIONS * matrix) };
         Self {
             weights,
             bias,

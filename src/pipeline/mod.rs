@@ -15,6 +15,8 @@ pub use infer::{DepthModel, InferenceError};
 pub use postprocess::{DepthMap, ResizeError, colour_indices, colourise, depth16, resize_rgb};
 pub use preprocess::{NET_SIZE, NetInput, preprocess, target_size};
 
+use std::time::Instant;
+
 use bytes::Bytes;
 
 use crate::backend::{Backend, BackendError};
@@ -136,7 +138,12 @@ impl Pipeline {
                 "weights loaded"
             );
         }
+        let packing = Instant::now();
         let model = DepthModel::new(model, backend.device.clone());
+        tracing::info!(
+            ms = packing.elapsed().as_millis() as u64,
+            "model ready (on CPU: BatchNorm folded, filters packed for the kernels)"
+        );
         Ok(Self {
             model,
             backend,
