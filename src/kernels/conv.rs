@@ -12,7 +12,7 @@ use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 
 use super::scratch::Scratch;
-use super::{Activation, FeatureMap, SharedOut, same, tensor_values};
+use super::{Activation, Bands, FeatureMap, SharedOut, same, tensor_values};
 
 /// Input and output bytes per band of pixels of a 1x1 convolution: a core's L2 cache.
 const BAND_BYTES: usize = 1 << 20;
@@ -200,15 +200,15 @@ pub fn conv1x1(
     let plane = input.plane();
     let out_len = conv.out_channels * plane;
     let per_pixel = 4 * (conv.in_channels + conv.out_channels);
-    let band = (BAND_BYTES / per_pixel).next_multiple_of(16).min(plane);
-    let bands = plane.div_ceil(band);
-    let threads = rayon::current_num_threads();
-    // Too few bands to keep every thread busy: one band per image, and the GEMM in parallel.
-    let (band, bands, parallel_gemm) = if input.batch * bands < 2 * threads {
-        (plane, 1, true)
-    } else {
-        (band, bands, false)
-    };
+    let Bands {
+        size: band,
+        count: bands,
+        parallel_inside: parallel_gemm,
+    } = Bands::split(
+        input.batch,
+        plane,
+        (BAND_BYTES / per_pixel).next_multiple_of(16).min(plane),
+    );
     let task = |out: SharedOut, index: usize| {
         let (image, band_index) = (index / bands, index % bands);
         let range = (band_index * band, ((band_index + 1) * band).min(plane));

@@ -187,6 +187,38 @@ impl SharedOut {
     }
 }
 
+/// How a kernel splits each image's `units` (pixels, tile rows) into cache-sized bands.
+#[derive(Clone, Copy)]
+struct Bands {
+    /// Units per band.
+    size: usize,
+    /// Bands per image.
+    count: usize,
+    /// True when there are too few bands to keep every thread busy: then each image is one
+    /// band and the work inside it runs in parallel instead.
+    parallel_inside: bool,
+}
+
+impl Bands {
+    /// Bands of `size` units (`size` ≥ 1) over `units` per image, for `batch` images.
+    fn split(batch: usize, units: usize, size: usize) -> Self {
+        let count = units.div_ceil(size);
+        if batch * count < 2 * rayon::current_num_threads() {
+            Self {
+                size: units,
+                count: 1,
+                parallel_inside: true,
+            }
+        } else {
+            Self {
+                size,
+                count,
+                parallel_inside: false,
+            }
+        }
+    }
+}
+
 /// TensorFlow's SAME rule for one axis: output length and padding before the first input.
 fn same(length: usize, kernel: usize, stride: usize) -> (usize, usize) {
     let out = length.div_ceil(stride);

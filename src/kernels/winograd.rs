@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::conv::gemm;
 use super::scratch::Scratch;
-use super::{Activation, FeatureMap, SharedOut, tensor_values};
+use super::{Activation, Bands, FeatureMap, SharedOut, tensor_values};
 
 /// Positions in a transformed 4x4 tile: one GEMM each.
 const POSITIONS: usize = 16;
@@ -302,15 +302,15 @@ pub fn winograd3x3(
     let (height, width) = (input.height, input.width);
     let (tiles_y, tiles_x) = (height.div_ceil(2), width.div_ceil(2));
     let row_bytes = POSITIONS * (channels + out_channels) * tiles_x * 4;
-    let band_rows = (BAND_BYTES / row_bytes).clamp(1, tiles_y);
-    let bands = tiles_y.div_ceil(band_rows);
-    let threads = rayon::current_num_threads();
-    // Too few bands to keep every thread busy: one band per image, parallel inside it.
-    let (band_rows, bands, parallel_inside) = if input.batch * bands < 2 * threads {
-        (tiles_y, 1, true)
-    } else {
-        (band_rows, bands, false)
-    };
+    let Bands {
+        size: band_rows,
+        count: bands,
+        parallel_inside,
+    } = Bands::split(
+        input.batch,
+        tiles_y,
+        (BAND_BYTES / row_bytes).clamp(1, tiles_y),
+    );
 
     let out_len = out_channels * height * width;
     let task = |out: SharedOut, index: usize| {
