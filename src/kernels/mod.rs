@@ -188,7 +188,6 @@ impl SharedOut {
 }
 
 /// How a kernel splits each image's `units` (pixels, tile rows) into cache-sized bands.
-#[derive(Clone, Copy)]
 struct Bands {
     /// Units per band.
     size: usize,

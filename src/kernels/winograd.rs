@@ -51,8 +51,8 @@ impl WinogradConv {
         filters
             .par_chunks_exact(9 * in_channels)
             .enumerate()
-            .for_each(|(channel, filters)| {
-                for (input, filter) in filters.chunks_exact(9).enumerate() {
+            .for_each(|(channel, channel_filters)| {
+                for (input, filter) in channel_filters.chunks_exact(9).enumerate() {
                     let offset = channel * in_channels + input;
                     for (position, value) in transform_filter(filter).into_iter().enumerate() {
                         // SAFETY: (position, channel, input) is written by this task alone,
