@@ -12,54 +12,13 @@ mod server;
 #[path = "support/photo.rs"]
 mod photo;
 
-use std::time::{Duration, Instant};
+#[path = "support/clients.rs"]
+mod clients;
 
-use server::{Server, predict};
+use std::time::Instant;
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-struct Run {
-    latencies: Vec<f64>,
-    seconds: f64,
-}
-
-/// `clients` threads send the upload back to back for `seconds`.
-fn run(server: &Server, upload: &[u8], clients: usize, seconds: f64) -> Run {
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs_f64(seconds);
-    let mut latencies: Vec<f64> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..clients)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut own = Vec::new();
-                    while Instant::now() < deadline {
-                        let start = Instant::now();
-                        let response = predict(server, "photo.jpg", upload, "");
-                        assert_eq!(
-                            response.status,
-                            200,
-                            "{}",
-                            String::from_utf8_lossy(&response.body)
-                        );
-                        own.push(start.elapsed().as_secs_f64() * 1000.0);
-                    }
-                    own
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
-    });
-    latencies.sort_by(f64::total_cmp);
-    Run {
-        latencies,
-        seconds: started.elapsed().as_secs_f64(),
-    }
-}
+use clients::{percentile, run};
+use server::Server;
 
 /// Time from spawning the server to its "listening" line, with weights in `.bpk` form.
 fn time_to_ready(backend: &str) -> f64 {
@@ -130,7 +89,7 @@ fn main() {
                     "| {backend} | {width}x{height} | {clients} | {count} | {:.0} | {:.0} | {:.1} |",
                     percentile(&result.latencies, 0.5),
                     percentile(&result.latencies, 0.99),
-                    count as f64 / result.seconds,
+                    result.per_second(),
                 );
             }
         }

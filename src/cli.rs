@@ -1,10 +1,11 @@
-//! The `forward` and `predict` subcommands (`serve` lives in the library's server module).
+//! The `forward`, `predict` and `batch` subcommands (`serve` lives in the library's server
+//! module, and `batch`'s work in its batch module).
 
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
-use midas_serve::config::{Command, ForwardArgs, PredictArgs};
+use midas_serve::config::{BatchArgs, Command, ForwardArgs, PredictArgs};
 use midas_serve::pipeline::{DecodeLimits, Pipeline, RenderOptions};
 use npyz::WriterBuilder;
 
@@ -17,7 +18,22 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Forward(args) => runtime.block_on(forward(args)),
         Command::Predict(args) => runtime.block_on(predict(args)),
         Command::Serve(args) => Ok(runtime.block_on(midas_serve::server::run(*args))?),
+        Command::Batch(args) => runtime.block_on(batch(*args)),
     }
+}
+
+/// Runs one batch task; prints its summary as JSON on stdout. Fails (so that a Cloud Run job
+/// retries the task) when an input met a transient failure; refused inputs do not fail it.
+async fn batch(args: BatchArgs) -> anyhow::Result<()> {
+    let summary = midas_serve::batch::run(&args).await?;
+    println!("{}", serde_json::to_string(&summary)?);
+    ensure!(
+        summary.complete(),
+        "{} inputs met a transient failure and {} were not started: rerun the task to finish them (done ones are skipped)",
+        summary.transient,
+        summary.not_started
+    );
+    Ok(())
 }
 
 /// Reads a float32 `.npy` file.
@@ -72,6 +88,7 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
             };
             let summary = serde_json::json!({
                 "backend": pipeline.backend.kind.name(),
+                "model": args.model.architecture.name(),
                 "shape": shape,
                 "runs": runs,
                 "median_ms": median,

@@ -42,6 +42,9 @@ pub enum Command {
     Predict(PredictArgs),
     /// Serve the HTTP API.
     Serve(Box<ServeArgs>),
+    /// Write the depth map of every image under a directory or bucket prefix, as one task of
+    /// a sharded job (a Cloud Run job's tasks share the work by CLOUD_RUN_TASK_INDEX/COUNT).
+    Batch(Box<BatchArgs>),
 }
 
 /// Which model runs, and where.
@@ -60,12 +63,45 @@ pub struct ModelArgs {
     /// for none).
     #[arg(long, env = "MIDAS_KEY_PREFIX")]
     pub key_prefix: Option<String>,
+    /// The network. The weights' keys must match it (there is one architecture so far).
+    #[arg(
+        long = "model",
+        env = "MIDAS_MODEL",
+        default_value = "midas_v21_small_256"
+    )]
+    pub architecture: Architecture,
     /// Backend that runs the network.
     #[arg(long, env = "MIDAS_BACKEND", default_value_t = default_backend())]
     pub backend: BackendKind,
     /// Directory for downloaded weights [default: $XDG_CACHE_HOME/midas-serve or ~/.cache/midas-serve].
     #[arg(long, env = "MIDAS_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+}
+
+/// The networks midas-serve runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Architecture {
+    /// MiDaS v2.1 small: EfficientNet-Lite3 encoder, 21 M parameters, 256 px input.
+    #[value(name = "midas_v21_small_256")]
+    MidasV21Small256,
+}
+
+impl Architecture {
+    /// The name `--model` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MidasV21Small256 => "midas_v21_small_256",
+        }
+    }
+}
+
+/// How an image becomes the network's input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Transform {
+    /// The model's official MiDaS transform (keep aspect, 256 on the shorter side rounded to
+    /// a multiple of 32, bicubic, ImageNet normalisation).
+    #[default]
+    Upstream,
 }
 
 /// A weights location, or none for an empty value.
@@ -216,6 +252,77 @@ impl ServeArgs {
         Duration::from_secs(self.grace_period_secs)
     }
 
+    /// `--store-timeout-secs` as a duration.
+    pub fn store_timeout(&self) -> Duration {
+        Duration::from_secs(self.store_timeout_secs)
+    }
+}
+
+/// `midas-serve batch`.
+#[derive(Args, Debug, Clone)]
+pub struct BatchArgs {
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Images to read: a directory or gs://BUCKET[/PREFIX], listed recursively (files with a
+    /// .jpg/.jpeg/.png/.webp extension).
+    #[arg(long, env = "MIDAS_BATCH_INPUT")]
+    pub input: String,
+    /// Where results go: a directory or gs://BUCKET[/PREFIX]. `a/b.jpg` under the input becomes
+    /// `a/b.png` (or the format's extension) here; each task's manifest goes to `_manifests/`.
+    #[arg(long, env = "MIDAS_BATCH_OUTPUT")]
+    pub output: String,
+    /// Pre-processing of each image.
+    #[arg(long, env = "MIDAS_TRANSFORM", default_value = "upstream")]
+    pub transform: Transform,
+    /// Colour map of the PNG output.
+    #[arg(long, env = "MIDAS_COLORMAP", default_value = "inferno")]
+    pub colormap: Colormap,
+    /// Output: colourised PNG, 16-bit grey PNG or raw float32 .npy.
+    #[arg(long, env = "MIDAS_FORMAT", default_value = "png")]
+    pub format: OutputFormat,
+    /// This task's number, from 0 (Cloud Run jobs set CLOUD_RUN_TASK_INDEX).
+    #[arg(long, env = "CLOUD_RUN_TASK_INDEX", default_value_t = 0)]
+    pub task_index: usize,
+    /// How many tasks share the input (Cloud Run jobs set CLOUD_RUN_TASK_COUNT).
+    #[arg(long, env = "CLOUD_RUN_TASK_COUNT", default_value_t = 1)]
+    pub task_count: usize,
+    /// Largest image, in pixels (width x height), checked on the header before decoding.
+    #[arg(long, env = "MIDAS_MAX_PIXELS", default_value_t = 24_000_000)]
+    pub max_pixels: u64,
+    /// Largest input file, in bytes; larger ones are recorded as refused without being read.
+    #[arg(long, env = "MIDAS_MAX_INPUT_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_input_bytes: u64,
+    /// MiB that files being read and decoded images in flight may hold together; the pipeline
+    /// waits rather than exceed it (an image larger than the whole budget runs alone).
+    #[arg(long, env = "MIDAS_BATCH_MEMORY_BUDGET", default_value_t = 512)]
+    pub memory_budget: u64,
+    /// Files read from the store at once.
+    #[arg(long, env = "MIDAS_BATCH_READERS", default_value_t = 4)]
+    pub readers: usize,
+    /// Forward passes run at once, sharing the model and the CPU threads.
+    #[arg(long, env = "MIDAS_BATCH_WORKERS", default_value_t = 2)]
+    pub workers: usize,
+    /// Seconds a single storage call may take before it counts as failed.
+    #[arg(long, env = "MIDAS_STORE_TIMEOUT_SECS", default_value_t = 30)]
+    pub store_timeout_secs: u64,
+    /// Progress display: a bar on a terminal and JSON log lines otherwise (`auto`), or either.
+    #[arg(long, env = "MIDAS_PROGRESS", default_value = "auto")]
+    pub progress: ProgressMode,
+}
+
+/// How `batch` shows its progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProgressMode {
+    /// A bar when standard error is a terminal, log lines otherwise.
+    Auto,
+    /// A progress bar on standard error.
+    Bar,
+    /// A log line every few seconds.
+    Log,
+}
+
+impl BatchArgs {
     /// `--store-timeout-secs` as a duration.
     pub fn store_timeout(&self) -> Duration {
         Duration::from_secs(self.store_timeout_secs)

@@ -5,6 +5,7 @@
 //! [`backend`] picks the device, [`pipeline`] turns images into depth maps.
 
 pub mod backend;
+pub mod batch;
 pub mod config;
 pub mod kernels;
 pub mod model;

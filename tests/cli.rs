@@ -95,6 +95,7 @@ fn forward_writes_the_raw_output_and_times_it() {
         let summary: serde_json::Value =
             serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
         assert_eq!(summary["backend"], backend);
+        assert_eq!(summary["model"], "midas_v21_small_256");
         assert_eq!(summary["shape"], serde_json::json!([1, 3, 192, 256]));
         assert_eq!(summary["runs"], 3);
         let (median, min) = (

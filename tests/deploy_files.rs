@@ -106,6 +106,31 @@ fn cloudbuild_builds_pushes_and_deploys_one_image() {
         assert!(deploy.contains(flag), "deploy lacks {flag}");
     }
 
+    // The batch job: the same image, `midas-serve batch` as its command, every knob a
+    // substitution.
+    assert!(position("push") < position("deploy-job"), "{ids:?}");
+    let job = args("deploy-job");
+    assert!(
+        job.contains("gcloud run jobs deploy ${_JOB}")
+            && job.contains(&format!("--image={image}:$SHORT_SHA"))
+            && job.contains("--command=/usr/local/bin/midas-serve")
+            && job.contains("--args=batch"),
+        "{job}"
+    );
+    for flag in [
+        "--region=${_REGION}",
+        "--tasks=${_JOB_TASKS}",
+        "--parallelism=${_JOB_PARALLELISM}",
+        "--max-retries=${_JOB_MAX_RETRIES}",
+        "--task-timeout=${_JOB_TASK_TIMEOUT}",
+        "--memory=${_JOB_MEMORY}",
+        "--cpu=${_JOB_CPU}",
+        "MIDAS_BATCH_INPUT=gs://${_BUCKET}/${_JOB_INPUT}",
+        "MIDAS_BATCH_OUTPUT=gs://${_BUCKET}/${_JOB_OUTPUT}",
+    ] {
+        assert!(job.contains(flag), "the job step lacks {flag}");
+    }
+
     let images: Vec<&str> = config["images"]
         .as_sequence()
         .unwrap()

@@ -138,6 +138,7 @@ fn end_to_end_matches_the_reference() {
         weights: None,
         weights_sha256: None,
         key_prefix: None,
+        architecture: midas_serve::config::Architecture::MidasV21Small256,
         backend: midas_serve::backend::BackendKind::Flex,
         cache_dir: None,
     };

@@ -101,6 +101,20 @@ pub enum DecodeError {
     },
 }
 
+impl DecodeError {
+    /// The machine-readable name of the failure, as the API's error bodies and the batch
+    /// manifests give it.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::UnsupportedFormat => "unsupported_image",
+            Self::Truncated(_) => "truncated_image",
+            Self::TooManyPixels { .. } => "too_many_pixels",
+            Self::Empty { .. } => "empty_image",
+            Self::Corrupt { .. } => "corrupt_image",
+        }
+    }
+}
+
 fn classify(format: ImageFormat, error: image::ImageError) -> DecodeError {
     let message = error.to_string();
     match &error {

@@ -97,21 +97,16 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_extension")
             }
             Self::TypeMismatch { .. } => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "type_mismatch"),
-            Self::Image(DecodeError::UnsupportedFormat) => {
-                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_image")
-            }
-            Self::Image(DecodeError::TooManyPixels { .. }) => {
-                (StatusCode::PAYLOAD_TOO_LARGE, "too_many_pixels")
-            }
-            Self::Image(DecodeError::Truncated(_)) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "truncated_image")
-            }
-            Self::Image(DecodeError::Empty { .. }) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "empty_image")
-            }
-            Self::Image(DecodeError::Corrupt { .. }) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "corrupt_image")
-            }
+            Self::Image(error) => (
+                match error {
+                    DecodeError::UnsupportedFormat => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    DecodeError::TooManyPixels { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                    DecodeError::Truncated(_)
+                    | DecodeError::Empty { .. }
+                    | DecodeError::Corrupt { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                },
+                error.code(),
+            ),
             Self::BadQuery(_) => (StatusCode::BAD_REQUEST, "bad_query"),
             Self::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             Self::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),

@@ -12,6 +12,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use google_cloud_auth::credentials::{CacheableResource, Credentials};
 use google_cloud_gax::exponential_backoff::ExponentialBackoffBuilder;
 use google_cloud_gax::retry_policy::{RetryPolicy, RetryPolicyExt};
 use google_cloud_gax::retry_result::RetryResult;
@@ -37,12 +38,31 @@ fn unavailable(error: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(error.to_string())
 }
 
+/// The JSON API's host when no emulator is named.
+const DEFAULT_ENDPOINT: &str = "https://storage.googleapis.com";
+
+/// Objects per page of a listing (the API's maximum).
+const LIST_PAGE: &str = "1000";
+
 /// A configured Cloud Storage client.
 #[derive(Clone, Debug)]
 pub struct Client {
     storage: Storage,
+    /// The same credentials the storage client uses, for the listing calls made over the JSON
+    /// API: the crate lists objects only over gRPC, which the emulators do not serve.
+    credentials: Credentials,
+    http: reqwest::Client,
     timeout: Duration,
     endpoint: Option<String>,
+}
+
+/// An object found by [`Client::list`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListedObject {
+    /// Full object name in the bucket.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
 }
 
 impl Client {
@@ -74,10 +94,17 @@ impl Client {
                     format!("http://{host}")
                 }
             });
+        let credentials = match &endpoint {
+            Some(_) => google_cloud_auth::credentials::anonymous::Builder::new().build(),
+            None => google_cloud_auth::credentials::Builder::default()
+                .build()
+                .map_err(|e| {
+                    StoreError::Unavailable(format!("no Google Cloud credentials: {e}"))
+                })?,
+        };
+        builder = builder.with_credentials(credentials.clone());
         if let Some(endpoint) = &endpoint {
-            builder = builder.with_endpoint(endpoint.clone()).with_credentials(
-                google_cloud_auth::credentials::anonymous::Builder::new().build(),
-            );
+            builder = builder.with_endpoint(endpoint.clone());
         }
         let storage = tokio::time::timeout(timeout, builder.build())
             .await
@@ -85,11 +112,84 @@ impl Client {
             .map_err(|e| {
                 StoreError::Unavailable(format!("cannot create the Cloud Storage client: {e}"))
             })?;
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(unavailable)?;
         Ok(Self {
             storage,
+            credentials,
+            http,
             timeout,
             endpoint,
         })
+    }
+
+    /// Every object of `bucket` whose name starts with `prefix`, in the API's (lexicographic)
+    /// order, a page at a time; each page's request is bounded by the client's timeout.
+    pub async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ListedObject>, StoreError> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Page {
+            #[serde(default)]
+            items: Vec<Item>,
+            next_page_token: Option<String>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Item {
+            name: String,
+            // The JSON API sends 64-bit integers as strings.
+            size: String,
+        }
+        let endpoint = self.endpoint.as_deref().unwrap_or(DEFAULT_ENDPOINT);
+        let url = format!("{endpoint}/storage/v1/b/{bucket}/o");
+        let failed = |e: &dyn std::fmt::Display| {
+            StoreError::Unavailable(format!("listing gs://{bucket}/{prefix}: {e}"))
+        };
+        let mut objects = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let headers = match self.credentials.headers(http::Extensions::new()).await {
+                Ok(CacheableResource::New { data, .. }) => data,
+                Ok(CacheableResource::NotModified) => http::HeaderMap::new(),
+                Err(e) => return Err(failed(&e)),
+            };
+            let mut query = vec![
+                ("prefix", prefix),
+                ("maxResults", LIST_PAGE),
+                ("fields", "items(name,size),nextPageToken"),
+            ];
+            if let Some(token) = &token {
+                query.push(("pageToken", token));
+            }
+            let request = self.http.get(&url).headers(headers).query(&query).send();
+            let response = tokio::time::timeout(self.timeout, request)
+                .await
+                .map_err(|_| StoreError::Timeout(self.timeout))?
+                .map_err(|e| failed(&e))?;
+            let status = response.status();
+            if status == reqwest::StatusCode::NOT_FOUND {
+                return Err(StoreError::NotFound(format!("gs://{bucket}")));
+            }
+            if !status.is_success() {
+                return Err(failed(&format!("HTTP {status}")));
+            }
+            let page: Page = tokio::time::timeout(self.timeout, response.json())
+                .await
+                .map_err(|_| StoreError::Timeout(self.timeout))?
+                .map_err(|e| failed(&e))?;
+            for item in page.items {
+                let size = item.size.parse().map_err(|e| failed(&e))?;
+                objects.push(ListedObject {
+                    name: item.name,
+                    size,
+                });
+            }
+            match page.next_page_token {
+                Some(next) if !next.is_empty() => token = Some(next),
+                _ => return Ok(objects),
+            }
+        }
     }
 
     /// Opens an object for reading.
@@ -216,6 +316,62 @@ impl GcsStore {
             name.to_string()
         } else {
             format!("{}/{name}", self.prefix)
+        }
+    }
+
+    /// Every object under the prefix, named relative to it, in name order.
+    pub async fn list(&self) -> Result<Vec<ListedObject>, StoreError> {
+        let prefix = match self.prefix.as_str() {
+            "" => String::new(),
+            prefix => format!("{prefix}/"),
+        };
+        let mut objects = self.client.list(&self.bucket, &prefix).await?;
+        for object in &mut objects {
+            object.name.drain(..prefix.len());
+        }
+        objects.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(objects)
+    }
+
+    /// Reads object `name` (relative to the prefix) whole, refusing one above `max_bytes`
+    /// before reading its body.
+    pub async fn read(&self, name: &str, max_bytes: u64) -> Result<Bytes, StoreError> {
+        let object = self.object_name(name);
+        let mut reader = self.client.read(&self.bucket, &object).await?;
+        let size = reader.size().unwrap_or_default();
+        if size > max_bytes {
+            return Err(StoreError::TooLarge {
+                name: name.to_string(),
+                size,
+                limit: max_bytes,
+            });
+        }
+        let mut data = bytes::BytesMut::with_capacity(size as usize);
+        while let Some(chunk) = reader.next_chunk().await? {
+            data.extend_from_slice(&chunk);
+            if data.len() as u64 > max_bytes {
+                return Err(StoreError::TooLarge {
+                    name: name.to_string(),
+                    size: data.len() as u64,
+                    limit: max_bytes,
+                });
+            }
+        }
+        Ok(data.freeze())
+    }
+
+    /// Where `other` lies inside this store, as a name prefix, if it does.
+    pub fn prefix_of(&self, other: &GcsStore) -> Option<String> {
+        if self.bucket != other.bucket {
+            return None;
+        }
+        if self.prefix.is_empty() {
+            return Some(other.prefix.clone());
+        }
+        match other.prefix.strip_prefix(&self.prefix) {
+            Some("") => Some(String::new()),
+            Some(rest) => rest.strip_prefix('/').map(str::to_string),
+            None => None,
         }
     }
 

@@ -4,9 +4,14 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{Piece, StoreError};
+use super::{Listed, Piece, StoreError};
+
+/// How temporary files start: hidden, and recognisable as incomplete objects, which listings
+/// skip (a process killed mid-write leaves one behind, never a partial object under its name).
+pub const PARTIAL_PREFIX: &str = ".partial-";
 
 /// A directory holding objects as files (object names become relative paths).
 #[derive(Clone, Debug)]
@@ -30,9 +35,72 @@ impl LocalStore {
         Ok(Self { root })
     }
 
+    /// An existing directory, opened for reading only.
+    pub async fn existing(root: PathBuf) -> Result<Self, StoreError> {
+        match tokio::fs::metadata(&root).await {
+            Ok(metadata) if metadata.is_dir() => Ok(Self { root }),
+            Ok(_) => Err(StoreError::Unavailable(format!(
+                "{} is not a directory",
+                root.display()
+            ))),
+            Err(e) => Err(StoreError::Unavailable(format!("{}: {e}", root.display()))),
+        }
+    }
+
     /// The directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Every file below the root, recursively, as `/`-separated relative names in name order.
+    /// Temporary files, names that are not UTF-8 and symbolic links to directories (which could
+    /// loop) are left out.
+    pub async fn list(&self) -> Result<Vec<Listed>, StoreError> {
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut found = Vec::new();
+            walk(&root, "", &mut found)
+                .map_err(|e| StoreError::Unavailable(format!("listing {}: {e}", root.display())))?;
+            found.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(found)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+    }
+
+    /// Reads a file whole; one above `max_bytes` is refused on its size alone.
+    pub async fn read(&self, name: &str, max_bytes: u64) -> Result<Bytes, StoreError> {
+        let path = self.root.join(name);
+        let failed = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::NotFound => StoreError::NotFound(name.to_string()),
+            _ => StoreError::Unavailable(format!("{}: {e}", path.display())),
+        };
+        let size = tokio::fs::metadata(&path).await.map_err(failed)?.len();
+        if size > max_bytes {
+            return Err(StoreError::TooLarge {
+                name: name.to_string(),
+                size,
+                limit: max_bytes,
+            });
+        }
+        let data = tokio::fs::read(&path).await.map_err(failed)?;
+        if data.len() as u64 > max_bytes {
+            return Err(StoreError::TooLarge {
+                name: name.to_string(),
+                size: data.len() as u64,
+                limit: max_bytes,
+            });
+        }
+        Ok(Bytes::from(data))
+    }
+
+    /// Where `other` lies inside this directory, as a `/`-separated prefix, if it does.
+    pub fn prefix_of(&self, other: &LocalStore) -> Option<String> {
+        let outer = std::fs::canonicalize(&self.root).ok()?;
+        let inner = std::fs::canonicalize(&other.root).ok()?;
+        let relative = inner.strip_prefix(&outer).ok()?;
+        let parts: Option<Vec<&str>> = relative.iter().map(|part| part.to_str()).collect();
+        Some(parts?.join("/"))
     }
 
     /// Receives an object's pieces and commits it on [`Piece::Finish`]; returns its size.
@@ -48,10 +116,14 @@ impl LocalStore {
         tokio::fs::create_dir_all(&directory)
             .await
             .map_err(unavailable)?;
-        let temp = tokio::task::spawn_blocking(move || tempfile::NamedTempFile::new_in(directory))
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?
-            .map_err(unavailable)?;
+        let temp = tokio::task::spawn_blocking(move || {
+            tempfile::Builder::new()
+                .prefix(PARTIAL_PREFIX)
+                .tempfile_in(directory)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        .map_err(unavailable)?;
         let (file, temp_path) = temp.into_parts();
         let mut file = tokio::fs::File::from_std(file);
         let mut size = 0u64;
@@ -84,4 +156,39 @@ impl LocalStore {
             Err(e) => Err(StoreError::Unavailable(e.to_string())),
         }
     }
+}
+
+/// Appends the files below `dir` (named `prefix` relative to the root) to `found`.
+fn walk(dir: &Path, prefix: &str, found: &mut Vec<Listed>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let Some(file_name) = entry.file_name().to_str().map(str::to_string) else {
+            tracing::warn!(path = %entry.path().display(), "skipping a name that is not UTF-8");
+            continue;
+        };
+        if file_name.starts_with(PARTIAL_PREFIX) {
+            continue;
+        }
+        let name = format!("{prefix}{file_name}");
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            walk(&entry.path(), &format!("{name}/"), found)?;
+        } else if kind.is_symlink() {
+            // A link to a file is its target's data; a link to a directory is not followed.
+            if let Ok(metadata) = std::fs::metadata(entry.path())
+                && metadata.is_file()
+            {
+                found.push(Listed {
+                    name,
+                    size: metadata.len(),
+                });
+            }
+        } else if kind.is_file() {
+            found.push(Listed {
+                name,
+                size: entry.metadata()?.len(),
+            });
+        }
+    }
+    Ok(())
 }

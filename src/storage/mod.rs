@@ -15,7 +15,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-pub use local::LocalStore;
+pub use local::{LocalStore, PARTIAL_PREFIX};
 
 /// How many chunks may wait between the request handler and the store's writer.
 const PIPE_DEPTH: usize = 8;
@@ -38,6 +38,16 @@ pub enum StoreError {
     /// The writer stopped before the upload was finished.
     #[error("the upload was cancelled")]
     Cancelled,
+    /// The object is larger than the reader accepts.
+    #[error("object {name} is {size} bytes, above the limit of {limit}")]
+    TooLarge {
+        /// The object's name.
+        name: String,
+        /// Its size (or the bytes seen when it outgrew the limit).
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// The store specification is malformed.
     #[error("invalid store {0:?}: expected a directory or gs://BUCKET[/PREFIX]")]
     InvalidSpec(String),
@@ -70,6 +80,53 @@ impl Store {
         Ok(Self::Local(LocalStore::open(spec.into()).await?))
     }
 
+    /// Connects to the store `spec` names without writing to it, for stores that are only
+    /// read: a directory must exist; a bucket must answer.
+    pub async fn connect(spec: &str, timeout: Duration) -> Result<Self, StoreError> {
+        if spec.starts_with("gs://") {
+            return Self::open(spec, timeout).await;
+        }
+        if spec.is_empty() || spec.contains("://") {
+            return Err(StoreError::InvalidSpec(spec.to_string()));
+        }
+        Ok(Self::Local(LocalStore::existing(spec.into()).await?))
+    }
+
+    /// Every object in the store, named relative to its root, in name order (objects still
+    /// being written are not listed).
+    pub async fn list(&self) -> Result<Vec<Listed>, StoreError> {
+        match self {
+            Self::Local(store) => store.list().await,
+            Self::Gcs(store) => Ok(store
+                .list()
+                .await?
+                .into_iter()
+                .map(|o| Listed {
+                    name: o.name,
+                    size: o.size,
+                })
+                .collect()),
+        }
+    }
+
+    /// Reads object `name` whole; one above `max_bytes` is refused before its body is read.
+    pub async fn read(&self, name: &str, max_bytes: u64) -> Result<Bytes, StoreError> {
+        match self {
+            Self::Local(store) => store.read(name, max_bytes).await,
+            Self::Gcs(store) => store.read(name, max_bytes).await,
+        }
+    }
+
+    /// Where `other` lies inside this store, as a name prefix ("" when both are the same
+    /// place), or `None` when it lies elsewhere.
+    pub fn prefix_of(&self, other: &Store) -> Option<String> {
+        match (self, other) {
+            (Self::Local(outer), Self::Local(inner)) => outer.prefix_of(inner),
+            (Self::Gcs(outer), Self::Gcs(inner)) => outer.prefix_of(inner),
+            _ => None,
+        }
+    }
+
     /// `gs://bucket/prefix` or the directory, for logs and the welcome page.
     pub fn describe(&self) -> String {
         match self {
@@ -100,6 +157,15 @@ impl Store {
             bytes: 0,
         }
     }
+}
+
+/// An object found by [`Store::list`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    /// Its name relative to the store's root, `/`-separated.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
 }
 
 /// What flows from the writer of an object to the store.

@@ -5,12 +5,17 @@
 //! URLs from it, so each emulator listens on port 80 of its own loopback address.
 
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 static NEXT_ADDRESS: AtomicU8 = AtomicU8::new(20);
+
+/// A loopback address no other emulator of this process uses.
+fn next_host() -> String {
+    format!("127.0.0.{}", NEXT_ADDRESS.fetch_add(1, Ordering::SeqCst))
+}
 
 /// Where the emulator binary is: `FAKE_GCS_SERVER`, or where the test script installs it.
 fn binary() -> PathBuf {
@@ -36,20 +41,26 @@ pub struct FakeGcs {
 impl FakeGcs {
     /// Starts an emulator on a fresh loopback address, port 80, in-memory.
     pub fn start() -> Self {
-        let host = format!("127.0.0.{}", NEXT_ADDRESS.fetch_add(1, Ordering::SeqCst));
+        Self::spawn(&next_host(), &["-backend", "memory"])
+    }
+
+    /// Starts an emulator that keeps its objects under `root`, so that they outlive it.
+    pub fn start_on_disk(root: &Path) -> Self {
+        Self::restart(&next_host(), root)
+    }
+
+    /// Starts an emulator again on `host` over the objects a stopped one left under `root`.
+    pub fn restart(host: &str, root: &Path) -> Self {
+        let root = root.to_str().unwrap();
+        Self::spawn(host, &["-backend", "filesystem", "-filesystem-root", root])
+    }
+
+    fn spawn(host: &str, backend: &[&str]) -> Self {
+        let host = host.to_string();
         let child = Command::new(binary())
-            .args([
-                "-scheme",
-                "http",
-                "-host",
-                &host,
-                "-port",
-                "80",
-                "-backend",
-                "memory",
-                "-log-level",
-                "warn",
-            ])
+            .args(["-scheme", "http", "-host", &host, "-port", "80"])
+            .args(backend)
+            .args(["-log-level", "warn"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
