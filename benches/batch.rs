@@ -2,8 +2,8 @@
 //! `midas-serve batch` task over a directory of JPEGs, next to the server's requests per second
 //! under 8 real HTTP clients over loopback, plus the task's peak RSS.
 //!
-//! `cargo bench --bench batch`; `BATCH_IMAGES=64 LOAD_SECONDS=15 BATCH_WORKERS=1,2` to change
-//! the run. Prints a Markdown table.
+//! `cargo bench --bench batch`; `BATCH_IMAGES=64 LOAD_SECONDS=15 BATCH_RUNS=1x1,2x1,2x2` to
+//! change the run (each run is WORKERSxMAX_BATCH). Prints a Markdown table.
 
 #[path = "../tests/support/server.rs"]
 #[allow(dead_code)]
@@ -34,8 +34,9 @@ struct Task {
     peak_mib: f64,
 }
 
-/// Runs `midas-serve batch` over `input` into a fresh directory with `workers` forwards at once.
-fn batch(input: &std::path::Path, workers: usize) -> Task {
+/// Runs `midas-serve batch` over `input` into a fresh directory with `workers` forward passes
+/// at once, each of up to `max_batch` images.
+fn batch(input: &std::path::Path, workers: usize, max_batch: usize) -> Task {
     let output = tempfile::tempdir().unwrap();
     let started = std::time::Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_midas-serve"))
@@ -76,13 +77,16 @@ fn batch(input: &std::path::Path, workers: usize) -> Task {
 fn main() {
     let images: usize = env_or("BATCH_IMAGES", 64);
     let seconds: f64 = env_or("LOAD_SECONDS", 15.0);
-    let workers: Vec<usize> = std::env::var("BATCH_WORKERS")
-        .unwrap_or_else(|_| "1,2".to_string())
+    let runs: Vec<(usize, usize)> = std::env::var("BATCH_RUNS")
+        .unwrap_or_else(|_| "1x1,2x1,2x2".to_string())
         .split(',')
-        .filter_map(|w| w.parse().ok())
+        .filter_map(|run| {
+            let (workers, batch) = run.split_once('x')?;
+            Some((workers.parse().ok()?, batch.parse().ok()?))
+        })
         .collect();
     println!(
-        "| upload | server, 8 clients: req/s | batch workers | batch images/s | batch / server | task wall s (load included) | task peak RSS MiB |"
+        "| upload | server, 8 clients: req/s | batch workers x max batch | batch images/s | batch / server | task wall s (load included) | task peak RSS MiB |"
     );
     println!("|---|---|---|---|---|---|---|");
     for (width, height) in [(640, 480), (1920, 1080)] {
@@ -104,12 +108,12 @@ fn main() {
         for i in 0..images {
             std::fs::write(input.path().join(format!("photo{i:04}.jpg")), &upload).unwrap();
         }
-        for &workers in &workers {
-            let task = batch(input.path(), workers);
+        for &(workers, max_batch) in &runs {
+            let task = batch(input.path(), workers, max_batch);
             assert_eq!(task.summary["done"], images, "{}", task.summary);
             let rate = task.summary["images_per_s"].as_f64().unwrap();
             println!(
-                "| {width}x{height} | {server_rate:.1} | {workers} | {rate:.1} | {:.2} | {:.1} | {:.0} |",
+                "| {width}x{height} | {server_rate:.1} | {workers}x{max_batch} | {rate:.1} | {:.2} | {:.1} | {:.0} |",
                 rate / server_rate,
                 task.wall_s,
                 task.peak_mib,

@@ -37,9 +37,6 @@ use crate::pipeline::{
 use crate::storage::{Store, StoreError};
 use progress::Progress;
 
-/// Images decoded at once (decoding is a few ms per image, beside a forward of tens).
-const DECODERS: usize = 2;
-
 /// Outputs encoded at once.
 const ENCODERS: usize = 2;
 
@@ -236,6 +233,9 @@ struct Item<T> {
 /// An input that left the stages early, with why.
 type Ended = Record;
 
+/// An input between two stages: on its way, or ended.
+type Flow<T> = Result<Item<T>, Ended>;
+
 /// A file read, holding its share of the budget for files.
 struct ReadFile {
     bytes: Bytes,
@@ -276,6 +276,8 @@ struct Stages {
     /// stay busy through each pass's serial stretches. A pool is taken for a pass and put back.
     pools: std::sync::Mutex<Vec<Arc<rayon::ThreadPool>>>,
     workers: usize,
+    /// Most same-sized inputs one forward pass takes, from those already decoded.
+    max_batch: usize,
     files: Budget,
     pixels: Budget,
     /// Set by the first transient failure: no new input is started after it.
@@ -349,6 +351,7 @@ impl Stages {
             readers: args.readers.max(1),
             pools: std::sync::Mutex::new(pools),
             workers,
+            max_batch: args.max_batch.max(1),
             files: Budget::new(budget / 4),
             pixels: Budget::new(budget - budget / 4),
             stopped: AtomicBool::new(false),
@@ -364,9 +367,11 @@ impl Stages {
             .map(|work| self.read(work))
             .buffered(self.readers)
             .map(|item| async move { self.prepare(item?).await })
-            .buffered(DECODERS)
-            .map(|item| async move { self.forward(item?).await })
+            .buffered(self.workers * self.max_batch)
+            .ready_chunks(self.max_batch)
+            .map(|items| self.forward(items))
             .buffer_unordered(self.workers)
+            .flat_map(futures_util::stream::iter)
             .map(|item| async move { self.encode(item?).await })
             .buffer_unordered(ENCODERS)
             .map(|item| async move { self.store(item?).await })
@@ -494,55 +499,112 @@ impl Stages {
         }
     }
 
-    async fn forward(&self, item: Item<Prepared>) -> Result<Item<Inferred>, Ended> {
-        let started = Instant::now();
-        let Item { work, record, data } = item;
-        let Prepared {
-            input,
-            original,
-            permit,
-        } = data;
-        let pipeline = self.pipeline.clone();
-        // At most `workers` passes run at once (the stage's concurrency), so a pool is free;
+    /// Runs the inputs that were ready together, one forward pass per input size, on a pool
+    /// of its own; refused inputs pass through.
+    async fn forward(&self, items: Vec<Flow<Prepared>>) -> Vec<Flow<Inferred>> {
+        let mut results = Vec::with_capacity(items.len());
+        let mut groups: Vec<Vec<Item<Prepared>>> = Vec::new();
+        for item in items {
+            let item = match item {
+                Ok(item) => item,
+                Err(ended) => {
+                    results.push(Err(ended));
+                    continue;
+                }
+            };
+            let size = (item.data.input.width, item.data.input.height);
+            match groups
+                .iter_mut()
+                .find(|group| (group[0].data.input.width, group[0].data.input.height) == size)
+            {
+                Some(group) => group.push(item),
+                None => groups.push(vec![item]),
+            }
+        }
+        // At most `workers` batches run at once (the stage's concurrency), so a pool is free;
         // without one the pass would run on the global pool.
         let pool = self
             .pools
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .pop();
-        let result = tokio::task::spawn_blocking({
-            let pool = pool.clone();
-            move || match pool {
-                Some(pool) => pool.install(|| pipeline.model.predict(input)),
-                None => pipeline.model.predict(input),
-            }
-        })
-        .await;
+        for group in groups {
+            results.extend(self.forward_group(group, pool.clone()).await);
+        }
         if let Some(pool) = pool {
             self.pools
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .push(pool);
         }
-        let mut item = Item {
-            work,
-            record,
-            data: (),
-        };
-        item.record.timings.forward_ms = millis(started);
-        match result {
-            Ok(Ok(depth)) => Ok(item.with(Inferred {
-                depth,
+        results
+    }
+
+    /// One forward pass over same-sized inputs.
+    async fn forward_group(
+        &self,
+        group: Vec<Item<Prepared>>,
+        pool: Option<Arc<rayon::ThreadPool>>,
+    ) -> Vec<Flow<Inferred>> {
+        let started = Instant::now();
+        let mut inputs = Vec::with_capacity(group.len());
+        let mut rest = Vec::with_capacity(group.len());
+        for item in group {
+            let Prepared {
+                input,
                 original,
                 permit,
-            })),
-            Ok(Err(error)) => Err(self.end(
-                item,
-                Status::Transient,
-                "inference_failed",
-                error.to_string(),
-            )),
-            Err(panic) => Err(self.end(item, Status::Transient, "internal", panic.to_string())),
+            } = item.data;
+            inputs.push(input);
+            rest.push((item.work, item.record, original, permit));
+        }
+        let pipeline = self.pipeline.clone();
+        let result = tokio::task::spawn_blocking(move || match pool {
+            Some(pool) => pool.install(|| pipeline.model.predict_batch(inputs)),
+            None => pipeline.model.predict_batch(inputs),
+        })
+        .await;
+        let forward_ms = millis(started);
+        let items = rest
+            .into_iter()
+            .map(|(work, mut record, original, permit)| {
+                record.timings.forward_ms = forward_ms;
+                (
+                    Item {
+                        work,
+                        record,
+                        data: (),
+                    },
+                    original,
+                    permit,
+                )
+            });
+        match result {
+            Ok(Ok(depths)) => items
+                .zip(depths)
+                .map(|((item, original, permit), depth)| {
+                    Ok(item.with(Inferred {
+                        depth,
+                        original,
+                        permit,
+                    }))
+                })
+                .collect(),
+            Ok(Err(error)) => items
+                .map(|(item, _, _)| {
+                    Err(self.end(
+                        item,
+                        Status::Transient,
+                        "inference_failed",
+                        error.to_string(),
+                    ))
+                })
+                .collect(),
+            Err(panic) => items
+                .map(|(item, _, _)| {
+                    Err(self.end(item, Status::Transient, "internal", panic.to_string()))
+                })
+                .collect(),
         }
     }
 

@@ -90,12 +90,51 @@ impl DepthModel {
 
     /// Runs one pre-processed image.
     pub fn predict(&self, input: NetInput) -> Result<DepthMap, InferenceError> {
-        let (width, height) = (input.width, input.height);
-        let data = self.forward(input.data, 1, height, width)?;
-        Ok(DepthMap {
-            width,
-            height,
-            data,
-        })
+        let mut depths = self.predict_batch(vec![input])?;
+        depths
+            .pop()
+            .ok_or_else(|| InferenceError("the forward pass returned nothing".to_string()))
+    }
+
+    /// Runs pre-processed images of one size through the network together, in one pass.
+    pub fn predict_batch(&self, inputs: Vec<NetInput>) -> Result<Vec<DepthMap>, InferenceError> {
+        let Some(first) = inputs.first() else {
+            return Ok(Vec::new());
+        };
+        let (width, height) = (first.width, first.height);
+        if inputs
+            .iter()
+            .any(|input| (input.width, input.height) != (width, height))
+        {
+            return Err(InferenceError(
+                "the inputs of one batch must have one size".to_string(),
+            ));
+        }
+        let batch = inputs.len();
+        let data = if batch == 1 {
+            inputs
+                .into_iter()
+                .next()
+                .map(|input| input.data)
+                .unwrap_or_default()
+        } else {
+            inputs.into_iter().flat_map(|input| input.data).collect()
+        };
+        let output = self.forward(data, batch, height, width)?;
+        if batch == 1 {
+            return Ok(vec![DepthMap {
+                width,
+                height,
+                data: output,
+            }]);
+        }
+        Ok(output
+            .chunks_exact(width * height)
+            .map(|plane| DepthMap {
+                width,
+                height,
+                data: plane.to_vec(),
+            })
+            .collect())
     }
 }

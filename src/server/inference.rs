@@ -159,27 +159,19 @@ impl Worker {
 
     fn run_batch(&self, batch: Vec<Job>) {
         let started = Instant::now();
-        let (width, height) = (batch[0].input.width, batch[0].input.height);
         let size = batch.len();
-        let mut data = Vec::with_capacity(size * 3 * width * height);
+        let mut inputs = Vec::with_capacity(size);
         let mut replies = Vec::with_capacity(size);
         for job in batch {
-            data.extend_from_slice(&job.input.data);
+            inputs.push(job.input);
             replies.push((job.reply, started - job.submitted));
         }
-        let result = self.model.forward(data, size, height, width);
+        let result = self.model.predict_batch(inputs);
         let forward = started.elapsed();
         self.metrics.batch_size.observe(size as f64);
         match result {
-            Ok(output) => {
-                let plane = width * height;
-                for ((reply, queued), depth) in replies.into_iter().zip(output.chunks_exact(plane))
-                {
-                    let depth = DepthMap {
-                        width,
-                        height,
-                        data: depth.to_vec(),
-                    };
+            Ok(depths) => {
+                for ((reply, queued), depth) in replies.into_iter().zip(depths) {
                     let _ = reply.send(Ok(Inference {
                         depth,
                         queued,

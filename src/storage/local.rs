@@ -28,7 +28,7 @@ impl LocalStore {
             .await
             .map_err(unavailable)?;
         let probe = root.clone();
-        tokio::task::spawn_blocking(move || tempfile::NamedTempFile::new_in(&probe).map(drop))
+        tokio::task::spawn_blocking(move || partial_file(&probe).map(drop))
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?
             .map_err(unavailable)?;
@@ -116,14 +116,10 @@ impl LocalStore {
         tokio::fs::create_dir_all(&directory)
             .await
             .map_err(unavailable)?;
-        let temp = tokio::task::spawn_blocking(move || {
-            tempfile::Builder::new()
-                .prefix(PARTIAL_PREFIX)
-                .tempfile_in(directory)
-        })
-        .await
-        .map_err(|e| StoreError::Unavailable(e.to_string()))?
-        .map_err(unavailable)?;
+        let temp = tokio::task::spawn_blocking(move || partial_file(&directory))
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+            .map_err(unavailable)?;
         let (file, temp_path) = temp.into_parts();
         let mut file = tokio::fs::File::from_std(file);
         let mut size = 0u64;
@@ -156,6 +152,13 @@ impl LocalStore {
             Err(e) => Err(StoreError::Unavailable(e.to_string())),
         }
     }
+}
+
+/// A new temporary file in `directory`, named so that listings skip it.
+fn partial_file(directory: &Path) -> std::io::Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix(PARTIAL_PREFIX)
+        .tempfile_in(directory)
 }
 
 /// Appends the files below `dir` (named `prefix` relative to the root) to `found`.
