@@ -3,7 +3,8 @@
 //! under 8 real HTTP clients over loopback, plus the task's peak RSS.
 //!
 //! `cargo bench --bench batch`; `BATCH_IMAGES=64 LOAD_SECONDS=15 BATCH_RUNS=1x1,2x1,2x2` to
-//! change the run (each run is WORKERSxMAX_BATCH). Prints a Markdown table.
+//! change the run (each run is WORKERSxMAX_BATCH; 0 workers is the default, one per CPU
+//! thread). Prints a Markdown table.
 
 #[path = "../tests/support/server.rs"]
 #[allow(dead_code)]
@@ -78,7 +79,7 @@ fn main() {
     let images: usize = env_or("BATCH_IMAGES", 64);
     let seconds: f64 = env_or("LOAD_SECONDS", 15.0);
     let runs: Vec<(usize, usize)> = std::env::var("BATCH_RUNS")
-        .unwrap_or_else(|_| "1x1,2x1,2x2".to_string())
+        .unwrap_or_else(|_| "0x1,1x1".to_string())
         .split(',')
         .filter_map(|run| {
             let (workers, batch) = run.split_once('x')?;

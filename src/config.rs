@@ -300,12 +300,13 @@ pub struct BatchArgs {
     /// Files read from the store at once.
     #[arg(long, env = "MIDAS_BATCH_READERS", default_value_t = 4)]
     pub readers: usize,
-    /// Forward passes run at once, sharing the model and the CPU threads.
-    #[arg(long, env = "MIDAS_BATCH_WORKERS", default_value_t = 2)]
+    /// Forward passes run at once, sharing the model; the CPU threads are split between them
+    /// (0: one per CPU thread, each pass single-threaded, which keeps every core busy).
+    #[arg(long, env = "MIDAS_BATCH_WORKERS", default_value_t = 0)]
     pub workers: usize,
-    /// Most same-sized images one forward pass takes, from those already decoded (a batch of
-    /// two runs each image about 10 % faster on CPU than two passes).
-    #[arg(long, env = "MIDAS_MAX_BATCH", default_value_t = 2)]
+    /// Most same-sized images one forward pass takes, from those already decoded (on CPU a
+    /// batch costs what its images cost one by one; a GPU gains from it).
+    #[arg(long, env = "MIDAS_MAX_BATCH", default_value_t = 1)]
     pub max_batch: usize,
     /// Seconds a single storage call may take before it counts as failed.
     #[arg(long, env = "MIDAS_STORE_TIMEOUT_SECS", default_value_t = 30)]

@@ -24,6 +24,19 @@ pub enum Status {
     NotStarted,
 }
 
+impl Status {
+    /// The name manifests and logs give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::Skipped => "skipped",
+            Self::Failed => "failed",
+            Self::Transient => "transient",
+            Self::NotStarted => "not_started",
+        }
+    }
+}
+
 /// Milliseconds spent on each step of one input.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Timings {

@@ -322,9 +322,13 @@ impl Stages {
         pipeline: Arc<Pipeline>,
     ) -> Result<Self, BatchError> {
         let budget = args.memory_budget.max(1) << 20;
-        let workers = args.workers.max(1);
         // The global pool's size honours RAYON_NUM_THREADS and the CPU quota.
-        let threads = (rayon::current_num_threads() / workers).max(1);
+        let cpus = rayon::current_num_threads();
+        let workers = match args.workers {
+            0 => cpus,
+            workers => workers,
+        };
+        let threads = (cpus / workers).max(1);
         let pools = (0..workers)
             .map(|worker| {
                 rayon::ThreadPoolBuilder::new()
@@ -382,12 +386,12 @@ impl Stages {
                 Status::Done | Status::Skipped => tracing::debug!(
                     input = %record.input,
                     output = %self.dest.object_key(&record.output),
-                    status = ?record.status,
+                    status = record.status.name(),
                     "stored"
                 ),
                 _ => tracing::warn!(
                     input = %record.input,
-                    status = ?record.status,
+                    status = record.status.name(),
                     error = record.error.as_deref().unwrap_or(""),
                     message = record.message.as_deref().unwrap_or(""),
                     "input not done"
