@@ -40,14 +40,12 @@ struct Task {
 fn batch(input: &std::path::Path, workers: usize, max_batch: usize) -> Task {
     let output = tempfile::tempdir().unwrap();
     let started = std::time::Instant::now();
+    // Reaped by wait4 below, which also reports the child's own peak RSS.
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(env!("CARGO_BIN_EXE_midas-serve"))
-        .args([
-            "batch",
-            "--progress",
-            "log",
-            "--workers",
-            &workers.to_string(),
-        ])
+        .args(["batch", "--progress", "log"])
+        .args(["--workers", &workers.to_string()])
+        .args(["--max-batch", &max_batch.to_string()])
         .arg("--input")
         .arg(input)
         .arg("--output")

@@ -230,8 +230,8 @@ struct Item<T> {
     data: T,
 }
 
-/// An input that left the stages early, with why.
-type Ended = Record;
+/// An input that left the stages early, with why (boxed: the stages pass it along by value).
+type Ended = Box<Record>;
 
 /// An input between two stages: on its way, or ended.
 type Flow<T> = Result<Item<T>, Ended>;
@@ -381,7 +381,7 @@ impl Stages {
             .map(|item| async move { self.store(item?).await })
             .buffer_unordered(self.readers);
         while let Some(record) = outputs.next().await {
-            let record = record.unwrap_or_else(|ended| ended);
+            let record = record.unwrap_or_else(|ended| *ended);
             match record.status {
                 Status::Done | Status::Skipped => tracing::debug!(
                     input = %record.input,
@@ -412,7 +412,7 @@ impl Stages {
         record.status = status;
         record.error = Some(code.to_string());
         record.message = Some(message);
-        record
+        Box::new(record)
     }
 
     /// A store failure on this item: refused inputs fail, anything else is transient.
