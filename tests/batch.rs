@@ -97,6 +97,32 @@ fn spawn_task(input: &str, output: &str, task: (usize, usize), env: &[(&str, &st
         .expect("the binary starts")
 }
 
+/// Runs one task over the whole input to its end; returns its summary after checking it
+/// succeeded.
+fn run_whole(input: &str, output: &str, env: &[(&str, &str)]) -> serde_json::Value {
+    let finished = spawn_task(input, output, (0, 1), env);
+    summary(&finished.wait_with_output().unwrap(), true)
+}
+
+/// Enough inputs (copies of three photos) for a task to be stopped mid-run: each input's name
+/// (from `name(i, extension)`), its bytes, and the output name and bytes it must get.
+fn many_inputs(
+    predicted: &BTreeMap<&str, Vec<u8>>,
+    name: impl Fn(usize, &str) -> String,
+) -> (Vec<(String, Vec<u8>)>, BTreeMap<String, Vec<u8>>) {
+    let sources = ["rocket.jpg", "chelsea.webp", "camera_odd.png"];
+    let mut inputs = Vec::new();
+    let mut expected = BTreeMap::new();
+    for i in 0..30 {
+        let source = sources[i % sources.len()];
+        let extension = source.rsplit_once('.').unwrap().1;
+        let input = name(i, extension);
+        expected.insert(output_name(&input), predicted[source].clone());
+        inputs.push((input, image(source)));
+    }
+    (inputs, expected)
+}
+
 /// The task's summary (its stdout), after checking how it exited.
 fn summary(output: &Output, success: bool) -> serde_json::Value {
     assert_eq!(
@@ -290,12 +316,7 @@ fn three_tasks_share_a_local_tree_exactly_once_and_a_rerun_redoes_nothing() {
             (path, modified)
         })
         .collect();
-    let rerun = summary(
-        &spawn_task(input, output, (0, 1), &[])
-            .wait_with_output()
-            .unwrap(),
-        true,
-    );
+    let rerun = run_whole(input, output, &[]);
     assert_eq!(rerun["done"], 0, "{rerun}");
     assert_eq!(rerun["skipped"], GOOD.len(), "{rerun}");
     assert_eq!(rerun["failed"], bad_inputs().len(), "{rerun}");
@@ -319,19 +340,11 @@ fn a_task_killed_mid_run_leaves_no_partial_output_and_its_rerun_completes_the_se
     let predicted = predicted();
     let dir = tempfile::tempdir().unwrap();
     let (input, output) = (dir.path().join("in"), dir.path().join("out"));
-    let sources = ["rocket.jpg", "chelsea.webp", "camera_odd.png"];
-    let mut expected = BTreeMap::new();
-    for i in 0..30 {
-        let source = sources[i % sources.len()];
-        let extension = source.rsplit_once('.').unwrap().1;
-        write(
-            &input.join(format!("d{}/img{i:02}.{extension}", i % 4)),
-            &image(source),
-        );
-        expected.insert(
-            format!("d{}/img{i:02}.png", i % 4),
-            predicted[source].clone(),
-        );
+    let (inputs, expected) = many_inputs(&predicted, |i, extension| {
+        format!("d{}/img{i:02}.{extension}", i % 4)
+    });
+    for (name, bytes) in &inputs {
+        write(&input.join(name), bytes);
     }
     let (input_spec, output_spec) = (input.to_str().unwrap(), output.to_str().unwrap());
 
@@ -364,12 +377,7 @@ fn a_task_killed_mid_run_leaves_no_partial_output_and_its_rerun_completes_the_se
         "a killed task writes no manifest"
     );
 
-    let rerun = summary(
-        &spawn_task(input_spec, output_spec, (0, 1), &[])
-            .wait_with_output()
-            .unwrap(),
-        true,
-    );
+    let rerun = run_whole(input_spec, output_spec, &[]);
     assert_eq!(
         rerun["done"].as_u64().unwrap() as usize,
         expected.len() - written.len()
@@ -462,17 +470,7 @@ fn two_tasks_over_a_bucket_write_every_output_once() {
     check_manifest_records(&records);
 
     // The output inside the input is not read back as input on a rerun over the parent.
-    let rerun = summary(
-        &spawn_task(
-            "gs://data/cityscapes",
-            "gs://data/cityscapes/depth",
-            (0, 1),
-            &env,
-        )
-        .wait_with_output()
-        .unwrap(),
-        true,
-    );
+    let rerun = run_whole("gs://data/cityscapes", "gs://data/cityscapes/depth", &env);
     assert_eq!(
         rerun["images_total"],
         GOOD.len() + bad_inputs().len(),
@@ -487,13 +485,10 @@ fn a_store_that_goes_away_fails_the_task_and_claims_nothing_it_did_not_store() {
     let root = tempfile::tempdir().unwrap();
     let mut gcs = FakeGcs::start_on_disk(root.path());
     gcs.create_bucket("data");
-    let sources = ["rocket.jpg", "chelsea.webp", "camera_odd.png"];
-    let mut expected = BTreeMap::new();
-    for i in 0..30 {
-        let source = sources[i % sources.len()];
-        let extension = source.rsplit_once('.').unwrap().1;
-        gcs.put("data", &format!("in/img{i:02}.{extension}"), image(source));
-        expected.insert(format!("img{i:02}.png"), predicted[source].clone());
+    let (inputs, expected) =
+        many_inputs(&predicted, |i, extension| format!("img{i:02}.{extension}"));
+    for (name, bytes) in inputs {
+        gcs.put("data", &format!("in/{name}"), bytes);
     }
     let host = gcs.host.clone();
     let env = [
@@ -546,12 +541,7 @@ fn a_store_that_goes_away_fails_the_task_and_claims_nothing_it_did_not_store() {
     }
 
     // With the store back, a rerun completes the set.
-    let rerun = summary(
-        &spawn_task(input, output, (0, 1), &env)
-            .wait_with_output()
-            .unwrap(),
-        true,
-    );
+    let rerun = run_whole(input, output, &env);
     assert_eq!(
         rerun["done"].as_u64().unwrap() as usize,
         expected.len() - written.len()
