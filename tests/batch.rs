@@ -38,6 +38,9 @@ fn bad_inputs() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     ]
 }
 
+/// Objects (or files) by `/`-separated name, with their bytes.
+type Objects = BTreeMap<String, Vec<u8>>;
+
 /// Files that are not images by name: ignored.
 const OTHER: [&str; 2] = ["README.txt", "cats/labels.csv"];
 
@@ -109,7 +112,7 @@ fn run_whole(input: &str, output: &str, env: &[(&str, &str)]) -> serde_json::Val
 fn many_inputs(
     predicted: &BTreeMap<&str, Vec<u8>>,
     name: impl Fn(usize, &str) -> String,
-) -> (Vec<(String, Vec<u8>)>, BTreeMap<String, Vec<u8>>) {
+) -> (Vec<(String, Vec<u8>)>, Objects) {
     let sources = ["rocket.jpg", "chelsea.webp", "camera_odd.png"];
     let mut inputs = Vec::new();
     let mut expected = BTreeMap::new();
@@ -165,8 +168,8 @@ fn predicted() -> BTreeMap<&'static str, Vec<u8>> {
 }
 
 /// Every file under `root`, by `/`-separated relative name.
-fn files(root: &Path) -> BTreeMap<String, Vec<u8>> {
-    fn walk(dir: &Path, prefix: &str, found: &mut BTreeMap<String, Vec<u8>>) {
+fn files(root: &Path) -> Objects {
+    fn walk(dir: &Path, prefix: &str, found: &mut Objects) {
         for entry in std::fs::read_dir(dir).unwrap() {
             let entry = entry.unwrap();
             let name = format!("{prefix}{}", entry.file_name().to_str().unwrap());
@@ -185,9 +188,7 @@ fn files(root: &Path) -> BTreeMap<String, Vec<u8>> {
 }
 
 /// Manifest lines (records and summaries) of every manifest in `objects`.
-fn manifests(
-    objects: &BTreeMap<String, Vec<u8>>,
-) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+fn manifests(objects: &Objects) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
     let (mut records, mut summaries) = (Vec::new(), Vec::new());
     for (name, bytes) in objects {
         if !name.starts_with("_manifests/") {
@@ -206,7 +207,7 @@ fn manifests(
 }
 
 /// Outputs only: the manifests and any leftover temporary file (a killed writer's) left out.
-fn outputs(objects: &BTreeMap<String, Vec<u8>>) -> BTreeMap<String, Vec<u8>> {
+fn outputs(objects: &Objects) -> Objects {
     objects
         .iter()
         .filter(|(name, _)| {
@@ -219,7 +220,7 @@ fn outputs(objects: &BTreeMap<String, Vec<u8>>) -> BTreeMap<String, Vec<u8>> {
 
 /// Asserts two sets of objects are the same, naming the ones that differ (not dumping bytes).
 #[track_caller]
-fn assert_same(actual: &BTreeMap<String, Vec<u8>>, expected: &BTreeMap<String, Vec<u8>>) {
+fn assert_same(actual: &Objects, expected: &Objects) {
     let missing: Vec<&String> = expected
         .keys()
         .filter(|k| !actual.contains_key(*k))
@@ -240,7 +241,7 @@ fn assert_same(actual: &BTreeMap<String, Vec<u8>>, expected: &BTreeMap<String, V
 }
 
 /// The outputs every good input must have, byte for byte.
-fn expected_outputs(predicted: &BTreeMap<&str, Vec<u8>>) -> BTreeMap<String, Vec<u8>> {
+fn expected_outputs(predicted: &BTreeMap<&str, Vec<u8>>) -> Objects {
     GOOD.iter()
         .map(|(name, source)| (output_name(name), predicted[source].clone()))
         .collect()
@@ -438,7 +439,7 @@ fn upload_tree(gcs: &FakeGcs, bucket: &str, prefix: &str) {
 }
 
 /// The objects of `bucket` under `prefix/`, named relative to it.
-fn bucket_objects(gcs: &FakeGcs, bucket: &str, prefix: &str) -> BTreeMap<String, Vec<u8>> {
+fn bucket_objects(gcs: &FakeGcs, bucket: &str, prefix: &str) -> Objects {
     gcs.list(bucket)
         .into_iter()
         .filter_map(|name| {
