@@ -32,7 +32,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::config::BatchArgs;
 use crate::pipeline::{
     DecodeError, DecodeLimits, DepthMap, LoadError, NetInput, Pipeline, RenderError, RenderOptions,
-    decode, preprocess, probe, render,
+    decode_checked, preprocess, probe, render,
 };
 use crate::storage::{Store, StoreError};
 use progress::Progress;
@@ -426,7 +426,7 @@ impl Stages {
         self.end(item, status, code, error.to_string())
     }
 
-    async fn read(&self, work: Work) -> Result<Item<ReadFile>, Ended> {
+    async fn read(&self, work: Work) -> Flow<ReadFile> {
         let record = Record::settled(
             work.position,
             &work.input,
@@ -463,7 +463,7 @@ impl Stages {
         }
     }
 
-    async fn prepare(&self, item: Item<ReadFile>) -> Result<Item<Prepared>, Ended> {
+    async fn prepare(&self, item: Item<ReadFile>) -> Flow<Prepared> {
         let started = Instant::now();
         // A complete file's probe always decides; `None` cannot come back, but is a refusal.
         let header = match probe(&item.data.bytes, true)
@@ -484,7 +484,7 @@ impl Stages {
         let bytes = item.data.bytes.clone();
         let limits = self.limits;
         let decoded = tokio::task::spawn_blocking(move || {
-            let image = decode(&bytes, &limits)?;
+            let image = decode_checked(&bytes, &header, &limits)?;
             Ok::<_, DecodeError>((preprocess(&image), image.dimensions()))
         })
         .await;
@@ -612,7 +612,7 @@ impl Stages {
         }
     }
 
-    async fn encode(&self, item: Item<Inferred>) -> Result<Item<Encoded>, Ended> {
+    async fn encode(&self, item: Item<Inferred>) -> Flow<Encoded> {
         let started = Instant::now();
         let Item { work, record, data } = item;
         let Inferred {

@@ -209,6 +209,15 @@ impl DecodeLimits {
 pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, DecodeError> {
     let header = probe(bytes, true)?.ok_or(DecodeError::UnsupportedFormat)?;
     limits.check(&header)?;
+    decode_checked(bytes, &header, limits)
+}
+
+/// Decodes a whole image whose `header` has already been read and passed `limits.check`.
+pub fn decode_checked(
+    bytes: &[u8],
+    header: &ImageHeader,
+    limits: &DecodeLimits,
+) -> Result<RgbImage, DecodeError> {
     let mut reader = ImageReader::with_format(Cursor::new(bytes), header.format.as_image());
     let mut decoder_limits = Limits::default();
     // Room for the decoded image at up to 16 bits and 4 channels, plus decoder scratch.

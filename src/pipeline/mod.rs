@@ -9,7 +9,9 @@ mod postprocess;
 mod preprocess;
 
 pub use colormap::Colormap;
-pub use decode::{DecodeError, DecodeLimits, ImageFormat, ImageHeader, decode, probe};
+pub use decode::{
+    DecodeError, DecodeLimits, ImageFormat, ImageHeader, decode, decode_checked, probe,
+};
 pub use encode::{EncodeError, OutputFormat, PngChunks, npy};
 pub use infer::{DepthModel, InferenceError};
 pub use postprocess::{DepthMap, ResizeError, colour_indices, colourise, depth16, resize_rgb};
