@@ -231,12 +231,38 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM (Cloud Run allows 10).
     #[arg(long, env = "MIDAS_GRACE_PERIOD_SECS", default_value_t = 8)]
     pub grace_period_secs: u64,
-    /// Seconds a single storage call may take before it counts as failed.
+    /// Seconds a single storage call may take before it counts as failed (504 store_timeout).
     #[arg(long, env = "MIDAS_STORE_TIMEOUT_SECS", default_value_t = 30)]
     pub store_timeout_secs: u64,
+    /// Seconds a client may leave the response unread before it counts as gone: the
+    /// connection is closed and the prediction is still stored.
+    #[arg(long, env = "MIDAS_SEND_TIMEOUT_SECS", default_value_t = 30)]
+    pub send_timeout_secs: u64,
+    /// Largest request head (request line and headers), in bytes (431 above).
+    #[arg(long, env = "MIDAS_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+    /// MiB that decoded and rendered images of all requests may hold together; a request
+    /// waits for its share (up to --memory-wait-secs, then 503). Default: the container's
+    /// memory limit (cgroup memory.max) minus what the model holds after warm-up, or 1024
+    /// where there is no limit.
+    #[arg(long, env = "MIDAS_MEMORY_BUDGET")]
+    pub memory_budget: Option<u64>,
+    /// Seconds a request may wait for its share of the memory budget (503 after).
+    #[arg(long, env = "MIDAS_MEMORY_WAIT_SECS", default_value_t = 10)]
+    pub memory_wait_secs: u64,
 }
 
 impl ServeArgs {
+    /// `--send-timeout-secs` as a duration.
+    pub fn send_timeout(&self) -> Duration {
+        Duration::from_secs(self.send_timeout_secs)
+    }
+
+    /// `--memory-wait-secs` as a duration.
+    pub fn memory_wait(&self) -> Duration {
+        Duration::from_secs(self.memory_wait_secs)
+    }
+
     /// `--header-timeout-secs` as a duration.
     pub fn header_timeout(&self) -> Duration {
         Duration::from_secs(self.header_timeout_secs)

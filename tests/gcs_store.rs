@@ -32,7 +32,7 @@ fn uploads_and_predictions_land_in_the_bucket_byte_for_byte() {
         let response = predict(&server, name, &upload, "");
         assert_eq!(
             response.status,
-            200,
+            201,
             "{}",
             String::from_utf8_lossy(&response.body)
         );
@@ -143,7 +143,7 @@ fn weights_load_from_a_gs_url() {
     assert_eq!(ready["untrained"], false);
     assert_eq!(ready["weights"], "gs://models/midas/v1.pt");
     let response = predict(&server, "rocket.jpg", &image("rocket.jpg"), "");
-    assert_eq!(response.status, 200);
+    assert_eq!(response.status, 201);
     assert!(response.header("x-model-warning").is_none());
     let page = reqwest::blocking::get(server.url("/"))
         .unwrap()

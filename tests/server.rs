@@ -66,7 +66,7 @@ fn predictions_equal_the_cli_and_are_stored_byte_for_byte() {
             );
             assert_eq!(
                 response.status,
-                200,
+                201,
                 "{name} {format}: {}",
                 String::from_utf8_lossy(&response.body)
             );
@@ -144,7 +144,7 @@ fn the_body_streams_in_chunks() {
     let store = tempfile::tempdir().unwrap();
     let server = start(store.path(), &[]);
     let response = predict(&server, "camera_odd.png", &image("camera_odd.png"), "");
-    assert_eq!(response.status, 200);
+    assert_eq!(response.status, 201);
     assert_eq!(response.header("transfer-encoding"), Some("chunked"));
     assert!(response.header("content-length").is_none());
     assert!(
@@ -172,7 +172,7 @@ fn concurrent_clients_all_get_their_own_answer() {
                     for round in 0..3 {
                         let index = (client + round) % IMAGES.len();
                         let response = predict(server, IMAGES[index], &image(IMAGES[index]), "");
-                        assert_eq!(response.status, 200);
+                        assert_eq!(response.status, 201);
                         assert_eq!(
                             response.body, expected[index],
                             "client {client} round {round}"
@@ -190,7 +190,7 @@ fn concurrent_clients_all_get_their_own_answer() {
         .text()
         .unwrap();
     assert!(
-        metrics.contains("midas_http_requests_total{route=\"/predict\",status=\"200\"} 24"),
+        metrics.contains("midas_http_requests_total{route=\"/predict\",status=\"201\"} 24"),
         "{metrics}"
     );
 }
@@ -205,7 +205,7 @@ fn a_full_queue_answers_503_at_once() {
             .map(|_| {
                 scope.spawn(|| {
                     let response = predict(&server, "camera_odd.png", &upload, "?format=npy");
-                    let json = if response.status == 200 {
+                    let json = if response.status == 201 {
                         serde_json::Value::Null
                     } else {
                         response.json()
@@ -220,7 +220,7 @@ fn a_full_queue_answers_503_at_once() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let ok = statuses.iter().filter(|(s, _, _)| *s == 200).count();
+    let ok = statuses.iter().filter(|(s, _, _)| *s == 201).count();
     let refused: Vec<_> = statuses.iter().filter(|(s, _, _)| *s == 503).collect();
     assert!(ok >= 1, "{statuses:?}");
     assert!(
@@ -235,7 +235,7 @@ fn a_full_queue_answers_503_at_once() {
     // And the server is fine afterwards.
     assert_eq!(
         predict(&server, "camera_odd.png", &upload, "?format=npy").status,
-        200
+        201
     );
 }
 
@@ -278,7 +278,7 @@ fn pages_health_readiness_and_metrics() {
         .text()
         .unwrap();
     for series in [
-        "midas_http_requests_total{route=\"/predict\",status=\"200\"} 1",
+        "midas_http_requests_total{route=\"/predict\",status=\"201\"} 1",
         "midas_predict_stage_duration_seconds_count{stage=\"forward\"} 1",
         "midas_predict_stage_duration_seconds_count{stage=\"encode\"} 1",
         "midas_inference_queue_depth 0",
@@ -295,7 +295,7 @@ fn pages_health_readiness_and_metrics() {
         .find(|l| l.contains("\"path\":\"/predict\""))
         .expect("a request log line");
     let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
-    assert_eq!(entry["status"], 200);
+    assert_eq!(entry["status"], 201);
     assert_eq!(entry["input_bytes"], 112525);
     assert!(
         entry["server_timing"]
@@ -303,7 +303,7 @@ fn pages_health_readiness_and_metrics() {
             .unwrap()
             .contains("forward;dur=")
     );
-    assert!(entry["request_id"].as_str().unwrap().len() == 32);
+    assert_eq!(entry["request_id"].as_str().unwrap().len(), 41);
 }
 
 #[test]
@@ -330,7 +330,7 @@ fn sigterm_lets_the_request_in_flight_finish_then_exits_zero() {
 
     stream.write_all(&body[half..]).unwrap();
     let response = read_response(&mut stream);
-    assert_eq!(response.status, 200);
+    assert_eq!(response.status, 201);
     assert!(image::load_from_memory(&response.body).is_ok());
     let status = server
         .wait(Duration::from_secs(8))

@@ -38,7 +38,7 @@ pub fn run(server: &Server, upload: &[u8], clients: usize, seconds: f64) -> Run 
                         let response = predict(server, "photo.jpg", upload, "");
                         assert_eq!(
                             response.status,
-                            200,
+                            201,
                             "{}",
                             String::from_utf8_lossy(&response.body)
                         );

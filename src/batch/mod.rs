@@ -660,7 +660,7 @@ impl Stages {
         let result = match result {
             Ok(()) => upload.finish().await,
             Err(error) => {
-                upload.abort().await;
+                upload.abort();
                 Err(error)
             }
         };

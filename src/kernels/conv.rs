@@ -36,7 +36,11 @@ impl PackedConv {
     /// weights are then held once.
     pub fn from_conv(conv: Conv2d) -> Self {
         let [out_channels, in_channels, kernel, kernel_w] = conv.weight.dims();
-        debug_assert_eq!(kernel, kernel_w, "square kernels only");
+        assert_eq!(kernel, kernel_w, "square kernels only");
+        assert_eq!(
+            conv.groups, 1,
+            "grouped convolutions are packed as depthwise"
+        );
         let weights = tensor_values(conv.weight.into_value());
         let bias = match conv.bias {
             Some(bias) => tensor_values(bias.into_value()),
@@ -195,8 +199,19 @@ pub fn conv1x1(
     activation: Activation,
     residuals: &[&FeatureMap],
 ) -> FeatureMap {
-    debug_assert_eq!((conv.kernel, conv.stride), (1, 1));
-    debug_assert_eq!(conv.in_channels, input.channels);
+    assert_eq!(
+        (conv.kernel, conv.stride),
+        (1, 1),
+        "a 1x1, stride-1 convolution only"
+    );
+    input.assert_shape(conv.in_channels);
+    FeatureMap::assert_residuals(
+        residuals,
+        input.batch,
+        conv.out_channels,
+        input.height,
+        input.width,
+    );
     let plane = input.plane();
     let out_len = conv.out_channels * plane;
     let per_pixel = 4 * (conv.in_channels + conv.out_channels);
@@ -284,7 +299,7 @@ fn im2col_same(image: &[f32], input: &FeatureMap, kernel: usize, stride: usize, 
 /// A dense convolution of any kernel size and stride with TensorFlow's SAME padding, the
 /// encoder's stem: `activation(conv(input) + bias)`.
 pub fn conv_same(input: &FeatureMap, conv: &PackedConv, activation: Activation) -> FeatureMap {
-    debug_assert_eq!(conv.in_channels, input.channels);
+    input.assert_shape(conv.in_channels);
     let (out_height, _) = same(input.height, conv.kernel, conv.stride);
     let (out_width, _) = same(input.width, conv.kernel, conv.stride);
     let plane = out_height * out_width;

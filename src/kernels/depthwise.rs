@@ -34,7 +34,12 @@ impl PackedDepthwise {
         for (filter, scale) in weights.chunks_mut(kernel * kernel).zip(&scale) {
             filter.iter_mut().for_each(|w| *w *= scale);
         }
-        debug_assert_eq!(bias.len(), channels);
+        assert_eq!(bias.len(), channels, "one BatchNorm channel per filter");
+        assert_eq!(
+            weights.len(),
+            channels * kernel * kernel,
+            "one square filter per channel"
+        );
         Self {
             weights,
             bias,
@@ -64,6 +69,7 @@ fn valid_columns(
 
 /// `activation(depthwise(input) + bias)`.
 pub fn depthwise(input: &FeatureMap, conv: &PackedDepthwise, activation: Activation) -> FeatureMap {
+    input.assert_shape(conv.bias.len());
     let (kernel, stride) = (conv.kernel, conv.stride);
     let (out_height, pad_top) = same(input.height, kernel, stride);
     let (out_width, pad_left) = same(input.width, kernel, stride);

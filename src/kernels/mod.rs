@@ -80,6 +80,39 @@ pub struct FeatureMap {
 }
 
 impl FeatureMap {
+    /// Panics unless the map holds exactly `batch * channels * height * width` values and has
+    /// `channels` channels. The kernels index raw pointers by these dimensions, so their public
+    /// entry points check them in every build, not only in debug ones.
+    pub fn assert_shape(&self, channels: usize) {
+        assert_eq!(
+            self.channels, channels,
+            "the map has the wrong channel count"
+        );
+        assert_eq!(
+            self.data.len(),
+            self.batch * self.channels * self.height * self.width,
+            "the map's data does not match its dimensions"
+        );
+    }
+
+    /// Panics unless each residual has this output's shape (see [`FeatureMap::assert_shape`]).
+    pub fn assert_residuals(
+        residuals: &[&FeatureMap],
+        batch: usize,
+        channels: usize,
+        height: usize,
+        width: usize,
+    ) {
+        for residual in residuals {
+            residual.assert_shape(channels);
+            assert_eq!(
+                (residual.batch, residual.height, residual.width),
+                (batch, height, width),
+                "a residual's shape differs from the output's"
+            );
+        }
+    }
+
     /// A map whose values `fill` writes, with no zeroing pass before it: the kernels write
     /// every output value anyway, and on large maps a zeroing pass costs as much as a layer.
     ///

@@ -31,6 +31,7 @@ fn taps(length: usize, align_corners: bool) -> Vec<(usize, usize, f32)> {
 
 /// Doubles the height and width of every plane.
 pub fn upsample2x(input: &FeatureMap, align_corners: bool) -> FeatureMap {
+    input.assert_shape(input.channels);
     let (height, width) = (input.height, input.width);
     let (out_height, out_width) = (2 * height, 2 * width);
     let row_taps = taps(height, align_corners);

@@ -37,7 +37,9 @@ impl WinogradConv {
     /// Transforms a Burn 3x3 convolution (groups 1, stride 1, padding 1), taking it over.
     pub fn from_conv(conv: Conv2d) -> Self {
         let [out_channels, in_channels, kernel, kernel_w] = conv.weight.dims();
-        debug_assert_eq!((kernel, kernel_w), (3, 3), "3x3 kernels only");
+        assert_eq!((kernel, kernel_w), (3, 3), "3x3 kernels only");
+        assert_eq!(conv.groups, 1, "no grouped convolutions");
+        assert_eq!(conv.stride, [1, 1], "stride 1 only");
         let filters = tensor_values(conv.weight.into_value());
         let bias = match conv.bias {
             Some(bias) => tensor_values(bias.into_value()),
@@ -296,8 +298,15 @@ pub fn winograd3x3(
     activation: Activation,
     residuals: &[&FeatureMap],
 ) -> FeatureMap {
-    debug_assert_eq!(conv.in_channels, input.channels);
-    debug_assert!(residuals.len() <= 2, "the decoder adds at most two maps");
+    input.assert_shape(conv.in_channels);
+    assert!(residuals.len() <= 2, "the decoder adds at most two maps");
+    FeatureMap::assert_residuals(
+        residuals,
+        input.batch,
+        conv.out_channels,
+        input.height,
+        input.width,
+    );
     let (channels, out_channels) = (conv.in_channels, conv.out_channels);
     let (height, width) = (input.height, input.width);
     let (tiles_y, tiles_x) = (height.div_ceil(2), width.div_ceil(2));

@@ -1,13 +1,15 @@
 //! Step 1: bytes to RGB pixels. JPEG, PNG and WebP through the `image` crate; alpha is dropped
 //! and grey expanded, as upstream's `cv2.imread(path)` does.
 //!
-//! [`probe`] reads only the header, so a caller holding the first bytes of an upload can refuse
-//! an image whose declared size exceeds its pixel budget before a single pixel is decoded.
+//! [`super::probe`] reads only the header, so a caller holding the first bytes of an upload can
+//! refuse an image whose declared size exceeds its pixel budget before a single pixel is decoded.
 
 use std::io::{Cursor, ErrorKind};
 
-use image::{ImageDecoder, ImageReader, Limits, RgbImage};
+use image::{ImageReader, Limits, RgbImage};
 use serde::Serialize;
+
+use super::probe::{jpeg_is_complete, probe};
 
 /// The image formats the service accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -136,48 +138,6 @@ fn classify(format: ImageFormat, error: image::ImageError) -> DecodeError {
     }
 }
 
-/// Reads the header from the first bytes of an image.
-///
-/// `Ok(None)` means more bytes are needed to see the whole header; the answer is final once
-/// `complete` is true (the caller has the whole file). Dimensions come from `imagesize`, which
-/// reads them from the first bytes alone (a PNG's IHDR, a JPEG's frame header, WebP's VP8
-/// header) without needing the rest of the file the way a decoder does.
-pub fn probe(bytes: &[u8], complete: bool) -> Result<Option<ImageHeader>, DecodeError> {
-    let Some(format) = ImageFormat::sniff(bytes) else {
-        // A dozen bytes are enough for every signature we accept.
-        return if bytes.len() < 16 && !complete {
-            Ok(None)
-        } else {
-            Err(DecodeError::UnsupportedFormat)
-        };
-    };
-    if let Ok(size) = imagesize::blob_size(bytes)
-        && let (Ok(width), Ok(height)) = (u32::try_from(size.width), u32::try_from(size.height))
-    {
-        return Ok(Some(ImageHeader {
-            format,
-            width,
-            height,
-        }));
-    }
-    if !complete {
-        // Metadata before the frame header can be long: wait for more.
-        return Ok(None);
-    }
-    // The whole file is here and still has no readable header: let the decoder say why.
-    match ImageReader::with_format(Cursor::new(bytes), format.as_image()).into_decoder() {
-        Ok(decoder) => {
-            let (width, height) = decoder.dimensions();
-            Ok(Some(ImageHeader {
-                format,
-                width,
-                height,
-            }))
-        }
-        Err(error) => Err(classify(format, error)),
-    }
-}
-
 /// Bounds on what [`decode`] accepts, checked on the header before any pixel is decoded.
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeLimits {
@@ -218,6 +178,9 @@ pub fn decode_checked(
     header: &ImageHeader,
     limits: &DecodeLimits,
 ) -> Result<RgbImage, DecodeError> {
+    if header.format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        return Err(DecodeError::Truncated(ImageFormat::Jpeg));
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), header.format.as_image());
     let mut decoder_limits = Limits::default();
     // Room for the decoded image at up to 16 bits and 4 channels, plus decoder scratch.
@@ -240,20 +203,5 @@ mod tests {
             Some(ImageFormat::Png)
         );
         assert_eq!(ImageFormat::sniff(b"GIF89a......"), None);
-    }
-
-    #[test]
-    fn probe_waits_for_more_bytes_then_decides() {
-        let png = b"\x89PNG\r\n\x1a\n";
-        assert!(matches!(probe(png, false), Ok(None)));
-        assert!(matches!(
-            probe(png, true),
-            Err(DecodeError::Truncated(ImageFormat::Png))
-        ));
-        assert!(matches!(probe(b"hello", false), Ok(None)));
-        assert!(matches!(
-            probe(b"hello", true),
-            Err(DecodeError::UnsupportedFormat)
-        ));
     }
 }

@@ -7,15 +7,15 @@ mod encode;
 mod infer;
 mod postprocess;
 mod preprocess;
+mod probe;
 
 pub use colormap::Colormap;
-pub use decode::{
-    DecodeError, DecodeLimits, ImageFormat, ImageHeader, decode, decode_checked, probe,
-};
+pub use decode::{DecodeError, DecodeLimits, ImageFormat, ImageHeader, decode, decode_checked};
 pub use encode::{EncodeError, OutputFormat, PngChunks, npy};
 pub use infer::{DepthModel, InferenceError};
 pub use postprocess::{DepthMap, ResizeError, colour_indices, colourise, depth16, resize_rgb};
 pub use preprocess::{NET_SIZE, NetInput, preprocess, target_size};
+pub use probe::{HeaderProbe, probe};
 
 use std::time::Instant;
 

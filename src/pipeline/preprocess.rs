@@ -87,17 +87,22 @@ pub fn preprocess(image: &RgbImage) -> NetInput {
     let y_taps = taps(src_h, dst_h);
     let pixels = image.as_raw();
 
-    // Horizontal pass over the source rows the vertical pass reads, in [0, 255].
-    let mut needed = vec![false; src_h];
+    // Horizontal pass over only the source rows the vertical pass reads (at most four per
+    // output row), in [0, 255]: the buffer is sized by the network input, never by the image's
+    // height, so a 1 x 24,000,000 image costs what a small one does.
+    let mut slot = vec![usize::MAX; src_h];
+    let mut rows_read = Vec::new();
     for (rows, _) in &y_taps {
         for &row in rows {
-            needed[row] = true;
+            if slot[row] == usize::MAX {
+                slot[row] = rows_read.len();
+                rows_read.push(row);
+            }
         }
     }
-    let mut horizontal = vec![0f32; src_h * dst_w * 3];
-    for (y, _) in needed.iter().enumerate().filter(|(_, needed)| **needed) {
+    let mut horizontal = vec![0f32; rows_read.len() * dst_w * 3];
+    for (&y, out_row) in rows_read.iter().zip(horizontal.chunks_exact_mut(dst_w * 3)) {
         let src_row = &pixels[y * src_w * 3..(y + 1) * src_w * 3];
-        let out_row = &mut horizontal[y * dst_w * 3..(y + 1) * dst_w * 3];
         for (x, (columns, weights)) in x_taps.iter().enumerate() {
             for c in 0..3 {
                 out_row[x * 3 + c] = columns
@@ -118,7 +123,7 @@ pub fn preprocess(image: &RgbImage) -> NetInput {
                 let value: f32 = rows
                     .iter()
                     .zip(weights)
-                    .map(|(&row, &w)| horizontal[(row * dst_w + x) * 3 + c] * w)
+                    .map(|(&row, &w)| horizontal[(slot[row] * dst_w + x) * 3 + c] * w)
                     .sum();
                 data[c * plane + y * dst_w + x] = (value / 255.0 - MEAN[c]) / STD[c];
             }

@@ -32,15 +32,16 @@ pub enum ApiError {
     /// The multipart body is malformed.
     #[error("malformed multipart body: {0}")]
     BadMultipart(String),
-    /// No part named `file`.
-    #[error("the form has no 'file' field")]
+    /// No part carries a file.
+    #[error(
+        "the form has no file part: send the image as a part with a filename (e.g. field 'file' or 'image')"
+    )]
     MissingFile,
-    /// A form field other than one `file`.
-    #[error("unexpected form field {0:?}: send exactly one field, named 'file'")]
+    /// A form field other than the one file and the `colormap` / `format` options.
+    #[error(
+        "unexpected form field {0:?}: send one file, plus optional 'colormap' and 'format' fields"
+    )]
     UnexpectedField(String),
-    /// The `file` part has no file name.
-    #[error("the 'file' field has no filename")]
-    MissingFilename,
     /// The `file` part is empty.
     #[error("the uploaded file is empty")]
     EmptyFile,
@@ -70,6 +71,33 @@ pub enum ApiError {
     /// The inference queue is full.
     #[error("the model is busy: the queue of {0} requests is full; retry shortly")]
     Overloaded(usize),
+    /// The inference thread has stopped; the instance is unhealthy.
+    #[error("the model is not running on this instance; retry (another instance will answer)")]
+    ModelUnavailable,
+    /// The memory budget stayed exhausted for the whole wait.
+    #[error("the server's memory budget stayed in use for {0:?}; retry shortly")]
+    MemoryBusy(Duration),
+    /// One request needs more than the whole memory budget.
+    #[error("the {purpose} needs {bytes} bytes, more than this server's memory budget of {total}")]
+    OverBudget {
+        /// What the memory was for.
+        purpose: &'static str,
+        /// How much it needed.
+        bytes: u64,
+        /// The whole budget.
+        total: u64,
+    },
+    /// The request head is larger than allowed.
+    #[error("the request line and headers take {size} bytes, above the limit of {limit}")]
+    HeadersTooLarge {
+        /// Their size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// No stored prediction has this id.
+    #[error("no prediction {0:?}")]
+    UnknownPrediction(String),
     /// The server is shutting down.
     #[error("the server is shutting down")]
     Draining,
@@ -91,7 +119,6 @@ impl ApiError {
             Self::BadMultipart(_) => (StatusCode::BAD_REQUEST, "bad_multipart"),
             Self::MissingFile => (StatusCode::BAD_REQUEST, "missing_file"),
             Self::UnexpectedField(_) => (StatusCode::BAD_REQUEST, "unexpected_field"),
-            Self::MissingFilename => (StatusCode::BAD_REQUEST, "missing_filename"),
             Self::EmptyFile => (StatusCode::BAD_REQUEST, "empty_file"),
             Self::DisallowedExtension(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_extension")
@@ -111,6 +138,14 @@ impl ApiError {
             Self::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             Self::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Self::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            Self::ModelUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "model_unavailable"),
+            Self::MemoryBusy(_) => (StatusCode::SERVICE_UNAVAILABLE, "memory_busy"),
+            Self::OverBudget { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "over_budget"),
+            Self::HeadersTooLarge { .. } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+            ),
+            Self::UnknownPrediction(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::Draining => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             Self::Store(StoreError::Timeout(_)) => (StatusCode::GATEWAY_TIMEOUT, "store_timeout"),
             Self::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),

@@ -5,9 +5,15 @@
 //! `Retry-After`) instead of letting waits grow without bound, and a job whose client has gone
 //! away is skipped without running. With `max_batch > 1`, jobs of the same input size that are
 //! already waiting run through the network together.
+//!
+//! A panic in a forward pass fails that batch only (each of its requests gets a 500) and the
+//! thread goes on serving. Should the thread end anyway, the queue says so: submissions fail
+//! as "model unavailable" rather than "queue full", and the health routes turn 503 so the
+//! platform replaces the instance.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -38,6 +44,18 @@ struct Job {
     reply: oneshot::Sender<Result<Inference, InferenceError>>,
 }
 
+/// What the inference thread runs: a model that turns same-sized inputs into depth maps.
+pub trait BatchModel: Send + 'static {
+    /// One forward pass over `inputs`.
+    fn predict_batch(&self, inputs: Vec<NetInput>) -> Result<Vec<DepthMap>, InferenceError>;
+}
+
+impl BatchModel for DepthModel {
+    fn predict_batch(&self, inputs: Vec<NetInput>) -> Result<Vec<DepthMap>, InferenceError> {
+        DepthModel::predict_batch(self, inputs)
+    }
+}
+
 /// The submitting side of the queue; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct InferenceQueue {
@@ -45,25 +63,46 @@ pub struct InferenceQueue {
     capacity: usize,
     /// Jobs submitted and not yet taken by the thread (for `/metrics` and the overload check).
     waiting: Arc<AtomicUsize>,
+    /// False once the inference thread has ended.
+    alive: Arc<AtomicBool>,
 }
 
-/// The queue is full.
-#[derive(Debug)]
-pub struct QueueFull {
-    /// The queue's capacity.
-    pub capacity: usize,
+/// Why a job was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The queue is full.
+    Full {
+        /// The queue's capacity.
+        capacity: usize,
+    },
+    /// The inference thread has ended.
+    Stopped,
+}
+
+/// Marks the queue dead when the inference thread ends, however it ends (a panic unwinds
+/// through this guard too).
+struct Liveness(Arc<AtomicBool>);
+
+impl Drop for Liveness {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+        if thread::panicking() {
+            tracing::error!("the inference thread died; the instance reports itself unhealthy");
+        }
+    }
 }
 
 impl InferenceQueue {
     /// Starts the inference thread, which owns `model` until every queue handle is dropped.
-    pub fn start(
-        model: DepthModel,
+    pub fn start<M: BatchModel>(
+        model: M,
         capacity: usize,
         max_batch: usize,
         metrics: Metrics,
     ) -> std::io::Result<(Self, thread::JoinHandle<()>)> {
         let (sender, receiver) = mpsc::channel(capacity.max(1));
         let waiting = Arc::new(AtomicUsize::new(0));
+        let alive = Arc::new(AtomicBool::new(true));
         let worker = Worker {
             model,
             receiver,
@@ -71,21 +110,44 @@ impl InferenceQueue {
             waiting: waiting.clone(),
             metrics,
         };
+        let liveness = Liveness(alive.clone());
         let handle = thread::Builder::new()
             .name("inference".to_string())
-            .spawn(move || worker.run())?;
+            .spawn(move || {
+                let _liveness = liveness;
+                worker.run();
+            })?;
         Ok((
             Self {
                 sender,
                 capacity: capacity.max(1),
                 waiting,
+                alive,
             },
             handle,
         ))
     }
 
-    /// Queues an input; `Err` when the queue is full.
-    pub fn submit(&self, input: NetInput) -> Result<Reply, QueueFull> {
+    /// Whether the inference thread is running.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst) && !self.sender.is_closed()
+    }
+
+    /// Whether a job submitted now would be refused (checked before a request's body is read).
+    pub fn admits(&self) -> Result<(), SubmitError> {
+        if !self.is_alive() {
+            return Err(SubmitError::Stopped);
+        }
+        if self.waiting() >= self.capacity {
+            return Err(SubmitError::Full {
+                capacity: self.capacity,
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues an input; `Err` when the queue is full or the thread has ended.
+    pub fn submit(&self, input: NetInput) -> Result<Reply, SubmitError> {
         let (reply, receiver) = oneshot::channel();
         let job = Job {
             input,
@@ -95,10 +157,13 @@ impl InferenceQueue {
         self.waiting.fetch_add(1, Ordering::SeqCst);
         match self.sender.try_send(job) {
             Ok(()) => Ok(receiver),
-            Err(_) => {
+            Err(error) => {
                 self.waiting.fetch_sub(1, Ordering::SeqCst);
-                Err(QueueFull {
-                    capacity: self.capacity,
+                Err(match error {
+                    mpsc::error::TrySendError::Full(_) => SubmitError::Full {
+                        capacity: self.capacity,
+                    },
+                    mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
                 })
             }
         }
@@ -110,15 +175,15 @@ impl InferenceQueue {
     }
 }
 
-struct Worker {
-    model: DepthModel,
+struct Worker<M> {
+    model: M,
     receiver: mpsc::Receiver<Job>,
     max_batch: usize,
     waiting: Arc<AtomicUsize>,
     metrics: Metrics,
 }
 
-impl Worker {
+impl<M: BatchModel> Worker<M> {
     fn take(&mut self, job: Job) -> Option<Job> {
         self.waiting.fetch_sub(1, Ordering::SeqCst);
         // The handler dropped its receiver: the client is gone, the slot is free.
@@ -166,7 +231,19 @@ impl Worker {
             inputs.push(job.input);
             replies.push((job.reply, started - job.submitted));
         }
-        let result = self.model.predict_batch(inputs);
+        // A panic fails this batch only; the thread keeps serving.
+        let result =
+            std::panic::catch_unwind(AssertUnwindSafe(|| self.model.predict_batch(inputs)))
+                .unwrap_or_else(|panic| {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".to_string());
+                    Err(InferenceError::from_message(format!(
+                        "the forward pass panicked: {message}"
+                    )))
+                });
         let forward = started.elapsed();
         self.metrics.batch_size.observe(size as f64);
         match result {
@@ -187,5 +264,74 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Panics on 1-pixel-wide inputs, else answers zeros.
+    struct Fragile;
+
+    impl BatchModel for Fragile {
+        fn predict_batch(&self, inputs: Vec<NetInput>) -> Result<Vec<DepthMap>, InferenceError> {
+            assert!(inputs.iter().all(|i| i.width > 1), "a deliberate failure");
+            Ok(inputs
+                .iter()
+                .map(|i| DepthMap {
+                    width: i.width,
+                    height: i.height,
+                    data: vec![0.0; i.width * i.height],
+                })
+                .collect())
+        }
+    }
+
+    fn input(width: usize) -> NetInput {
+        NetInput {
+            width,
+            height: 2,
+            data: vec![0.0; 3 * width * 2],
+        }
+    }
+
+    #[test]
+    fn a_panic_fails_its_batch_and_the_thread_serves_on() {
+        let (queue, _thread) = InferenceQueue::start(Fragile, 4, 1, Metrics::default()).unwrap();
+        let failed = queue.submit(input(1)).unwrap().blocking_recv().unwrap();
+        let message = failed.unwrap_err().to_string();
+        assert!(message.contains("a deliberate failure"), "{message}");
+        for _ in 0..3 {
+            let ok = queue.submit(input(4)).unwrap().blocking_recv().unwrap();
+            assert_eq!(ok.unwrap().depth.data.len(), 8);
+        }
+        assert!(queue.is_alive());
+        assert_eq!(queue.admits(), Ok(()));
+    }
+
+    #[test]
+    fn a_dead_thread_is_reported_as_stopped_not_full() {
+        let alive = Arc::new(AtomicBool::new(true));
+        let guard = Liveness(alive.clone());
+        let died = thread::spawn(move || {
+            let _guard = guard;
+            panic!("the thread dies");
+        })
+        .join();
+        assert!(died.is_err());
+        assert!(!alive.load(Ordering::SeqCst));
+
+        let (sender, receiver) = mpsc::channel(2);
+        drop(receiver);
+        let queue = InferenceQueue {
+            sender,
+            capacity: 2,
+            waiting: Arc::new(AtomicUsize::new(0)),
+            alive,
+        };
+        assert!(!queue.is_alive());
+        assert_eq!(queue.admits(), Err(SubmitError::Stopped));
+        assert_eq!(queue.submit(input(4)).unwrap_err(), SubmitError::Stopped);
     }
 }

@@ -139,10 +139,42 @@ impl Metrics {
         text
     }
 
+    /// Counts a failed store operation on an object of `kind` (`input` or `output`).
+    pub fn store_error(&self, kind: &'static str) {
+        self.store_errors
+            .get_or_create(&ObjectLabels { kind })
+            .inc();
+    }
+
+    /// Counts `bytes` committed to the store for an object of `kind`.
+    pub fn stored(&self, kind: &'static str, bytes: u64) {
+        self.stored_bytes
+            .get_or_create(&ObjectLabels { kind })
+            .inc_by(bytes);
+    }
+
     /// Records one `/predict` stage.
     pub fn stage(&self, stage: &'static str, seconds: f64) {
         self.stages
             .get_or_create(&StageLabels { stage })
             .observe(seconds);
+    }
+}
+
+/// One request in flight: counted while this guard lives, so a handler that hyper drops when
+/// its client disconnects is uncounted all the same.
+pub struct InFlight(Gauge);
+
+impl InFlight {
+    /// Counts a request in.
+    pub fn enter(metrics: &Metrics) -> Self {
+        metrics.in_flight.inc();
+        Self(metrics.in_flight.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

@@ -4,11 +4,16 @@
 //! socket, so "listening" means "ready". Requests are handled on the async runtime; decoding
 //! and encoding run on blocking threads, the forward pass on the model's own thread.
 
+mod budget;
 pub mod error;
 mod inference;
+mod intake;
+mod io;
 mod metrics;
+mod output;
 mod page;
 mod predict;
+mod predictions;
 mod routes;
 
 use std::convert::Infallible;
@@ -30,6 +35,7 @@ use crate::config::ServeArgs;
 use crate::pipeline::{DecodeLimits, LoadError, Pipeline, RenderOptions};
 use crate::storage::{Store, StoreError};
 use crate::weights::WeightsReport;
+pub use budget::MemoryBudget;
 pub use inference::InferenceQueue;
 pub use metrics::Metrics;
 
@@ -51,6 +57,9 @@ pub enum ServerError {
     /// The warm-up prediction failed.
     #[error("warm-up failed: {0}")]
     WarmUp(String),
+    /// The settings contradict each other.
+    #[error("invalid settings: {0}")]
+    Config(String),
     /// The socket could not be bound, or a thread not started.
     #[error("{context}: {error}")]
     Io {
@@ -86,9 +95,10 @@ pub struct AppState {
     pub model: ModelInfo,
     /// Limits every image is checked against before decoding.
     pub limits: DecodeLimits,
-    /// Bounds how many images are decoded and rendered at once (each holds full-size pixels),
-    /// so memory stays bounded however many uploads arrive together.
+    /// Bounds how many images are decoded and rendered at once, to the CPUs there are.
     pub pixel_work: Semaphore,
+    /// The bytes that request bodies, decoded images and rendered outputs may hold together.
+    pub budget: MemoryBudget,
     /// True between warm-up and the start of shutdown; `/readyz` reports it.
     pub ready: AtomicBool,
     /// The welcome page, rendered once.
@@ -134,6 +144,7 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
     })?;
     let page = page::render(&model, &store, &config);
     let workers = std::thread::available_parallelism().map_or(2, usize::from);
+    let budget = memory_budget(&config)?;
     let state = Arc::new(AppState {
         store,
         queue,
@@ -141,6 +152,7 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
         model,
         limits,
         pixel_work: Semaphore::new(workers),
+        budget,
         ready: AtomicBool::new(true),
         page,
         config,
@@ -148,6 +160,38 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
     tracing::info!(addr = %local, startup_ms = started.elapsed().as_millis() as u64, "listening");
     serve(listener, state, shutdown_signal()).await;
     Ok(())
+}
+
+/// The memory budget: `--memory-budget`, or derived from the container's limit less what the
+/// process holds now (the model, warmed up). The largest image the limits allow, and the
+/// largest body, must each fit in it, or no request of that size could ever run.
+fn memory_budget(config: &ServeArgs) -> Result<MemoryBudget, ServerError> {
+    let resident = budget::resident_bytes();
+    let bytes = match config.memory_budget {
+        Some(mib) => mib << 20,
+        None => budget::default_bytes(resident),
+    };
+    let budget = MemoryBudget::new(bytes, config.memory_wait());
+    let worst_image =
+        config.max_pixels * budget::DECODE_BYTES_PER_PIXEL.max(budget::RENDER_BYTES_PER_PIXEL);
+    let largest = worst_image.max(config.max_body_bytes);
+    if largest > budget.total() {
+        return Err(ServerError::Config(format!(
+            "the memory budget of {} MiB cannot hold one image at --max-pixels {} ({} MiB) or \
+             one body at --max-body-bytes ({} MiB); give the container more memory, set \
+             --memory-budget, or lower the limits",
+            budget.total() >> 20,
+            config.max_pixels,
+            worst_image >> 20,
+            config.max_body_bytes >> 20
+        )));
+    }
+    tracing::info!(
+        budget_mib = budget.total() >> 20,
+        resident_mib = resident >> 20,
+        "memory budget for request bodies and pixels"
+    );
+    Ok(budget)
 }
 
 /// One full prediction on a synthetic 640x480 image, so the first request does not pay for
@@ -205,11 +249,17 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A head above --max-header-bytes gets the router's JSON 431; one beyond hyper's own read
+    // buffer (about 400 KiB) is cut off by hyper with a bare 431.
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(state.config.header_timeout());
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(state.config.max_header_bytes as u32);
+    let send_timeout = state.config.send_timeout();
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(state.config.max_connections.max(1)));
     tokio::pin!(shutdown);
@@ -240,7 +290,10 @@ pub async fn serve(
         });
         let connection = graceful.watch(
             builder
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(
+                    TokioIo::new(io::SendTimeout::new(stream, send_timeout)),
+                    service,
+                )
                 .into_owned(),
         );
         tokio::spawn(async move {

@@ -12,8 +12,8 @@ use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
 use super::error::ApiError;
-use super::metrics::{RequestLabels, RouteLabels};
-use super::{AppState, Body, predict};
+use super::metrics::{InFlight, RequestLabels, RouteLabels};
+use super::{AppState, Body, predict, predictions};
 
 /// A response with a complete body.
 pub fn full(
@@ -45,6 +45,9 @@ fn route(path: &str) -> Option<(&'static str, &'static [Method], &'static str)> 
         "/healthz" => ("/healthz", &[Method::GET, Method::HEAD], "GET, HEAD"),
         "/readyz" => ("/readyz", &[Method::GET, Method::HEAD], "GET, HEAD"),
         "/metrics" => ("/metrics", &[Method::GET], "GET"),
+        _ if path.starts_with(predictions::PREFIX) => {
+            ("/predictions", &[Method::GET, Method::HEAD], "GET, HEAD")
+        }
         _ => return None,
     })
 }
@@ -56,12 +59,23 @@ pub async fn handle(
     peer: SocketAddr,
 ) -> Response<Body> {
     let started = Instant::now();
-    let request_id = uuid::Uuid::new_v4().simple().to_string();
+    let request_id = crate::storage::new_request_id(std::time::SystemTime::now());
     let method = request.method().clone();
     let path = request.uri().path().to_string();
-    state.metrics.in_flight.inc();
+    // Decremented on drop: also when hyper drops this future because the client went away.
+    let _in_flight = InFlight::enter(&state.metrics);
+    let head_size = head_size(&request);
+    let limit = state.config.max_header_bytes;
 
     let (label, response) = match route(&path) {
+        _ if head_size > limit => (
+            "other",
+            ApiError::HeadersTooLarge {
+                size: head_size,
+                limit,
+            }
+            .into_response(&request_id),
+        ),
         None => (
             "other",
             ApiError::NotFound(path.clone()).into_response(&request_id),
@@ -80,7 +94,10 @@ pub async fn handle(
         Some((label, _, _)) => {
             let response = match label {
                 "/predict" => predict::handle(&state, request, &request_id, peer).await,
-                "/healthz" => json(StatusCode::OK, serde_json::json!({ "status": "ok" })),
+                "/predictions" => predictions::handle(&state, &request)
+                    .await
+                    .unwrap_or_else(|error| error.into_response(&request_id)),
+                "/healthz" => health(&state),
                 "/readyz" => readiness(&state),
                 "/metrics" => metrics(&state),
                 _ => welcome(&state),
@@ -101,7 +118,6 @@ pub async fn handle(
             HeaderValue::from_static("untrained deterministic weights: depth maps are meaningless"),
         );
     }
-    state.metrics.in_flight.dec();
     state
         .metrics
         .requests
@@ -116,7 +132,7 @@ pub async fn handle(
         .get_or_create(&RouteLabels { route: label })
         .observe(started.elapsed().as_secs_f64());
     // /predict logs its own line once the streamed body is complete.
-    if label != "/predict" || status != 200 {
+    if label != "/predict" || status != 201 {
         tracing::info!(
             request_id = %request_id,
             method = %method,
@@ -142,8 +158,31 @@ fn welcome(state: &AppState) -> Response<Body> {
     response
 }
 
+/// The request line and headers' size, as they arrived (HTTP/1.1 framing).
+fn head_size(request: &Request<Incoming>) -> usize {
+    let line = request.method().as_str().len() + request.uri().to_string().len() + 12;
+    request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+        + line
+}
+
+/// Liveness: the process answers and its model thread runs.
+fn health(state: &AppState) -> Response<Body> {
+    if state.queue.is_alive() {
+        json(StatusCode::OK, serde_json::json!({ "status": "ok" }))
+    } else {
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({ "status": "the inference thread has stopped" }),
+        )
+    }
+}
+
 fn readiness(state: &AppState) -> Response<Body> {
-    let ready = state.ready.load(Ordering::SeqCst);
+    let ready = state.ready.load(Ordering::SeqCst) && state.queue.is_alive();
     let status = if ready {
         StatusCode::OK
     } else {
@@ -158,6 +197,8 @@ fn readiness(state: &AppState) -> Response<Body> {
             "untrained": state.model.weights.untrained,
             "weights": state.model.weights.source,
             "queue_depth": state.queue.waiting(),
+            "memory_budget_bytes": state.budget.total(),
+            "memory_available_bytes": state.budget.available(),
         }),
     )
 }

@@ -333,31 +333,16 @@ impl GcsStore {
         Ok(objects)
     }
 
-    /// Reads object `name` (relative to the prefix) whole, refusing one above `max_bytes`
-    /// before reading its body.
-    pub async fn read(&self, name: &str, max_bytes: u64) -> Result<Bytes, StoreError> {
-        let object = self.object_name(name);
-        let mut reader = self.client.read(&self.bucket, &object).await?;
-        let size = reader.size().unwrap_or_default();
-        if size > max_bytes {
-            return Err(StoreError::TooLarge {
-                name: name.to_string(),
-                size,
-                limit: max_bytes,
-            });
-        }
-        let mut data = bytes::BytesMut::with_capacity(size as usize);
-        while let Some(chunk) = reader.next_chunk().await? {
-            data.extend_from_slice(&chunk);
-            if data.len() as u64 > max_bytes {
-                return Err(StoreError::TooLarge {
-                    name: name.to_string(),
-                    size: data.len() as u64,
-                    limit: max_bytes,
-                });
-            }
-        }
-        Ok(data.freeze())
+    /// Opens object `name` (relative to the prefix) for reading in chunks.
+    pub async fn open_object(&self, name: &str) -> Result<ObjectReader, StoreError> {
+        self.client
+            .read(&self.bucket, &self.object_name(name))
+            .await
+    }
+
+    /// How long one call may take.
+    pub fn timeout(&self) -> Duration {
+        self.client.timeout
     }
 
     /// Where `other` lies inside this store, as a name prefix, if it does.

@@ -3,8 +3,8 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::{Listed, Piece, StoreError};
@@ -17,11 +17,13 @@ pub const PARTIAL_PREFIX: &str = ".partial-";
 #[derive(Clone, Debug)]
 pub struct LocalStore {
     root: PathBuf,
+    timeout: Duration,
 }
 
 impl LocalStore {
-    /// Creates the directory if needed and checks it is writable.
-    pub async fn open(root: PathBuf) -> Result<Self, StoreError> {
+    /// Creates the directory if needed and checks it is writable; each later call on an
+    /// object may take at most `timeout` (a stalled network mount must not hang a request).
+    pub async fn open(root: PathBuf, timeout: Duration) -> Result<Self, StoreError> {
         let unavailable =
             |e: std::io::Error| StoreError::Unavailable(format!("{}: {e}", root.display()));
         tokio::fs::create_dir_all(&root)
@@ -32,13 +34,13 @@ impl LocalStore {
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?
             .map_err(unavailable)?;
-        Ok(Self { root })
+        Ok(Self { root, timeout })
     }
 
     /// An existing directory, opened for reading only.
-    pub async fn existing(root: PathBuf) -> Result<Self, StoreError> {
+    pub async fn existing(root: PathBuf, timeout: Duration) -> Result<Self, StoreError> {
         match tokio::fs::metadata(&root).await {
-            Ok(metadata) if metadata.is_dir() => Ok(Self { root }),
+            Ok(metadata) if metadata.is_dir() => Ok(Self { root, timeout }),
             Ok(_) => Err(StoreError::Unavailable(format!(
                 "{} is not a directory",
                 root.display()
@@ -50,6 +52,11 @@ impl LocalStore {
     /// The directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// How long one call on an object may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Every file below the root, recursively, as `/`-separated relative names in name order.
@@ -68,30 +75,19 @@ impl LocalStore {
         .map_err(|e| StoreError::Unavailable(e.to_string()))?
     }
 
-    /// Reads a file whole; one above `max_bytes` is refused on its size alone.
-    pub async fn read(&self, name: &str, max_bytes: u64) -> Result<Bytes, StoreError> {
+    /// Opens a file for reading in chunks.
+    pub async fn open_object(&self, name: &str) -> Result<(tokio::fs::File, u64), StoreError> {
         let path = self.root.join(name);
         let failed = |e: std::io::Error| match e.kind() {
             std::io::ErrorKind::NotFound => StoreError::NotFound(name.to_string()),
             _ => StoreError::Unavailable(format!("{}: {e}", path.display())),
         };
-        let size = tokio::fs::metadata(&path).await.map_err(failed)?.len();
-        if size > max_bytes {
-            return Err(StoreError::TooLarge {
-                name: name.to_string(),
-                size,
-                limit: max_bytes,
-            });
+        let file = tokio::fs::File::open(&path).await.map_err(failed)?;
+        let metadata = file.metadata().await.map_err(failed)?;
+        if !metadata.is_file() {
+            return Err(StoreError::NotFound(name.to_string()));
         }
-        let data = tokio::fs::read(&path).await.map_err(failed)?;
-        if data.len() as u64 > max_bytes {
-            return Err(StoreError::TooLarge {
-                name: name.to_string(),
-                size: data.len() as u64,
-                limit: max_bytes,
-            });
-        }
-        Ok(Bytes::from(data))
+        Ok((file, metadata.len()))
     }
 
     /// Where `other` lies inside this directory, as a `/`-separated prefix, if it does.

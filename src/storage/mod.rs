@@ -77,7 +77,7 @@ impl Store {
         if spec.is_empty() || spec.contains("://") {
             return Err(StoreError::InvalidSpec(spec.to_string()));
         }
-        Ok(Self::Local(LocalStore::open(spec.into()).await?))
+        Ok(Self::Local(LocalStore::open(spec.into(), timeout).await?))
     }
 
     /// Connects to the store `spec` names without writing to it, for stores that are only
@@ -89,7 +89,9 @@ impl Store {
         if spec.is_empty() || spec.contains("://") {
             return Err(StoreError::InvalidSpec(spec.to_string()));
         }
-        Ok(Self::Local(LocalStore::existing(spec.into()).await?))
+        Ok(Self::Local(
+            LocalStore::existing(spec.into(), timeout).await?,
+        ))
     }
 
     /// Every object in the store, named relative to its root, in name order (objects still
@@ -109,11 +111,60 @@ impl Store {
         }
     }
 
+    /// Opens object `name` for reading in chunks (for streaming it to a client).
+    pub async fn open_object(&self, name: &str) -> Result<ObjectStream, StoreError> {
+        let timeout = self.timeout();
+        let opened = async {
+            Ok(match self {
+                Self::Local(store) => {
+                    let (file, size) = store.open_object(name).await?;
+                    ObjectStream {
+                        source: Source::Local(file),
+                        size,
+                        timeout,
+                    }
+                }
+                Self::Gcs(store) => {
+                    let reader = store.open_object(name).await?;
+                    ObjectStream {
+                        size: reader.size().unwrap_or_default(),
+                        source: Source::Gcs(Box::new(reader)),
+                        timeout,
+                    }
+                }
+            })
+        };
+        tokio::time::timeout(timeout, opened)
+            .await
+            .map_err(|_| StoreError::Timeout(timeout))?
+    }
+
     /// Reads object `name` whole; one above `max_bytes` is refused before its body is read.
     pub async fn read(&self, name: &str, max_bytes: u64) -> Result<Bytes, StoreError> {
+        let mut object = self.open_object(name).await?;
+        let too_large = |size| StoreError::TooLarge {
+            name: name.to_string(),
+            size,
+            limit: max_bytes,
+        };
+        if object.size() > max_bytes {
+            return Err(too_large(object.size()));
+        }
+        let mut data = bytes::BytesMut::with_capacity(object.size() as usize);
+        while let Some(chunk) = object.next_chunk().await? {
+            data.extend_from_slice(&chunk);
+            if data.len() as u64 > max_bytes {
+                return Err(too_large(data.len() as u64));
+            }
+        }
+        Ok(data.freeze())
+    }
+
+    /// How long one call on an object may take before it counts as failed.
+    pub fn timeout(&self) -> Duration {
         match self {
-            Self::Local(store) => store.read(name, max_bytes).await,
-            Self::Gcs(store) => store.read(name, max_bytes).await,
+            Self::Local(store) => store.timeout(),
+            Self::Gcs(store) => store.timeout(),
         }
     }
 
@@ -151,10 +202,11 @@ impl Store {
             Self::Gcs(store) => tokio::spawn((**store).clone().write(name.to_string(), receiver)),
         };
         Upload {
-            sender,
-            task,
+            sender: Some(sender),
+            task: Some(task),
             name: name.to_string(),
             bytes: 0,
+            timeout: self.timeout(),
         }
     }
 }
@@ -178,12 +230,19 @@ pub enum Piece {
 }
 
 /// An object being written.
+///
+/// Every call is bounded by the store's timeout, and an upload that is dropped before
+/// [`Upload::finish`] succeeds is aborted on the spot: its writer task is cancelled, so an early
+/// return anywhere in a caller can neither commit a partial object nor leave a task behind.
 #[derive(Debug)]
 pub struct Upload {
-    sender: mpsc::Sender<Piece>,
-    task: JoinHandle<Result<u64, StoreError>>,
+    /// `None` once [`Upload::finish`] has handed over the end of the object.
+    sender: Option<mpsc::Sender<Piece>>,
+    /// `None` once awaited.
+    task: Option<JoinHandle<Result<u64, StoreError>>>,
     name: String,
     bytes: u64,
+    timeout: Duration,
 }
 
 impl Upload {
@@ -197,73 +256,152 @@ impl Upload {
         self.bytes
     }
 
-    /// Appends a chunk (waits while the store is behind).
+    /// Appends a chunk, waiting while the store is behind, but no longer than the store's
+    /// timeout: a store that stops taking data is a store failure, not a slow client.
     pub async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
         self.bytes += chunk.len() as u64;
-        if self.sender.send(Piece::Chunk(chunk)).await.is_err() {
+        let Some(sender) = &self.sender else {
+            return Err(StoreError::Cancelled);
+        };
+        match tokio::time::timeout(self.timeout, sender.send(Piece::Chunk(chunk))).await {
+            Ok(Ok(())) => Ok(()),
             // The writer stopped early: its result says why.
-            return Err(self.failure().await);
-        }
-        Ok(())
-    }
-
-    async fn failure(&mut self) -> StoreError {
-        match (&mut self.task).await {
-            Ok(Err(error)) => error,
-            Ok(Ok(_)) | Err(_) => StoreError::Cancelled,
+            Ok(Err(_)) => Err(self.outcome().await.err().unwrap_or(StoreError::Cancelled)),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
         }
     }
 
-    /// Commits the object; returns its size once it is durably stored.
+    /// The writer task's result, waited for at most the store's timeout.
+    async fn outcome(&mut self) -> Result<u64, StoreError> {
+        let Some(task) = self.task.as_mut() else {
+            return Err(StoreError::Cancelled);
+        };
+        let result = match tokio::time::timeout(self.timeout, task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(StoreError::Cancelled),
+            Err(_) => return Err(StoreError::Timeout(self.timeout)),
+        };
+        self.task = None;
+        result
+    }
+
+    /// Commits the object; returns its size once it is durably stored, or fails after the
+    /// store's timeout (the object is then not committed by this upload).
     pub async fn finish(mut self) -> Result<u64, StoreError> {
-        if self.sender.send(Piece::Finish).await.is_err() {
-            return Err(self.failure().await);
+        if let Some(sender) = self.sender.take() {
+            match tokio::time::timeout(self.timeout, sender.send(Piece::Finish)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    return Err(self.outcome().await.err().unwrap_or(StoreError::Cancelled));
+                }
+                Err(_) => return Err(StoreError::Timeout(self.timeout)),
+            }
         }
-        drop(self.sender);
-        self.task.await.map_err(|_| StoreError::Cancelled)?
+        self.outcome().await
     }
 
-    /// Abandons the object: nothing is stored. (Dropping an `Upload` does the same.)
-    pub async fn abort(self) {
-        drop(self.sender);
-        let _ = self.task.await;
+    /// Abandons the object: nothing is stored. Returns at once (dropping does the same).
+    pub fn abort(self) {
+        drop(self);
     }
 }
 
-/// The object names of one request: `uploads/YYYY/MM/DD/<id>-<name>` and
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// An object being read, chunk by chunk; each chunk is bounded by the store's timeout.
+#[derive(Debug)]
+pub struct ObjectStream {
+    source: Source,
+    size: u64,
+    timeout: Duration,
+}
+
+#[derive(Debug)]
+enum Source {
+    Local(tokio::fs::File),
+    Gcs(Box<gcs::ObjectReader>),
+}
+
+/// Bytes read from a local file per chunk.
+const READ_CHUNK: usize = 256 * 1024;
+
+impl ObjectStream {
+    /// The object's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The next chunk, `None` at the end.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, StoreError> {
+        match &mut self.source {
+            Source::Gcs(reader) => reader.next_chunk().await,
+            Source::Local(file) => {
+                let mut buffer = bytes::BytesMut::with_capacity(READ_CHUNK);
+                let read = tokio::time::timeout(
+                    self.timeout,
+                    tokio::io::AsyncReadExt::read_buf(file, &mut buffer),
+                )
+                .await
+                .map_err(|_| StoreError::Timeout(self.timeout))?
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                Ok((read > 0).then(|| buffer.freeze()))
+            }
+        }
+    }
+}
+
+/// A request's id: its UTC date and 128 random bits, `YYYYMMDD-<32 hex digits>`. The date
+/// tells where the request's objects live, so a prediction is found from its id alone; the
+/// random part keeps ids unguessable.
+pub fn new_request_id(now: SystemTime) -> String {
+    let date = time::OffsetDateTime::from(now);
+    format!(
+        "{:04}{:02}{:02}-{}",
+        date.year(),
+        u8::from(date.month()),
+        date.day(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// The `YYYY/MM/DD` directory of a well-formed request id; `None` for anything else (so a
+/// client's id can never name another path).
+fn id_date_path(request_id: &str) -> Option<String> {
+    let (date, random) = request_id.split_once('-')?;
+    let well_formed = date.len() == 8
+        && date.bytes().all(|b| b.is_ascii_digit())
+        && random.len() == 32
+        && random
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+    well_formed.then(|| format!("{}/{}/{}", &date[..4], &date[4..6], &date[6..]))
+}
+
+/// Where request `request_id`'s upload, sent as `file_name`, goes:
+/// `uploads/YYYY/MM/DD/<id>-<name>`, the date being the id's.
+pub fn upload_name(request_id: &str, file_name: &str) -> Option<String> {
+    let date = id_date_path(request_id)?;
+    Some(format!(
+        "uploads/{date}/{request_id}-{}",
+        sanitise(file_name)
+    ))
+}
+
+/// Where request `request_id`'s prediction, encoded with `extension`, goes:
 /// `predictions/YYYY/MM/DD/<id>.<ext>`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ObjectNames {
-    /// Where the uploaded image goes.
-    pub input: String,
-    /// Where the prediction goes.
-    pub output: String,
+pub fn prediction_name(request_id: &str, extension: &str) -> Option<String> {
+    let date = id_date_path(request_id)?;
+    Some(format!("predictions/{date}/{request_id}.{extension}"))
 }
 
 /// Longest file-name part of an object name (extension included).
 const MAX_NAME_CHARS: usize = 100;
-
-impl ObjectNames {
-    /// Names for request `request_id`, uploaded as `file_name`, producing `extension`.
-    pub fn new(request_id: &str, file_name: &str, extension: &str, now: SystemTime) -> Self {
-        let date = date_path(now);
-        Self {
-            input: format!("uploads/{date}/{request_id}-{}", sanitise(file_name)),
-            output: format!("predictions/{date}/{request_id}.{extension}"),
-        }
-    }
-}
-
-/// `YYYY/MM/DD` in UTC.
-fn date_path(now: SystemTime) -> String {
-    let datetime = time::OffsetDateTime::from(now);
-    format!(
-        "{:04}/{:02}/{:02}",
-        datetime.year(),
-        u8::from(datetime.month()),
-        datetime.day()
-    )
-}
 
 /// A client's file name made safe as the last part of an object name: only ASCII letters,
 /// digits, `.`, `-` and `_` (anything else becomes `_`), no leading dots (so no `..`), at most
@@ -324,10 +462,26 @@ mod tests {
     }
 
     #[test]
-    fn object_names_carry_date_and_id() {
+    fn object_names_carry_the_ids_date() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_028_800); // 2025-11-25
-        let names = ObjectNames::new("abc", "my photo.png", "png", now);
-        assert_eq!(names.input, "uploads/2025/11/25/abc-my_photo.png");
-        assert_eq!(names.output, "predictions/2025/11/25/abc.png");
+        let id = new_request_id(now);
+        assert!(id.starts_with("20251125-") && id.len() == 41, "{id}");
+        assert_eq!(
+            upload_name(&id, "my photo.png").unwrap(),
+            format!("uploads/2025/11/25/{id}-my_photo.png")
+        );
+        assert_eq!(
+            prediction_name(&id, "png").unwrap(),
+            format!("predictions/2025/11/25/{id}.png")
+        );
+        for bad in [
+            "../../etc",
+            "20251125-XYZ",
+            "2025112-0123456789abcdef0123456789abcdef",
+            "",
+        ] {
+            assert_eq!(prediction_name(bad, "png"), None, "{bad}");
+        }
+        assert_ne!(new_request_id(now), id);
     }
 }

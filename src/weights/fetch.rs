@@ -32,7 +32,7 @@ impl FromStr for WeightsLocation {
     type Err = WeightsError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let invalid = || WeightsError::InvalidLocation(text.to_string());
+        let invalid = || WeightsError::InvalidLocation(redact_url(text));
         if let Some(rest) = text.strip_prefix("gs://") {
             let (bucket, object) = rest.split_once('/').ok_or_else(invalid)?;
             if bucket.is_empty() || object.is_empty() {
@@ -57,11 +57,38 @@ impl FromStr for WeightsLocation {
     }
 }
 
+/// A URL as it may be shown: without user information, query or fragment, which can carry
+/// credentials (a signed URL's signature, a token); what was removed is marked `<redacted>`.
+pub fn redact_url(text: &str) -> String {
+    let Ok(mut url) = reqwest::Url::parse(text) else {
+        // Not a URL: show only its scheme, if any, since the rest cannot be told apart.
+        return match text.split_once("://") {
+            Some((scheme, _)) => format!("{scheme}://<redacted>"),
+            None => "<redacted>".to_string(),
+        };
+    };
+    let had_secret = !url.username().is_empty() || url.password().is_some();
+    let had_query = url.query().is_some() || url.fragment().is_some();
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.set_query(None);
+    url.set_fragment(None);
+    let mut shown = url.to_string();
+    if had_secret {
+        shown = shown.replacen("://", "://<redacted>@", 1);
+    }
+    if had_query {
+        shown.push_str("?<redacted>");
+    }
+    shown
+}
+
 impl fmt::Display for WeightsLocation {
+    /// Shown in logs, on `/` and `/readyz`: URLs are redacted (see [`redact_url`]).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Path(path) => write!(f, "{}", path.display()),
-            Self::Url(url) => f.write_str(url),
+            Self::Url(url) => f.write_str(&redact_url(url)),
             Self::Gcs { bucket, object } => write!(f, "gs://{bucket}/{object}"),
         }
     }
@@ -203,11 +230,7 @@ async fn download(location: &WeightsLocation, target: &Path) -> Result<String, S
                 .read_timeout(STALL_TIMEOUT)
                 .build()
                 .map_err(|e| e.to_string())?;
-            let response = client
-                .get(url)
-                .send()
-                .await
-                .map_err(|e| describe_reqwest(&e))?;
+            let response = client.get(url).send().await.map_err(describe_reqwest)?;
             let status = response.status();
             if !status.is_success() {
                 return Err(format!("the server answered {status}"));
@@ -215,7 +238,7 @@ async fn download(location: &WeightsLocation, target: &Path) -> Result<String, S
             let total = response.content_length();
             let mut body = response.bytes_stream();
             while let Some(chunk) = body.next().await {
-                write(&chunk.map_err(|e| describe_reqwest(&e))?, total).await?;
+                write(&chunk.map_err(describe_reqwest)?, total).await?;
             }
         }
         WeightsLocation::Gcs { bucket, object } => {
@@ -241,10 +264,12 @@ async fn download(location: &WeightsLocation, target: &Path) -> Result<String, S
     Ok(hex(&hasher.finalize()))
 }
 
-/// reqwest's error with its causes, which carry the useful part ("connection refused").
-fn describe_reqwest(error: &reqwest::Error) -> String {
+/// reqwest's error with its causes, which carry the useful part ("connection refused"), and
+/// without the URL, which may carry credentials (the location is reported redacted beside it).
+fn describe_reqwest(error: reqwest::Error) -> String {
+    let error = error.without_url();
     let mut message = error.to_string();
-    let mut source = std::error::Error::source(error);
+    let mut source = std::error::Error::source(&error);
     while let Some(cause) = source {
         message.push_str(": ");
         message.push_str(&cause.to_string());
@@ -296,5 +321,30 @@ impl Progress {
             seconds = format!("{seconds:.1}"),
             "download complete"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_shown_without_credentials() {
+        let signed =
+            "https://user:pw@storage.example.com/w/model.ckpt?X-Goog-Signature=abc123#frag";
+        let shown = WeightsLocation::from_str(signed).unwrap().to_string();
+        assert_eq!(
+            shown,
+            "https://<redacted>@storage.example.com/w/model.ckpt?<redacted>"
+        );
+        for secret in ["user", "pw", "abc123", "Signature", "frag"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert_eq!(
+            redact_url("https://example.com/model.pt"),
+            "https://example.com/model.pt"
+        );
+        let invalid = WeightsLocation::from_str("https://?token=secret").unwrap_err();
+        assert!(!invalid.to_string().contains("secret"), "{invalid}");
     }
 }

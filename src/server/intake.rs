@@ -1,0 +1,192 @@
+//! Reading a `/predict` form: the image is streamed into the store and a buffer while it
+//! arrives, and its header is checked as soon as it is in, so an image over the limits is
+//! refused before the rest of it is read.
+//!
+//! The image is the first part that carries a file name, whatever the field's name (`file`
+//! for our own page and clients, `image` for the replaced service's); text parts named
+//! `colormap` and `format` set the options as the query does; anything else is refused.
+
+use bytes::{Bytes, BytesMut};
+use futures_util::TryStreamExt;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use multer::{Constraints, Field, Multipart, SizeLimit};
+
+use super::error::ApiError;
+use super::{AppState, BoxError};
+use crate::pipeline::{HeaderProbe, ImageFormat, ImageHeader, RenderOptions};
+use crate::storage::{Upload, upload_name};
+
+/// Longest value of a text option part.
+const MAX_OPTION_BYTES: usize = 64;
+
+/// A received image, buffered whole and streamed into the store (not yet committed).
+pub struct Received {
+    /// The header, checked against the limits.
+    pub header: ImageHeader,
+    /// The file's bytes.
+    pub bytes: Bytes,
+    /// The upload of the file into the store; dropping it leaves nothing stored.
+    pub upload: Upload,
+    /// The query's options, overridden by the form's text parts.
+    pub options: RenderOptions,
+}
+
+/// Reads the form `body` (of `content_type`, at most `limit` bytes) of request `request_id`.
+pub async fn receive(
+    state: &AppState,
+    body: Incoming,
+    content_type: &str,
+    limit: u64,
+    request_id: &str,
+    mut options: RenderOptions,
+) -> Result<Received, ApiError> {
+    let boundary = multer::parse_boundary(content_type).map_err(|_| {
+        ApiError::NotMultipart(format!(
+            "expected a multipart/form-data body with a boundary, got content type {content_type:?}"
+        ))
+    })?;
+    // Content-Length alone does not bound a chunked body: the stream itself is limited.
+    let body = Limited::new(body, limit as usize)
+        .into_data_stream()
+        .map_err(|e| -> BoxError { e });
+    let constraints =
+        Constraints::new().size_limit(SizeLimit::new().whole_stream(limit).per_field(limit));
+    let mut multipart = Multipart::with_constraints(body, boundary, constraints);
+    let mut file: Option<(ImageHeader, Bytes, Upload)> = None;
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| multipart_error(e, limit))?
+    {
+        let name = field.name().unwrap_or_default().to_string();
+        match field.file_name().map(str::to_string) {
+            // A file input left empty: browsers send the part with an empty name.
+            Some(file_name) if file_name.is_empty() => drain(field, limit).await?,
+            Some(_) if file.is_some() => return Err(ApiError::UnexpectedField(name)),
+            Some(file_name) => {
+                file = Some(receive_file(state, field, &file_name, limit, request_id).await?);
+            }
+            None => match name.as_str() {
+                "colormap" | "format" => {
+                    let value = option_text(field, limit).await?;
+                    options = super::predict::apply_option(options, &name, &value)?;
+                }
+                _ => return Err(ApiError::UnexpectedField(name)),
+            },
+        }
+    }
+    let (header, bytes, upload) = file.ok_or(ApiError::MissingFile)?;
+    Ok(Received {
+        header,
+        bytes,
+        upload,
+        options,
+    })
+}
+
+/// Streams one file part into the store and a buffer, checking its header on the way.
+async fn receive_file(
+    state: &AppState,
+    mut field: Field<'static>,
+    file_name: &str,
+    limit: u64,
+    request_id: &str,
+) -> Result<(ImageHeader, Bytes, Upload), ApiError> {
+    let extension = file_name
+        .rsplit_once('.')
+        .map(|(_, e)| e)
+        .unwrap_or_default();
+    let declared = ImageFormat::from_extension(extension)
+        .ok_or_else(|| ApiError::DisallowedExtension(file_name.to_string()))?;
+    let object = upload_name(request_id, file_name)
+        .ok_or_else(|| ApiError::Internal(format!("malformed request id {request_id:?}")))?;
+    let mut upload = state.store.begin(&object);
+    let mut buffer = BytesMut::new();
+    let mut probe = HeaderProbe::new();
+    let mut header = None;
+    while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, limit))? {
+        buffer.extend_from_slice(&chunk);
+        if header.is_none() {
+            header = check_header(state, &mut probe, &buffer, false, declared)?;
+        }
+        upload.write(chunk).await.inspect_err(|_| {
+            state.metrics.store_error("input");
+        })?;
+    }
+    if buffer.is_empty() {
+        return Err(ApiError::EmptyFile);
+    }
+    let header = match header {
+        Some(header) => header,
+        None => {
+            check_header(state, &mut probe, &buffer, true, declared)?.ok_or(ApiError::EmptyFile)?
+        }
+    };
+    Ok((header, buffer.freeze(), upload))
+}
+
+/// The image header, once enough bytes have arrived; checks type and pixel budget.
+fn check_header(
+    state: &AppState,
+    probe: &mut HeaderProbe,
+    bytes: &[u8],
+    complete: bool,
+    declared: ImageFormat,
+) -> Result<Option<ImageHeader>, ApiError> {
+    if let Some(found) = ImageFormat::sniff(bytes).or_else(|| complete.then_some(declared))
+        && found != declared
+    {
+        return Err(ApiError::TypeMismatch {
+            declared: format!("{declared:?}"),
+            found: format!("{found:?}"),
+        });
+    }
+    let Some(header) = probe.advance(bytes, complete)? else {
+        return Ok(None);
+    };
+    state.limits.check(&header)?;
+    Ok(Some(header))
+}
+
+/// The value of a text option part, refused beyond a few bytes.
+async fn option_text(mut field: Field<'static>, limit: u64) -> Result<String, ApiError> {
+    let name = field.name().unwrap_or_default().to_string();
+    let mut value = Vec::new();
+    while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, limit))? {
+        value.extend_from_slice(&chunk);
+        if value.len() > MAX_OPTION_BYTES {
+            return Err(ApiError::BadQuery(format!(
+                "the form field {name:?} is longer than {MAX_OPTION_BYTES} bytes"
+            )));
+        }
+    }
+    String::from_utf8(value)
+        .map_err(|_| ApiError::BadQuery(format!("the form field {name:?} is not UTF-8")))
+}
+
+/// Reads a part to its end, discarding it.
+async fn drain(mut field: Field<'static>, limit: u64) -> Result<(), ApiError> {
+    while field
+        .chunk()
+        .await
+        .map_err(|e| multipart_error(e, limit))?
+        .is_some()
+    {}
+    Ok(())
+}
+
+/// Maps a multipart failure, recognising the body-size limit underneath.
+fn multipart_error(error: multer::Error, limit: u64) -> ApiError {
+    match &error {
+        multer::Error::StreamSizeExceeded { .. } | multer::Error::FieldSizeExceeded { .. } => {
+            ApiError::BodyTooLarge(limit)
+        }
+        multer::Error::StreamReadFailed(inner)
+            if inner.is::<http_body_util::LengthLimitError>() =>
+        {
+            ApiError::BodyTooLarge(limit)
+        }
+        _ => ApiError::BadMultipart(error.to_string()),
+    }
+}
