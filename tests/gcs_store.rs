@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use support::checkpoints::{as_dict, synthetic_state_dict, write_pt};
 use support::fixture;
-use support::gcs::FakeGcs;
+use support::gcs::{FakeGcs, StallingProxy};
 use support::server::{Server, multipart, predict, read_response};
 
 fn image(name: &str) -> Vec<u8> {
@@ -44,6 +44,11 @@ fn uploads_and_predictions_land_in_the_bucket_byte_for_byte() {
         );
         assert_eq!(gcs.get("depth", input), upload);
         assert_eq!(gcs.get("depth", output), response.body);
+        // The prediction streams back from the bucket by its id.
+        let location = response.header("location").unwrap();
+        let fetched = reqwest::blocking::get(server.url(location)).unwrap();
+        assert_eq!(fetched.status(), 200);
+        assert_eq!(fetched.bytes().unwrap().to_vec(), response.body);
     }
     assert_eq!(gcs.list("depth").len(), 4);
 
@@ -176,4 +181,59 @@ fn weights_load_from_a_gs_url() {
         logs.contains("gs://models/absent.pt") && logs.contains("not found"),
         "{logs}"
     );
+}
+
+/// A PNG of pseudo-random pixels: incompressible, so its size on the wire is its pixel count.
+fn noise_png(width: u32, height: u32) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let pixels: Vec<u8> = (0..width as usize * height as usize * 3)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let mut out = Vec::new();
+    image::RgbImage::from_raw(width, height, pixels)
+        .unwrap()
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+#[test]
+fn a_store_that_stalls_mid_upload_answers_504_within_the_store_timeout() {
+    let gcs = FakeGcs::start();
+    gcs.create_bucket("depth");
+    let proxy = StallingProxy::start(&gcs.host);
+    let server = Server::start(
+        &["--store", "gs://depth", "--store-timeout-secs", "2"],
+        &[("STORAGE_EMULATOR_HOST", &proxy.host)],
+    );
+    let photo = image("rocket.jpg");
+    assert_eq!(predict(&server, "rocket.jpg", &photo, "").status, 201);
+    assert_eq!(gcs.list("depth").len(), 2);
+
+    proxy.stall();
+    let big = noise_png(2500, 1600);
+    assert!(big.len() > 10 << 20, "{} bytes", big.len());
+    let started = std::time::Instant::now();
+    let response = predict(&server, "big.png", &big, "");
+    let elapsed = started.elapsed();
+    assert_eq!(
+        response.status,
+        504,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    assert_eq!(response.json()["error"], "store_timeout");
+    // The store timeout (2 s), not the request timeout (60 s), decides.
+    assert!(elapsed < Duration::from_secs(15), "{elapsed:?}");
+
+    proxy.resume();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(gcs.list("depth").len(), 2, "{:?}", gcs.list("depth"));
+    assert_eq!(predict(&server, "rocket.jpg", &photo, "").status, 201);
+    assert_eq!(gcs.list("depth").len(), 4);
 }

@@ -453,7 +453,7 @@ fn hostile_requests_are_refused_cleanly() {
     assert!(store.path().join(input).is_file());
 
     // Nothing refused left an object behind: only the one accepted upload and its prediction.
-    let uploads = walk(&store.path().join("uploads"));
+    let uploads = support::stored_files(&store.path().join("uploads"));
     assert_eq!(uploads.len(), 1, "{uploads:?}");
 
     // Still healthy, and memory stayed bounded through all of it.
@@ -462,20 +462,4 @@ fn hostile_requests_are_refused_cleanly() {
     let peak_mib = server.memory_kib("VmHWM") / 1024;
     println!("peak RSS {peak_mib} MiB");
     assert!(peak_mib < 400, "peak RSS {peak_mib} MiB");
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(dir).into_iter().flatten() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path)
-            } else {
-                files.push(path)
-            }
-        }
-    }
-    files
 }

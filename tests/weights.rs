@@ -295,7 +295,7 @@ fn serve_file(body: Vec<u8>) -> (String, Arc<AtomicUsize>) {
             let mut request = [0u8; 4096];
             let n = stream.read(&mut request).unwrap_or(0);
             let head = String::from_utf8_lossy(&request[..n]);
-            if head.starts_with("GET /weights/w.pt ") {
+            if head.starts_with("GET /weights/w.pt ") || head.starts_with("GET /weights/w.pt?") {
                 let _ = write!(
                     stream,
                     "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -407,4 +407,45 @@ fn urls_download_once_and_honour_the_pin() {
         error.contains("absent.pt") && error.contains("no such file"),
         "{error}"
     );
+}
+
+#[test]
+fn a_signed_weights_url_is_never_shown() {
+    let dir = temp_dir();
+    let source = dir.path().join("source.pt");
+    write_pt(&source, as_dict(synthetic_state_dict("")));
+    let (url, hits) = serve_file(std::fs::read(&source).unwrap());
+    let secret = "X-Goog-Signature=SECRET0123456789";
+    let signed = format!(
+        "{}?{secret}&X-Goog-Credential=CREDENTIAL42",
+        url.replacen("http://", "http://reader7:PASSWORD7@", 1)
+    );
+    let store = dir.path().join("store");
+    let server = support::server::Server::start(
+        &[
+            "--store",
+            store.to_str().unwrap(),
+            "--weights",
+            &signed,
+            "--cache-dir",
+            dir.path().join("cache").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    let page = reqwest::blocking::get(server.url("/"))
+        .unwrap()
+        .text()
+        .unwrap();
+    let ready = reqwest::blocking::get(server.url("/readyz"))
+        .unwrap()
+        .text()
+        .unwrap();
+    let logs = server.logs().join("\n");
+    assert!(ready.contains("/weights/w.pt?<redacted>"), "{ready}");
+    for (what, text) in [("/", &page), ("/readyz", &ready), ("logs", &logs)] {
+        for hidden in ["SECRET0123456789", "CREDENTIAL42", "PASSWORD7", "reader7"] {
+            assert!(!text.contains(hidden), "{what} shows {hidden}:\n{text}");
+        }
+    }
 }

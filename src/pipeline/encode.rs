@@ -95,22 +95,43 @@ impl Write for SharedBuffer {
 #[error("encoding failed: {0}")]
 pub struct EncodeError(String);
 
-/// A PNG being encoded, yielded as chunks of bytes.
+impl EncodeError {
+    /// An error with this message (a failure of whoever supplies the rows).
+    pub fn from_message(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+/// Bytes of rows handed to the PNG writer per call.
+const WRITE_BYTES: usize = 16 * 1024;
+
+/// Where a PNG's rows come from: called with the first row and the number of rows of each band
+/// in turn, it returns their bytes (row-major, each row `width x bytes per pixel` long).
+pub type RowBands = Box<dyn FnMut(u32, u32) -> Result<Vec<u8>, EncodeError> + Send>;
+
+/// A PNG being encoded, yielded as chunks of bytes. Its rows are asked for a band at a time,
+/// so only one band is held however large the image.
 pub struct PngChunks {
     writer: Option<png::StreamWriter<'static, SharedBuffer>>,
     out: SharedBuffer,
-    rows: Vec<u8>,
+    bands: RowBands,
+    band: Vec<u8>,
+    written: usize,
     row_bytes: usize,
-    next_row: usize,
+    band_rows: u32,
+    next_row: u32,
+    height: u32,
 }
 
 impl PngChunks {
-    fn new(
-        rows: Vec<u8>,
+    /// A PNG whose rows come from `bands`, `band_rows` at a time.
+    pub fn from_bands(
         width: u32,
         height: u32,
         color: png::ColorType,
         depth: png::BitDepth,
+        band_rows: u32,
+        bands: RowBands,
     ) -> Result<Self, EncodeError> {
         let out = SharedBuffer::default();
         let mut encoder = png::Encoder::new(out.clone(), width, height);
@@ -123,55 +144,83 @@ impl PngChunks {
             .map_err(error)?
             .into_stream_writer()
             .map_err(error)?;
-        let row_bytes = rows.len() / height.max(1) as usize;
+        let bits = color.samples()
+            * if depth == png::BitDepth::Sixteen {
+                16
+            } else {
+                8
+            };
         Ok(Self {
             writer: Some(writer),
             out,
-            rows,
-            row_bytes,
+            bands,
+            band: Vec::new(),
+            written: 0,
+            row_bytes: (width as usize * bits).div_ceil(8),
+            band_rows: band_rows.max(1),
             next_row: 0,
+            height,
         })
     }
 
     /// An 8-bit RGB PNG of row-major pixels.
     pub fn rgb8(pixels: Vec<u8>, width: u32, height: u32) -> Result<Self, EncodeError> {
-        Self::new(
-            pixels,
+        let mut whole = Some(pixels);
+        Self::from_bands(
             width,
             height,
             png::ColorType::Rgb,
             png::BitDepth::Eight,
+            height,
+            Box::new(move |_, _| Ok(whole.take().unwrap_or_default())),
         )
     }
 
     /// A 16-bit greyscale PNG of row-major values.
     pub fn gray16(values: &[u16], width: u32, height: u32) -> Result<Self, EncodeError> {
-        let bytes = values.iter().flat_map(|v| v.to_be_bytes()).collect();
-        Self::new(
-            bytes,
+        let mut whole = Some(values.iter().flat_map(|v| v.to_be_bytes()).collect());
+        Self::from_bands(
             width,
             height,
             png::ColorType::Grayscale,
             png::BitDepth::Sixteen,
+            height,
+            Box::new(move |_, _| Ok(whole.take().unwrap_or_default())),
         )
     }
 
     fn advance(&mut self) -> Result<Option<Bytes>, EncodeError> {
-        let Some(writer) = self.writer.as_mut() else {
+        if self.writer.is_none() {
             return Ok(None);
-        };
-        let total_rows = self.rows.len() / self.row_bytes.max(1);
-        while self.next_row < total_rows && self.out.len() < CHUNK_BYTES {
-            let start = self.next_row * self.row_bytes;
-            writer
-                .write_all(&self.rows[start..start + self.row_bytes])
-                .map_err(|e| EncodeError(e.to_string()))?;
-            self.next_row += 1;
         }
-        if self.next_row == total_rows
-            && let Some(writer) = self.writer.take()
-        {
-            writer.finish().map_err(|e| EncodeError(e.to_string()))?;
+        // Several narrow rows per call: a 1-pixel-wide image must not cost a call per pixel.
+        let step = (WRITE_BYTES / self.row_bytes.max(1)).max(1) * self.row_bytes;
+        while self.out.len() < CHUNK_BYTES {
+            if self.written == self.band.len() {
+                if self.next_row >= self.height {
+                    if let Some(writer) = self.writer.take() {
+                        writer.finish().map_err(|e| EncodeError(e.to_string()))?;
+                    }
+                    break;
+                }
+                let rows = self.band_rows.min(self.height - self.next_row);
+                self.band = (self.bands)(self.next_row, rows)?;
+                if self.band.len() != rows as usize * self.row_bytes {
+                    return Err(EncodeError(format!(
+                        "a band of {rows} rows came with {} bytes",
+                        self.band.len()
+                    )));
+                }
+                self.written = 0;
+                self.next_row += rows;
+            }
+            let end = (self.written + step).min(self.band.len());
+            if let Some(writer) = self.writer.as_mut() {
+                writer
+                    .write_all(&self.band[self.written..end])
+                    .map_err(|e| EncodeError(e.to_string()))?;
+            }
+            self.written = end;
         }
         Ok(Some(Bytes::from(self.out.take())))
     }

@@ -11,19 +11,23 @@ mod probe;
 
 pub use colormap::Colormap;
 pub use decode::{DecodeError, DecodeLimits, ImageFormat, ImageHeader, decode, decode_checked};
-pub use encode::{EncodeError, OutputFormat, PngChunks, npy};
+pub use encode::{EncodeError, OutputFormat, PngChunks, RowBands, npy};
 pub use infer::{DepthModel, InferenceError};
-pub use postprocess::{DepthMap, ResizeError, colour_indices, colourise, depth16, resize_rgb};
+pub use postprocess::{
+    BandResizer, DepthMap, ResizeError, colour_indices, colourise, depth16, resize_rgb,
+};
 pub use preprocess::{NET_SIZE, NetInput, preprocess, target_size};
 pub use probe::{HeaderProbe, probe};
 
 use std::time::Instant;
 
 use bytes::Bytes;
+use fast_image_resize::PixelType;
 
 use crate::backend::{Backend, BackendError};
 use crate::config::ModelArgs;
 use crate::weights::{self, FetchOptions, WeightsError, WeightsReport};
+use postprocess::Depth16Bands;
 
 /// How a prediction is rendered.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -49,23 +53,63 @@ pub enum RenderError {
 pub type EncodedChunks = Box<dyn Iterator<Item = Result<Bytes, EncodeError>> + Send>;
 
 /// Post-processes and encodes a depth map for an input of `original` size `(width, height)`.
+///
+/// The output is resized and encoded a band of rows at a time as the chunks are taken, so
+/// what rendering holds is bounded by [`render_bytes`], not by the output's size.
 pub fn render(
     depth: &DepthMap,
     original: (u32, u32),
     options: RenderOptions,
 ) -> Result<EncodedChunks, RenderError> {
+    let (width, height) = original;
+    let from = (depth.width, depth.height);
     Ok(match options.format {
         OutputFormat::Png => {
             let rgb = colourise(depth, options.colormap);
-            let resized = resize_rgb(rgb, (depth.width, depth.height), original)?;
-            Box::new(PngChunks::rgb8(resized, original.0, original.1)?)
+            let resizer = BandResizer::new(rgb, from, original, PixelType::U8x3);
+            let band_rows = resizer.band_rows();
+            let bands: RowBands = Box::new(move |top, rows| {
+                resizer
+                    .band(top, rows)
+                    .map_err(|e| EncodeError::from_message(e.to_string()))
+            });
+            Box::new(PngChunks::from_bands(
+                width,
+                height,
+                png::ColorType::Rgb,
+                png::BitDepth::Eight,
+                band_rows,
+                bands,
+            )?)
         }
         OutputFormat::Png16 => {
-            let values = depth16(depth, original)?;
-            Box::new(PngChunks::gray16(&values, original.0, original.1)?)
+            let mut resizer = Depth16Bands::new(depth, original)?;
+            let band_rows = resizer.band_rows();
+            let bands: RowBands = Box::new(move |top, rows| {
+                resizer
+                    .band(top, rows)
+                    .map_err(|e| EncodeError::from_message(e.to_string()))
+            });
+            Box::new(PngChunks::from_bands(
+                width,
+                height,
+                png::ColorType::Grayscale,
+                png::BitDepth::Sixteen,
+                band_rows,
+                bands,
+            )?)
         }
         OutputFormat::Npy => Box::new(std::iter::once(npy(&depth.data, depth.width, depth.height))),
     })
+}
+
+/// Bytes [`render`] holds at most for an output of `width x height`, beyond the depth map:
+/// one band of rows in each of its buffers (resized values, encoded rows, compressed output).
+pub fn render_bytes(width: u32, height: u32) -> u64 {
+    let resizer = BandResizer::new(Vec::new(), (1, 1), (width, height), PixelType::F32);
+    // The 16-bit path's band: resized floats (4), 16-bit values (2), their bytes (2); plus the
+    // PNG writer's buffers.
+    resizer.band_bytes() as u64 * 2 + (4 << 20)
 }
 
 /// Why a model could not be made ready.

@@ -2,7 +2,7 @@
 //! scaled by its maximum, painted through a 256-entry colour table, resized back with Pillow's
 //! antialiased bicubic (`Image.resize(size, Image.BICUBIC)`, a Catmull-Rom kernel).
 
-use fast_image_resize::images::Image;
+use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 
 use super::Colormap;
@@ -49,60 +49,262 @@ pub fn colourise(depth: &DepthMap, colormap: Colormap) -> Vec<u8> {
         .collect()
 }
 
-fn resize(
-    pixels: Vec<u8>,
+/// Most output rows one resize call produces: the resizer's coefficient tables grow with the
+/// output's height, so a 1 x 24,000,000 output is resized in bands of this many rows.
+const BAND_ROWS: u32 = 1 << 14;
+
+/// Widest tile one resize call produces, for the same reason across a very wide output.
+const TILE_COLUMNS: u32 = 1 << 16;
+
+/// A small map (the network's output) resized to a large one a band of rows at a time, so that
+/// what it holds follows the band, not the output: a 1 x 24,000,000 output costs what a
+/// 16384-row one does. An output up to 16384 x 65536 is one band, resized in one call. Larger
+/// ones are resized band by band and tile by tile, each from the whole source (the filter
+/// reaches across band edges); the fixed-point coefficients the resizer derives per call may
+/// then differ in their last bit, which moves a few pixels by one or two levels.
+pub struct BandResizer {
+    source: Vec<u8>,
     from: (usize, usize),
     to: (u32, u32),
     pixel_type: PixelType,
-) -> Result<Vec<u8>, ResizeError> {
-    let error = |message: String| ResizeError { from, to, message };
-    let src = Image::from_vec_u8(from.0 as u32, from.1 as u32, pixels, pixel_type)
+    band_rows: u32,
+    tile_columns: u32,
+}
+
+impl BandResizer {
+    /// Resizes `pixels` (row-major, `from` = (width, height)) to `to`.
+    pub fn new(
+        pixels: Vec<u8>,
+        from: (usize, usize),
+        to: (u32, u32),
+        pixel_type: PixelType,
+    ) -> Self {
+        Self::with_bands(pixels, from, to, pixel_type, BAND_ROWS, TILE_COLUMNS)
+    }
+
+    /// As [`BandResizer::new`], with bands of at most `band_rows` rows and tiles at most
+    /// `tile_columns` wide.
+    pub fn with_bands(
+        pixels: Vec<u8>,
+        from: (usize, usize),
+        to: (u32, u32),
+        pixel_type: PixelType,
+        band_rows: u32,
+        tile_columns: u32,
+    ) -> Self {
+        let band_rows = band_rows.clamp(1, to.1.max(1));
+        Self {
+            source: pixels,
+            from,
+            to,
+            pixel_type,
+            band_rows,
+            tile_columns: tile_columns.max(1),
+        }
+    }
+
+    /// Rows per band (the last band may have fewer).
+    pub fn band_rows(&self) -> u32 {
+        self.band_rows
+    }
+
+    /// Bytes one band holds at most, for memory accounting.
+    pub fn band_bytes(&self) -> usize {
+        self.band_rows as usize * self.to.0 as usize * self.pixel_type.size()
+    }
+
+    /// Output rows `top..top + rows`, row-major.
+    pub fn band(&self, top: u32, rows: u32) -> Result<Vec<u8>, ResizeError> {
+        let (width, height) = self.to;
+        let error = |message: String| ResizeError {
+            from: self.from,
+            to: self.to,
+            message,
+        };
+        let src = ImageRef::new(
+            self.from.0 as u32,
+            self.from.1 as u32,
+            &self.source,
+            self.pixel_type,
+        )
         .map_err(|e| error(e.to_string()))?;
-    let mut dst = Image::new(to.0, to.1, pixel_type);
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
+        if top == 0 && rows == height && width <= self.tile_columns {
+            return resize_image(&src, self.to, None).map_err(error);
+        }
+        let pixel = self.pixel_type.size();
+        let scale_x = self.from.0 as f64 / f64::from(width);
+        let scale_y = self.from.1 as f64 / f64::from(height);
+        let mut band = vec![0u8; rows as usize * width as usize * pixel];
+        let mut left = 0;
+        while left < width {
+            let columns = self.tile_columns.min(width - left);
+            let crop = (
+                f64::from(left) * scale_x,
+                f64::from(top) * scale_y,
+                f64::from(columns) * scale_x,
+                f64::from(rows) * scale_y,
+            );
+            let tile = resize_image(&src, (columns, rows), Some(crop)).map_err(error)?;
+            let tile_row = columns as usize * pixel;
+            for (row, values) in tile.chunks_exact(tile_row).enumerate() {
+                let start = (row * width as usize + left as usize) * pixel;
+                band[start..start + tile_row].copy_from_slice(values);
+            }
+            left += columns;
+        }
+        Ok(band)
+    }
+}
+
+/// One Catmull-Rom resize of `src` (or of the `crop` of it: left, top, width, height) to `to`.
+fn resize_image(
+    src: &ImageRef<'_>,
+    to: (u32, u32),
+    crop: Option<(f64, f64, f64, f64)>,
+) -> Result<Vec<u8>, String> {
+    let mut dst = Image::new(to.0, to.1, src.pixel_type());
+    let mut options =
+        ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
+    if let Some((left, top, width, height)) = crop {
+        options = options.crop(left, top, width, height);
+    }
     Resizer::new()
-        .resize(&src, &mut dst, &options)
-        .map_err(|e| error(e.to_string()))?;
+        .resize(src, &mut dst, &options)
+        .map_err(|e| e.to_string())?;
     Ok(dst.into_vec())
 }
 
-/// Resizes an RGB image the way Pillow's bicubic does (antialiased when shrinking).
+/// Resizes an RGB image the way Pillow's bicubic does (antialiased when shrinking), whole.
 pub fn resize_rgb(
     rgb: Vec<u8>,
     from: (usize, usize),
     to: (u32, u32),
 ) -> Result<Vec<u8>, ResizeError> {
-    resize(rgb, from, to, PixelType::U8x3)
+    BandResizer::with_bands(rgb, from, to, PixelType::U8x3, u32::MAX, u32::MAX).band(0, to.1)
 }
 
-/// MiDaS's `write_depth(bits=2)`: the depth resized to `to`, then min-max scaled to 0..65535
-/// (truncated); a constant map becomes all zeros.
-pub fn depth16(depth: &DepthMap, to: (u32, u32)) -> Result<Vec<u16>, ResizeError> {
-    let bytes = depth.data.iter().flat_map(|v| v.to_ne_bytes()).collect();
-    let resized = resize(bytes, (depth.width, depth.height), to, PixelType::F32)?;
-    let values: Vec<f32> = resized
+/// MiDaS's `write_depth(bits=2)` a band at a time: the depth resized to the output's size,
+/// then min-max scaled to 0..65535 (truncated); a constant map becomes all zeros. The minimum
+/// and maximum are those of the whole resized map (bicubic overshoots the source's), so a first
+/// pass over the bands finds them; a map that is one band keeps that band for the second.
+pub struct Depth16Bands {
+    resizer: BandResizer,
+    low: f32,
+    high: f32,
+    /// The resized values of the only band, when there is one.
+    cached: Option<Vec<u8>>,
+}
+
+fn floats(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes
         .chunks_exact(4)
         .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    let (low, high) = values
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
-            (lo.min(v), hi.max(v))
-        });
-    let range = f64::from(high) - f64::from(low);
-    Ok(if range > f64::EPSILON {
-        values
-            .iter()
-            .map(|&v| (65535.0 * (f64::from(v) - f64::from(low)) / range) as u16)
-            .collect()
-    } else {
-        vec![0; values.len()]
-    })
+}
+
+impl Depth16Bands {
+    /// Prepares `depth` for an output of size `to`.
+    pub fn new(depth: &DepthMap, to: (u32, u32)) -> Result<Self, ResizeError> {
+        let bytes = depth.data.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let resizer = BandResizer::new(bytes, (depth.width, depth.height), to, PixelType::F32);
+        let (mut low, mut high) = (f32::INFINITY, f32::NEG_INFINITY);
+        let mut cached = None;
+        let mut top = 0;
+        while top < to.1 {
+            let rows = resizer.band_rows().min(to.1 - top);
+            let band = resizer.band(top, rows)?;
+            for v in floats(&band) {
+                (low, high) = (low.min(v), high.max(v));
+            }
+            if rows == to.1 {
+                cached = Some(band);
+            }
+            top += rows;
+        }
+        Ok(Self {
+            resizer,
+            low,
+            high,
+            cached,
+        })
+    }
+
+    /// Rows per band.
+    pub fn band_rows(&self) -> u32 {
+        self.resizer.band_rows()
+    }
+
+    /// Output rows `top..top + rows` as big-endian 16-bit values.
+    pub fn band(&mut self, top: u32, rows: u32) -> Result<Vec<u8>, ResizeError> {
+        let values = match self.cached.take() {
+            Some(values) => values,
+            None => self.resizer.band(top, rows)?,
+        };
+        let (low, high) = (f64::from(self.low), f64::from(self.high));
+        let range = high - low;
+        Ok(floats(&values)
+            .map(|v| {
+                if range > f64::EPSILON {
+                    (65535.0 * (f64::from(v) - low) / range) as u16
+                } else {
+                    0
+                }
+            })
+            .flat_map(u16::to_be_bytes)
+            .collect())
+    }
+}
+
+/// [`Depth16Bands`] for the whole output at once, as values.
+pub fn depth16(depth: &DepthMap, to: (u32, u32)) -> Result<Vec<u16>, ResizeError> {
+    let mut bands = Depth16Bands::new(depth, to)?;
+    let mut values = Vec::with_capacity(to.0 as usize * to.1 as usize);
+    let mut top = 0;
+    while top < to.1 {
+        let rows = bands.band_rows().min(to.1 - top);
+        let band = bands.band(top, rows)?;
+        values.extend(
+            band.chunks_exact(2)
+                .map(|b| u16::from_be_bytes([b[0], b[1]])),
+        );
+        top += rows;
+    }
+    Ok(values)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bands_and_tiles_join_into_the_whole_resize() {
+        let (w, h) = (37usize, 23usize);
+        let source: Vec<u8> = (0..w * h * 3).map(|i| (i * 7919 % 251) as u8).collect();
+        let to = (301u32, 197u32);
+        let whole = resize_rgb(source.clone(), (w, h), to).unwrap();
+        let banded = BandResizer::with_bands(source, (w, h), to, PixelType::U8x3, 20, 64);
+        assert_eq!(banded.band_rows(), 20);
+        let mut joined = Vec::new();
+        let mut top = 0;
+        while top < to.1 {
+            let rows = banded.band_rows().min(to.1 - top);
+            joined.extend(banded.band(top, rows).unwrap());
+            top += rows;
+        }
+        let differing = whole.iter().zip(&joined).filter(|(a, b)| a != b).count();
+        let worst = whole
+            .iter()
+            .zip(&joined)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        assert_eq!(joined.len(), whole.len());
+        // Fixed-point rounding may move a value by a level or two; a misplaced band or tile
+        // would move whole rows by far more.
+        assert!(
+            worst <= 2 && differing * 100 <= whole.len(),
+            "{differing} differ, by up to {worst}"
+        );
+    }
 
     #[test]
     fn indices_follow_matplotlib() {

@@ -1,5 +1,6 @@
 //! The memory budget every request's large buffers are charged to: its body while it is
-//! buffered, its pixels while they are decoded, and its output while it is rendered. A request
+//! buffered, its pixels while they are decoded, and its output's bands while it is rendered
+//! ([`crate::pipeline::render_bytes`]). A request
 //! waits for its share, at most `--memory-wait-secs`, and is then refused with a 503; so the
 //! worst images the limits allow, as many as arrive at once, cannot together push the process
 //! past the budget.
@@ -13,10 +14,6 @@ use super::error::ApiError;
 
 /// Bytes a decode may hold per pixel: a 16-bit RGBA image (8) and its 8-bit RGB copy (3).
 pub const DECODE_BYTES_PER_PIXEL: u64 = 11;
-
-/// Bytes rendering may hold per output pixel: on the 16-bit path the resized floats (4), their
-/// copy (4) and the 16-bit values (2); the colour path needs less (RGB twice, 6).
-pub const RENDER_BYTES_PER_PIXEL: u64 = 10;
 
 /// The unit of the semaphore's permits, so that budgets up to 4 TiB fit its `u32` counts.
 const UNIT: u64 = 1024;

@@ -35,7 +35,7 @@ use crate::config::ServeArgs;
 use crate::pipeline::{DecodeLimits, LoadError, Pipeline, RenderOptions};
 use crate::storage::{Store, StoreError};
 use crate::weights::WeightsReport;
-pub use budget::MemoryBudget;
+pub use budget::{MemoryBudget, resident_bytes};
 pub use inference::InferenceQueue;
 pub use metrics::Metrics;
 
@@ -172,8 +172,10 @@ fn memory_budget(config: &ServeArgs) -> Result<MemoryBudget, ServerError> {
         None => budget::default_bytes(resident),
     };
     let budget = MemoryBudget::new(bytes, config.memory_wait());
-    let worst_image =
-        config.max_pixels * budget::DECODE_BYTES_PER_PIXEL.max(budget::RENDER_BYTES_PER_PIXEL);
+    // Rendering holds a band of rows, at most one row of the widest image the limit allows.
+    let widest = u32::try_from(config.max_pixels).unwrap_or(u32::MAX);
+    let worst_image = (config.max_pixels * budget::DECODE_BYTES_PER_PIXEL)
+        .max(crate::pipeline::render_bytes(widest, 1));
     let largest = worst_image.max(config.max_body_bytes);
     if largest > budget.total() {
         return Err(ServerError::Config(format!(

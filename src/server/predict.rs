@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response};
 
-use super::budget::{DECODE_BYTES_PER_PIXEL, RENDER_BYTES_PER_PIXEL, Share};
+use super::budget::{DECODE_BYTES_PER_PIXEL, Share};
 use super::error::ApiError;
 use super::inference::{Reply, SubmitError};
 use super::intake::{self, Received};
@@ -251,10 +251,12 @@ async fn decode(
 
 /// The render step's share of the budget, for an output the size of `header`'s image.
 pub async fn render_share(state: &AppState, header: &ImageHeader) -> Result<Share, ApiError> {
-    let pixels = u64::from(header.width) * u64::from(header.height);
     state
         .budget
-        .reserve(pixels * RENDER_BYTES_PER_PIXEL, "rendered output")
+        .reserve(
+            pipeline::render_bytes(header.width, header.height),
+            "rendered output",
+        )
         .await
 }
 

@@ -4,9 +4,12 @@
 //! The official client sends `Host` without a port and the emulator builds resumable-upload
 //! URLs from it, so each emulator listens on port 80 of its own loopback address.
 
-use std::net::TcpStream;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
@@ -148,4 +151,70 @@ impl Drop for FakeGcs {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A TCP proxy in front of an emulator that can stop forwarding on every connection, open or
+/// new, while keeping them all open: a stalled store, not a dead one. It listens on port 80
+/// of its own loopback address, for the same reason the emulator does.
+pub struct StallingProxy {
+    /// `127.0.0.N`: the value for `STORAGE_EMULATOR_HOST`.
+    pub host: String,
+    stalled: Arc<AtomicBool>,
+}
+
+impl StallingProxy {
+    /// Starts forwarding to `target` (port 80).
+    pub fn start(target: &str) -> Self {
+        let host = next_host();
+        let listener = TcpListener::bind((host.as_str(), 80)).expect("the proxy binds");
+        let stalled = Arc::new(AtomicBool::new(false));
+        let (flag, target) = (stalled.clone(), target.to_string());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(upstream) = TcpStream::connect((target.as_str(), 80)) else {
+                    continue;
+                };
+                for (from, to) in [
+                    (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
+                    (upstream, client),
+                ] {
+                    let flag = flag.clone();
+                    std::thread::spawn(move || pump(from, to, &flag));
+                }
+            }
+        });
+        Self { host, stalled }
+    }
+
+    /// Stops forwarding (bytes already read are held back too).
+    pub fn stall(&self) {
+        self.stalled.store(true, Ordering::SeqCst);
+    }
+
+    /// Forwards again.
+    pub fn resume(&self) {
+        self.stalled.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to` until either closes, holding everything while `stalled`.
+fn pump(mut from: TcpStream, mut to: TcpStream, stalled: &AtomicBool) {
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        while stalled.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let n = match from.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        while stalled.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if to.write_all(&buffer[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
 }

@@ -51,3 +51,23 @@ pub fn value_range(values: &[f32]) -> f32 {
         });
     hi - lo
 }
+
+/// Every finished file below `dir` (temporary `.partial-*` files of the local store left out).
+pub fn stored_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(dir).into_iter().flatten() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if !path
+                .file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with(".partial-"))
+            {
+                files.push(path);
+            }
+        }
+    }
+    files
+}

@@ -1,0 +1,268 @@
+//! Soak benchmark: the real server under 8 real clients for 30 minutes, two requests in three
+//! good (640x480 JPEG, a PNG) and the rest hostile (truncated, corrupt, oversized, malformed,
+//! huge headers, uploads abandoned midway). Every answer must be the one intended for its
+//! request, and the server's RSS after warm-up must not drift by 5 % or more.
+//!
+//! `cargo bench --bench soak` (30 minutes), or `SOAK_SECONDS=300 SOAK_CLIENTS=8 cargo bench
+//! --bench soak`. Prints a Markdown summary; panics when a target is missed.
+
+#[path = "../tests/support/server.rs"]
+#[allow(dead_code)]
+mod server;
+
+#[path = "support/photo.rs"]
+mod photo;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use server::{RawResponse, Server, multipart, request};
+
+/// Sends one request; `None` when the client walks away without an answer.
+type Send = Box<dyn Fn(&Server) -> Option<RawResponse> + Sync>;
+
+/// One kind of request and the statuses intended for it.
+struct Kind {
+    name: &'static str,
+    /// Requests of this kind per 100.
+    weight: usize,
+    expected: &'static [u16],
+    send: Send,
+}
+
+fn post(server: &Server, field: &str, name: &str, content: &[u8]) -> RawResponse {
+    let (content_type, body) = multipart(field, Some(name), content);
+    request(
+        server,
+        "POST",
+        "/predict",
+        &[("Content-Type", &content_type)],
+        &body,
+    )
+}
+
+fn kinds() -> Vec<Kind> {
+    let jpeg = photo::jpeg(640, 480);
+    let png = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/images/camera_odd.png"
+    ))
+    .unwrap();
+    let truncated = jpeg[..jpeg.len() / 2].to_vec();
+    let mut garbage = b"\x89PNG\r\n\x1a\n".to_vec();
+    garbage.extend_from_slice(&[0xA5; 4096]);
+    let ihdr = [
+        b"IHDR".as_slice(),
+        &50_000u32.to_be_bytes(),
+        &50_000u32.to_be_bytes(),
+        &[8, 2, 0, 0, 0],
+    ]
+    .concat();
+    let mut huge = b"\x89PNG\r\n\x1a\n".to_vec();
+    huge.extend_from_slice(&13u32.to_be_bytes());
+    huge.extend_from_slice(&ihdr);
+    huge.extend_from_slice(&crc32fast::hash(&ihdr).to_be_bytes());
+    let (good_jpeg, good_png) = (jpeg.clone(), png.clone());
+    let abandoned = jpeg.clone();
+    vec![
+        Kind {
+            name: "good 640x480 JPEG",
+            weight: 45,
+            expected: &[201],
+            send: Box::new(move |s| Some(post(s, "image", "photo.jpg", &good_jpeg))),
+        },
+        Kind {
+            name: "good PNG",
+            weight: 20,
+            expected: &[201],
+            send: Box::new(move |s| Some(post(s, "file", "camera.png", &good_png))),
+        },
+        Kind {
+            name: "half-sent JPEG",
+            weight: 7,
+            expected: &[422],
+            send: Box::new(move |s| Some(post(s, "file", "cut.jpg", &truncated))),
+        },
+        Kind {
+            name: "PNG signature then garbage",
+            weight: 7,
+            expected: &[422],
+            send: Box::new(move |s| Some(post(s, "file", "garbage.png", &garbage))),
+        },
+        Kind {
+            name: "50000x50000 header",
+            weight: 5,
+            expected: &[413],
+            send: Box::new(move |s| Some(post(s, "file", "huge.png", &huge))),
+        },
+        Kind {
+            name: "not multipart",
+            weight: 4,
+            expected: &[415],
+            send: Box::new(|s| {
+                Some(request(
+                    s,
+                    "POST",
+                    "/predict",
+                    &[("Content-Type", "application/json")],
+                    b"{}",
+                ))
+            }),
+        },
+        Kind {
+            name: "64 KiB header",
+            weight: 4,
+            expected: &[431],
+            send: Box::new(|s| {
+                let big = "x".repeat(64 * 1024);
+                Some(request(s, "GET", "/", &[("X-Big", &big)], b""))
+            }),
+        },
+        Kind {
+            name: "upload abandoned midway",
+            weight: 8,
+            expected: &[],
+            send: Box::new(move |s| {
+                let (content_type, body) = multipart("file", Some("gone.jpg"), &abandoned);
+                let mut stream = s.connect();
+                let _ = write!(
+                    stream,
+                    "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(&body[..body.len() / 2]);
+                None
+            }),
+        },
+    ]
+}
+
+fn main() {
+    let seconds: u64 = std::env::var("SOAK_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1800);
+    let clients: usize = std::env::var("SOAK_CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let warm_up = Duration::from_secs((seconds / 6).max(10));
+    let store = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &[
+            "--store",
+            store.path().to_str().unwrap(),
+            "--queue-size",
+            "32",
+            "--request-timeout-secs",
+            "10",
+        ],
+        &[],
+    );
+    let kinds = kinds();
+    let total_weight: usize = kinds.iter().map(|k| k.weight).sum();
+    let counts: Mutex<BTreeMap<&str, (usize, usize)>> = Mutex::new(BTreeMap::new());
+    let unexpected: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let samples: Mutex<Vec<(f64, u64)>> = Mutex::new(Vec::new());
+    let stop = AtomicBool::new(false);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for client in 0..clients {
+            let (kinds, counts, unexpected, stop) = (&kinds, &counts, &unexpected, &stop);
+            let server = &server;
+            scope.spawn(move || {
+                let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ (client as u64 + 1);
+                while !stop.load(Ordering::SeqCst) {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    let mut pick = (state % total_weight as u64) as usize;
+                    let kind = kinds
+                        .iter()
+                        .find(|k| {
+                            if pick < k.weight {
+                                true
+                            } else {
+                                pick -= k.weight;
+                                false
+                            }
+                        })
+                        .unwrap();
+                    let answer = (kind.send)(server);
+                    let ok = answer
+                        .as_ref()
+                        .is_none_or(|a| kind.expected.contains(&a.status));
+                    let mut counts = counts.lock().unwrap();
+                    let entry = counts.entry(kind.name).or_default();
+                    entry.0 += 1;
+                    if !ok {
+                        entry.1 += 1;
+                        let a = answer.unwrap();
+                        unexpected.lock().unwrap().push(format!(
+                            "{}: {} {}",
+                            kind.name,
+                            a.status,
+                            String::from_utf8_lossy(&a.body)
+                        ));
+                    }
+                }
+            });
+        }
+        let deadline = started + Duration::from_secs(seconds);
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_secs(5));
+            samples
+                .lock()
+                .unwrap()
+                .push((started.elapsed().as_secs_f64(), server.memory_kib("VmRSS")));
+        }
+        stop.store(true, Ordering::SeqCst);
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let samples = samples.into_inner().unwrap();
+    let after: Vec<u64> = samples
+        .iter()
+        .filter(|(t, _)| *t >= warm_up.as_secs_f64())
+        .map(|(_, rss)| *rss)
+        .collect();
+    let window = (after.len() / 6).max(1);
+    let median = |values: &[u64]| {
+        let mut sorted = values.to_vec();
+        sorted.sort_unstable();
+        sorted[sorted.len() / 2]
+    };
+    let first = median(&after[..window]);
+    let last = median(&after[after.len() - window..]);
+    let peak = after.iter().copied().max().unwrap_or_default();
+    let drift = (last as f64 - first as f64) / first as f64 * 100.0;
+    let counts = counts.into_inner().unwrap();
+    let total: usize = counts.values().map(|c| c.0).sum();
+    println!(
+        "## Soak: {clients} clients, {elapsed:.0} s, warm-up {} s\n",
+        warm_up.as_secs()
+    );
+    println!("| request | sent | unintended answers |\n|---|---|---|");
+    for (name, (sent, wrong)) in &counts {
+        println!("| {name} | {sent} | {wrong} |");
+    }
+    println!(
+        "\n{total} requests ({:.1}/s). RSS after warm-up {} MiB, at the end {} MiB, peak {} MiB: drift {drift:+.2} %",
+        total as f64 / elapsed,
+        first / 1024,
+        last / 1024,
+        peak / 1024
+    );
+    let unexpected = unexpected.into_inner().unwrap();
+    for line in unexpected.iter().take(20) {
+        println!("unintended: {line}");
+    }
+    assert!(
+        unexpected.is_empty(),
+        "{} unintended answers",
+        unexpected.len()
+    );
+    assert!(drift.abs() < 5.0, "RSS drifted {drift:+.2} %");
+}
