@@ -20,6 +20,7 @@ const LEVELS: [(&str, png::Compression); 5] = [
 ];
 const LIMITS: DecodeLimits = DecodeLimits {
     max_pixels: 50_000_000,
+    max_aspect_ratio: 0,
 };
 
 /// A smooth depth map like a network's, at the network size for `width` x `height`.

@@ -118,6 +118,7 @@ async fn predict(args: PredictArgs) -> anyhow::Result<()> {
     let pipeline = Pipeline::load(&args.model).await?;
     let limits = DecodeLimits {
         max_pixels: args.max_pixels,
+        max_aspect_ratio: args.max_aspect_ratio,
     };
     let options = RenderOptions {
         colormap: args.colormap,

@@ -186,6 +186,9 @@ pub struct PredictArgs {
     /// Largest accepted image, in pixels (width x height), checked before decoding.
     #[arg(long, env = "MIDAS_MAX_PIXELS", default_value_t = 24_000_000)]
     pub max_pixels: u64,
+    /// Largest ratio of an image's longer side to its shorter, checked on the header (0: any).
+    #[arg(long, env = "MIDAS_MAX_ASPECT_RATIO", default_value_t = crate::pipeline::DEFAULT_MAX_ASPECT_RATIO)]
+    pub max_aspect_ratio: u32,
     /// JPEG, PNG or WebP images.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
@@ -213,6 +216,9 @@ pub struct ServeArgs {
     /// Largest image, in pixels (413 above), checked on the header before decoding.
     #[arg(long, env = "MIDAS_MAX_PIXELS", default_value_t = 24_000_000)]
     pub max_pixels: u64,
+    /// Largest ratio of an image's longer side to its shorter, checked on the header (0: any).
+    #[arg(long, env = "MIDAS_MAX_ASPECT_RATIO", default_value_t = crate::pipeline::DEFAULT_MAX_ASPECT_RATIO)]
+    pub max_aspect_ratio: u32,
     /// Requests waiting for the model beyond the one running; when full, 503 with Retry-After.
     #[arg(long, env = "MIDAS_QUEUE_SIZE", default_value_t = 16)]
     pub queue_size: usize,
@@ -316,6 +322,9 @@ pub struct BatchArgs {
     /// Largest image, in pixels (width x height), checked on the header before decoding.
     #[arg(long, env = "MIDAS_MAX_PIXELS", default_value_t = 24_000_000)]
     pub max_pixels: u64,
+    /// Largest ratio of an image's longer side to its shorter, checked on the header (0: any).
+    #[arg(long, env = "MIDAS_MAX_ASPECT_RATIO", default_value_t = crate::pipeline::DEFAULT_MAX_ASPECT_RATIO)]
+    pub max_aspect_ratio: u32,
     /// Largest input file, in bytes; larger ones are recorded as refused without being read.
     #[arg(long, env = "MIDAS_MAX_INPUT_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_input_bytes: u64,

@@ -141,7 +141,7 @@ fn cloudbuild_builds_pushes_and_deploys_one_image() {
     assert!(config["options"]["machineType"].as_str().is_some());
     assert!(config["timeout"].as_str().unwrap().ends_with('s'));
     // Far below the original service's 8 GiB.
-    assert_eq!(config["substitutions"]["_MEMORY"].as_str(), Some("512Mi"));
+    assert_eq!(config["substitutions"]["_MEMORY"].as_str(), Some("768Mi"));
 }
 
 #[test]

@@ -271,6 +271,7 @@ fn header_probe_is_linear_in_the_bytes_seen() {
 fn decode_path() {
     let limits = DecodeLimits {
         max_pixels: 4_000_000,
+        max_aspect_ratio: 100,
     };
     fuzz("decode", &image_seeds(), |input| {
         let outcome = match decode(input, &limits) {

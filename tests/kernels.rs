@@ -314,3 +314,58 @@ fn whole_network_is_the_same_on_kernels_and_on_burn_ops() {
         .fold(0.0f32, nan_max);
     assert!(worst <= 1e-4 * range, "max |diff| {worst}, range {range}");
 }
+
+/// The public entry points check their preconditions in release builds too: a map whose data
+/// does not match its dimensions, a wrong channel count or a residual of another shape is a
+/// panic with a message, never an out-of-bounds access.
+#[test]
+fn kernel_entry_points_refuse_inconsistent_maps() {
+    let expect_panic = |what: &str, run: &(dyn Fn() + std::panic::RefUnwindSafe)| {
+        let message = std::panic::catch_unwind(run)
+            .err()
+            .unwrap_or_else(|| panic!("{what}: no panic"));
+        let text = message
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| message.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        assert!(
+            text.contains("map") || text.contains("residual") || text.contains("only"),
+            "{what}: {text}"
+        );
+    };
+    let one = PackedConv::from_conv(conv(8, 4, 1));
+    let three = WinogradConv::from_conv(conv(8, 4, 3));
+    let good = FeatureMap::from_tensor(random([1, 8, 6, 5]));
+    let mut short = good.clone();
+    short.data.truncate(10);
+    let wrong_channels = FeatureMap::from_tensor(random([1, 7, 6, 5]));
+    let wrong_residual = FeatureMap::from_tensor(random([1, 4, 6, 4]));
+    expect_panic("1x1, short data", &|| {
+        conv1x1(&short, &one, Activation::Identity, &[]);
+    });
+    expect_panic("1x1, channels", &|| {
+        conv1x1(&wrong_channels, &one, Activation::Identity, &[]);
+    });
+    expect_panic("1x1, residual", &|| {
+        conv1x1(&good, &one, Activation::Identity, &[&wrong_residual]);
+    });
+    expect_panic("3x3, short data", &|| {
+        winograd3x3(&short, &three, false, Activation::Identity, &[]);
+    });
+    expect_panic("3x3, residual", &|| {
+        winograd3x3(
+            &good,
+            &three,
+            false,
+            Activation::Identity,
+            &[&wrong_residual],
+        );
+    });
+    expect_panic("3x3 from a 1x1 layer", &|| {
+        WinogradConv::from_conv(conv(8, 4, 1));
+    });
+    expect_panic("upsample, short data", &|| {
+        upsample2x(&short, false);
+    });
+}

@@ -11,6 +11,7 @@ use support::{fixture, max_abs_diff, read_npy};
 
 const LIMITS: DecodeLimits = DecodeLimits {
     max_pixels: 50_000_000,
+    max_aspect_ratio: 0,
 };
 
 fn decode(name: &str) -> image::RgbImage {

@@ -271,7 +271,7 @@ fn pages_health_readiness_and_metrics() {
 
     assert_eq!(
         predict(&server, "rocket.jpg", &image("rocket.jpg"), "").status,
-        200
+        201
     );
     let metrics = reqwest::blocking::get(server.url("/metrics"))
         .unwrap()

@@ -346,6 +346,7 @@ impl Stages {
             pipeline,
             limits: DecodeLimits {
                 max_pixels: args.max_pixels,
+                max_aspect_ratio: args.max_aspect_ratio,
             },
             options: RenderOptions {
                 colormap: args.colormap,

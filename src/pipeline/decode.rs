@@ -85,6 +85,16 @@ pub enum DecodeError {
         /// The limit.
         limit: u64,
     },
+    /// One side is more than the limit times the other.
+    #[error("the image is {width}x{height}, its sides further apart than {limit}:1")]
+    ExtremeAspectRatio {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// The limit.
+        limit: u32,
+    },
     /// A zero width or height.
     #[error("the image has no pixels ({width}x{height})")]
     Empty {
@@ -112,6 +122,7 @@ impl DecodeError {
             Self::Truncated(_) => "truncated_image",
             Self::TooManyPixels { .. } => "too_many_pixels",
             Self::Empty { .. } => "empty_image",
+            Self::ExtremeAspectRatio { .. } => "extreme_aspect_ratio",
             Self::Corrupt { .. } => "corrupt_image",
         }
     }
@@ -143,15 +154,33 @@ fn classify(format: ImageFormat, error: image::ImageError) -> DecodeError {
 pub struct DecodeLimits {
     /// Largest width x height.
     pub max_pixels: u64,
+    /// Largest ratio of the longer side to the shorter (0: any). The network sees at most
+    /// 8:1 (256 by 32), so an image far beyond is refused before it costs a decode and a
+    /// render of millions of one-pixel rows.
+    pub max_aspect_ratio: u32,
 }
 
+/// The default of `--max-aspect-ratio`: wider than any panorama.
+pub const DEFAULT_MAX_ASPECT_RATIO: u32 = 100;
+
 impl DecodeLimits {
-    /// Refuses a header whose pixel count is zero or above the limit.
+    /// Refuses a header whose pixel count is zero or above the limit, or whose sides are
+    /// further apart than the aspect-ratio limit.
     pub fn check(&self, header: &ImageHeader) -> Result<(), DecodeError> {
         let (width, height) = (header.width, header.height);
         let pixels = u64::from(width) * u64::from(height);
         if pixels == 0 {
             return Err(DecodeError::Empty { width, height });
+        }
+        let (long, short) = (width.max(height), width.min(height));
+        if self.max_aspect_ratio > 0
+            && u64::from(long) > u64::from(short) * u64::from(self.max_aspect_ratio)
+        {
+            return Err(DecodeError::ExtremeAspectRatio {
+                width,
+                height,
+                limit: self.max_aspect_ratio,
+            });
         }
         if pixels > self.max_pixels {
             return Err(DecodeError::TooManyPixels {

@@ -10,7 +10,10 @@ mod preprocess;
 mod probe;
 
 pub use colormap::Colormap;
-pub use decode::{DecodeError, DecodeLimits, ImageFormat, ImageHeader, decode, decode_checked};
+pub use decode::{
+    DEFAULT_MAX_ASPECT_RATIO, DecodeError, DecodeLimits, ImageFormat, ImageHeader, decode,
+    decode_checked,
+};
 pub use encode::{EncodeError, OutputFormat, PngChunks, RowBands, npy};
 pub use infer::{DepthModel, InferenceError};
 pub use postprocess::{

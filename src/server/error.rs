@@ -130,6 +130,7 @@ impl ApiError {
                     DecodeError::TooManyPixels { .. } => StatusCode::PAYLOAD_TOO_LARGE,
                     DecodeError::Truncated(_)
                     | DecodeError::Empty { .. }
+                    | DecodeError::ExtremeAspectRatio { .. }
                     | DecodeError::Corrupt { .. } => StatusCode::UNPROCESSABLE_ENTITY,
                 },
                 error.code(),

@@ -113,6 +113,7 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
     tracing::info!(store = %store, "store ready");
     let limits = DecodeLimits {
         max_pixels: config.max_pixels,
+        max_aspect_ratio: config.max_aspect_ratio,
     };
     warm_up(&pipeline, &limits)?;
     let model = ModelInfo {

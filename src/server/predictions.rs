@@ -51,9 +51,11 @@ pub async fn handle(
         full(StatusCode::NOT_MODIFIED, content_type, Bytes::new())
     } else if request.method() == hyper::Method::HEAD {
         let mut response = full(StatusCode::OK, content_type, Bytes::new());
-        response
-            .headers_mut()
-            .insert(CONTENT_LENGTH, HeaderValue::from(object.size()));
+        if let Some(size) = object.size() {
+            response
+                .headers_mut()
+                .insert(CONTENT_LENGTH, HeaderValue::from(size));
+        }
         response
     } else {
         let size = object.size();
@@ -83,7 +85,9 @@ pub async fn handle(
         let mut response = Response::new(BodyExt::boxed(StreamBody::new(body)));
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(size));
+        if let Some(size) = size {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(size));
+        }
         response
     };
     let headers = response.headers_mut();

@@ -120,14 +120,16 @@ impl Store {
                     let (file, size) = store.open_object(name).await?;
                     ObjectStream {
                         source: Source::Local(file),
-                        size,
+                        size: Some(size),
                         timeout,
                     }
                 }
                 Self::Gcs(store) => {
                     let reader = store.open_object(name).await?;
+                    // A read does not always carry the object's size (the emulators leave it
+                    // at 0); no object this service stores is empty, so 0 means unknown.
                     ObjectStream {
-                        size: reader.size().unwrap_or_default(),
+                        size: reader.size().filter(|&size| size > 0),
                         source: Source::Gcs(Box::new(reader)),
                         timeout,
                     }
@@ -147,10 +149,11 @@ impl Store {
             size,
             limit: max_bytes,
         };
-        if object.size() > max_bytes {
-            return Err(too_large(object.size()));
+        let size = object.size().unwrap_or_default();
+        if size > max_bytes {
+            return Err(too_large(size));
         }
-        let mut data = bytes::BytesMut::with_capacity(object.size() as usize);
+        let mut data = bytes::BytesMut::with_capacity(size as usize);
         while let Some(chunk) = object.next_chunk().await? {
             data.extend_from_slice(&chunk);
             if data.len() as u64 > max_bytes {
@@ -318,7 +321,7 @@ impl Drop for Upload {
 #[derive(Debug)]
 pub struct ObjectStream {
     source: Source,
-    size: u64,
+    size: Option<u64>,
     timeout: Duration,
 }
 
@@ -332,8 +335,8 @@ enum Source {
 const READ_CHUNK: usize = 256 * 1024;
 
 impl ObjectStream {
-    /// The object's size in bytes.
-    pub fn size(&self) -> u64 {
+    /// The object's size in bytes, when the store said.
+    pub fn size(&self) -> Option<u64> {
         self.size
     }
 
