@@ -294,7 +294,7 @@ pub async fn serve(
         let connection = graceful.watch(
             builder
                 .serve_connection(
-                    TokioIo::new(io::SendTimeout::new(stream, send_timeout)),
+                    TokioIo::new(io::ServerIo::new(stream, send_timeout)),
                     service,
                 )
                 .into_owned(),
