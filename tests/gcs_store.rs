@@ -221,6 +221,7 @@ fn a_store_that_stalls_mid_upload_answers_504_within_the_store_timeout() {
     let started = std::time::Instant::now();
     let response = predict(&server, "big.png", &big, "");
     let elapsed = started.elapsed();
+    println!("stalled store: {} after {elapsed:?}", response.status);
     assert_eq!(
         response.status,
         504,
