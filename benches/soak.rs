@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use server::{RawResponse, Server, multipart, request};
+use server::{RawResponse, Server, multipart, post_multipart, request};
 
 /// Sends one request; `None` when the client walks away without an answer.
 type Send = Box<dyn Fn(&Server) -> Option<RawResponse> + Sync>;
@@ -31,17 +31,6 @@ struct Kind {
     weight: usize,
     expected: &'static [u16],
     send: Send,
-}
-
-fn post(server: &Server, field: &str, name: &str, content: &[u8]) -> RawResponse {
-    let (content_type, body) = multipart(field, Some(name), content);
-    request(
-        server,
-        "POST",
-        "/predict",
-        &[("Content-Type", &content_type)],
-        &body,
-    )
 }
 
 fn kinds() -> Vec<Kind> {
@@ -72,31 +61,33 @@ fn kinds() -> Vec<Kind> {
             name: "good 640x480 JPEG",
             weight: 45,
             expected: &[201],
-            send: Box::new(move |s| Some(post(s, "image", "photo.jpg", &good_jpeg))),
+            send: Box::new(move |s| {
+                Some(post_multipart(s, "image", Some("photo.jpg"), &good_jpeg))
+            }),
         },
         Kind {
             name: "good PNG",
             weight: 20,
             expected: &[201],
-            send: Box::new(move |s| Some(post(s, "file", "camera.png", &good_png))),
+            send: Box::new(move |s| Some(post_multipart(s, "file", Some("camera.png"), &good_png))),
         },
         Kind {
             name: "half-sent JPEG",
             weight: 7,
             expected: &[422],
-            send: Box::new(move |s| Some(post(s, "file", "cut.jpg", &truncated))),
+            send: Box::new(move |s| Some(post_multipart(s, "file", Some("cut.jpg"), &truncated))),
         },
         Kind {
             name: "PNG signature then garbage",
             weight: 7,
             expected: &[422],
-            send: Box::new(move |s| Some(post(s, "file", "garbage.png", &garbage))),
+            send: Box::new(move |s| Some(post_multipart(s, "file", Some("garbage.png"), &garbage))),
         },
         Kind {
             name: "50000x50000 header",
             weight: 5,
             expected: &[413],
-            send: Box::new(move |s| Some(post(s, "file", "huge.png", &huge))),
+            send: Box::new(move |s| Some(post_multipart(s, "file", Some("huge.png"), &huge))),
         },
         Kind {
             name: "not multipart",

@@ -7,7 +7,9 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use support::fixture;
-use support::server::{RawResponse, Server, multipart, predict, read_response, request};
+use support::server::{
+    RawResponse, Server, multipart, post_multipart, predict, read_response, request,
+};
 
 const MAX_BODY: usize = 2 * 1024 * 1024;
 
@@ -92,17 +94,6 @@ fn assert_refusal(case: &str, response: &RawResponse, status: u16, code: &str) {
         response.header("x-request-id"),
         "{case}"
     );
-}
-
-fn post_multipart(server: &Server, field: &str, name: Option<&str>, content: &[u8]) -> RawResponse {
-    let (content_type, body) = multipart(field, name, content);
-    request(
-        server,
-        "POST",
-        "/predict",
-        &[("Content-Type", &content_type)],
-        &body,
-    )
 }
 
 #[test]

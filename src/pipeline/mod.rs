@@ -71,39 +71,40 @@ pub fn render(
             let rgb = colourise(depth, options.colormap);
             let resizer = BandResizer::new(rgb, from, original, PixelType::U8x3);
             let band_rows = resizer.band_rows();
-            let bands: RowBands = Box::new(move |top, rows| {
-                resizer
-                    .band(top, rows)
-                    .map_err(|e| EncodeError::from_message(e.to_string()))
-            });
-            Box::new(PngChunks::from_bands(
-                width,
-                height,
-                png::ColorType::Rgb,
-                png::BitDepth::Eight,
+            Box::new(banded_png(
+                (width, height, png::ColorType::Rgb, png::BitDepth::Eight),
                 band_rows,
-                bands,
+                move |top, rows| resizer.band(top, rows),
             )?)
         }
         OutputFormat::Png16 => {
             let mut resizer = Depth16Bands::new(depth, original)?;
             let band_rows = resizer.band_rows();
-            let bands: RowBands = Box::new(move |top, rows| {
-                resizer
-                    .band(top, rows)
-                    .map_err(|e| EncodeError::from_message(e.to_string()))
-            });
-            Box::new(PngChunks::from_bands(
-                width,
-                height,
-                png::ColorType::Grayscale,
-                png::BitDepth::Sixteen,
+            Box::new(banded_png(
+                (
+                    width,
+                    height,
+                    png::ColorType::Grayscale,
+                    png::BitDepth::Sixteen,
+                ),
                 band_rows,
-                bands,
+                move |top, rows| resizer.band(top, rows),
             )?)
         }
         OutputFormat::Npy => Box::new(std::iter::once(npy(&depth.data, depth.width, depth.height))),
     })
+}
+
+/// A PNG of `(width, height, colour, depth)` whose rows `band` resizes `band_rows` at a time.
+fn banded_png(
+    (width, height, color, bit_depth): (u32, u32, png::ColorType, png::BitDepth),
+    band_rows: u32,
+    mut band: impl FnMut(u32, u32) -> Result<Vec<u8>, ResizeError> + Send + 'static,
+) -> Result<PngChunks, EncodeError> {
+    let bands: RowBands = Box::new(move |top, rows| {
+        band(top, rows).map_err(|e| EncodeError::from_message(e.to_string()))
+    });
+    PngChunks::from_bands(width, height, color, bit_depth, band_rows, bands)
 }
 
 /// Bytes [`render`] holds at most for an output of `width x height`, beyond the depth map:

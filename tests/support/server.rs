@@ -275,3 +275,20 @@ pub fn predict(server: &Server, file_name: &str, content: &[u8], query: &str) ->
         &body,
     )
 }
+
+/// Posts `content` as the multipart field `field` (with file name `name`, if any) to `/predict`.
+pub fn post_multipart(
+    server: &Server,
+    field: &str,
+    name: Option<&str>,
+    content: &[u8],
+) -> RawResponse {
+    let (content_type, body) = multipart(field, name, content);
+    request(
+        server,
+        "POST",
+        "/predict",
+        &[("Content-Type", &content_type)],
+        &body,
+    )
+}
