@@ -14,7 +14,7 @@ use multer::{Constraints, Field, Multipart, SizeLimit};
 
 use super::error::ApiError;
 use super::{AppState, BoxError};
-use crate::pipeline::{HeaderProbe, ImageFormat, ImageHeader, RenderOptions};
+use crate::pipeline::{self, HeaderProbe, ImageFormat, ImageHeader, OutputFormat, RenderOptions};
 use crate::storage::{Upload, upload_name};
 
 /// Longest value of a text option part.
@@ -30,6 +30,46 @@ pub struct Received {
     pub upload: Upload,
     /// The query's options, overridden by the form's text parts.
     pub options: RenderOptions,
+}
+
+/// Applies one option (`colormap` or `format`, from the query or a form field).
+pub fn apply_option(
+    mut options: RenderOptions,
+    key: &str,
+    value: &str,
+) -> Result<RenderOptions, ApiError> {
+    match key {
+        "colormap" => {
+            options.colormap = pipeline::Colormap::from_name(value).ok_or_else(|| {
+                ApiError::BadQuery(format!(
+                    "unknown colormap {value:?}; use inferno, viridis or gray"
+                ))
+            })?;
+        }
+        "format" => {
+            options.format = OutputFormat::from_name(value).ok_or_else(|| {
+                ApiError::BadQuery(format!("unknown format {value:?}; use png, png16 or npy"))
+            })?;
+        }
+        other => {
+            return Err(ApiError::BadQuery(format!(
+                "unknown query parameter {other:?}; use colormap and format"
+            )));
+        }
+    }
+    Ok(options)
+}
+
+/// The options a query string sets (`colormap`, `format`); anything else is refused.
+pub fn query_options(query: Option<&str>) -> Result<RenderOptions, ApiError> {
+    query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .try_fold(RenderOptions::default(), |options, pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            apply_option(options, key, value)
+        })
 }
 
 /// Reads the form `body` (of `content_type`, at most `limit` bytes) of request `request_id`.
@@ -70,7 +110,7 @@ pub async fn receive(
             None => match name.as_str() {
                 "colormap" | "format" => {
                     let value = option_text(field, limit).await?;
-                    options = super::predict::apply_option(options, &name, &value)?;
+                    options = apply_option(options, &name, &value)?;
                 }
                 _ => return Err(ApiError::UnexpectedField(name)),
             },

@@ -19,13 +19,53 @@ use tokio::sync::mpsc;
 
 use super::budget::Share;
 use super::error::ApiError;
-use super::predict::{Timings, millis, render_share};
 use super::{AppState, Body, BoxError, Metrics};
 use crate::pipeline::{self, DepthMap, ImageHeader, RenderOptions};
 use crate::storage::{Upload, prediction_name};
 
 /// Chunks of the response that may wait for a slow client.
 const RESPONSE_PIPE_DEPTH: usize = 4;
+
+/// Stage timings of one request, in milliseconds.
+#[derive(Debug, Default)]
+pub struct Timings {
+    /// Receiving the upload.
+    pub upload: f64,
+    /// Decoding and pre-processing.
+    pub decode: f64,
+    /// Waiting for the model.
+    pub queue: f64,
+    /// The forward pass.
+    pub forward: f64,
+    /// Rendering.
+    pub postprocess: f64,
+}
+
+impl Timings {
+    /// The `Server-Timing` header's value.
+    pub fn header(&self) -> String {
+        format!(
+            "upload;dur={:.1}, decode;dur={:.1}, queue;dur={:.1}, forward;dur={:.1}, postprocess;dur={:.1}",
+            self.upload, self.decode, self.queue, self.forward, self.postprocess
+        )
+    }
+}
+
+/// Milliseconds since `since`.
+pub fn millis(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+/// The render step's share of the budget, for an output the size of `header`'s image.
+pub async fn render_share(state: &AppState, header: &ImageHeader) -> Result<Share, ApiError> {
+    state
+        .budget
+        .reserve(
+            pipeline::render_bytes(header.width, header.height),
+            "rendered output",
+        )
+        .await
+}
 
 /// What the answer step needs from the steps before it.
 pub struct Answer {

@@ -26,35 +26,9 @@ use super::budget::{DECODE_BYTES_PER_PIXEL, Share};
 use super::error::ApiError;
 use super::inference::{Reply, SubmitError};
 use super::intake::{self, Received};
-use super::output::{self, Answer};
+use super::output::{self, Answer, Timings, millis};
 use super::{AppState, Body};
-use crate::pipeline::{self, ImageHeader, NetInput, OutputFormat, RenderOptions};
-
-/// Stage timings of one request, in milliseconds.
-#[derive(Debug, Default)]
-pub struct Timings {
-    upload: f64,
-    decode: f64,
-    queue: f64,
-    forward: f64,
-    /// Rendering, set by the answer step.
-    pub postprocess: f64,
-}
-
-impl Timings {
-    /// The `Server-Timing` header's value.
-    pub fn header(&self) -> String {
-        format!(
-            "upload;dur={:.1}, decode;dur={:.1}, queue;dur={:.1}, forward;dur={:.1}, postprocess;dur={:.1}",
-            self.upload, self.decode, self.queue, self.forward, self.postprocess
-        )
-    }
-}
-
-/// Milliseconds since `since`.
-pub fn millis(since: Instant) -> f64 {
-    since.elapsed().as_secs_f64() * 1000.0
-}
+use crate::pipeline::{self, ImageHeader, NetInput};
 
 /// Answers `POST /predict`, turning any failure into its JSON refusal.
 pub async fn handle(
@@ -74,45 +48,6 @@ pub async fn handle(
     }
 }
 
-/// Applies one option (`colormap` or `format`, from the query or a form field).
-pub fn apply_option(
-    mut options: RenderOptions,
-    key: &str,
-    value: &str,
-) -> Result<RenderOptions, ApiError> {
-    match key {
-        "colormap" => {
-            options.colormap = pipeline::Colormap::from_name(value).ok_or_else(|| {
-                ApiError::BadQuery(format!(
-                    "unknown colormap {value:?}; use inferno, viridis or gray"
-                ))
-            })?;
-        }
-        "format" => {
-            options.format = OutputFormat::from_name(value).ok_or_else(|| {
-                ApiError::BadQuery(format!("unknown format {value:?}; use png, png16 or npy"))
-            })?;
-        }
-        other => {
-            return Err(ApiError::BadQuery(format!(
-                "unknown query parameter {other:?}; use colormap and format"
-            )));
-        }
-    }
-    Ok(options)
-}
-
-fn query_options(query: Option<&str>) -> Result<RenderOptions, ApiError> {
-    query
-        .unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .try_fold(RenderOptions::default(), |options, pair| {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            apply_option(options, key, value)
-        })
-}
-
 async fn respond(
     state: &AppState,
     request: Request<Incoming>,
@@ -120,7 +55,7 @@ async fn respond(
     peer: SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
-    let options = query_options(request.uri().query())?;
+    let options = intake::query_options(request.uri().query())?;
     let body_share = admit(state, &request).await?;
     let content_type = request
         .headers()
@@ -247,17 +182,6 @@ async fn decode(
     timings.decode = millis(started);
     state.metrics.stage("decode", timings.decode / 1000.0);
     Ok(input)
-}
-
-/// The render step's share of the budget, for an output the size of `header`'s image.
-pub async fn render_share(state: &AppState, header: &ImageHeader) -> Result<Share, ApiError> {
-    state
-        .budget
-        .reserve(
-            pipeline::render_bytes(header.width, header.height),
-            "rendered output",
-        )
-        .await
 }
 
 /// Waits for the model's thread to run a queued input.
