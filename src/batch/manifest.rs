@@ -184,7 +184,7 @@ pub fn manifest_name(task: Task, now: SystemTime) -> String {
         time.second(),
         task.index,
         task.count,
-        &uuid::Uuid::new_v4().simple().to_string()[..8],
+        crate::storage::random_hex::<4>(),
     )
 }
 

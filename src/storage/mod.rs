@@ -369,8 +369,28 @@ pub fn new_request_id(now: SystemTime) -> String {
         date.year(),
         u8::from(date.month()),
         date.day(),
-        uuid::Uuid::new_v4().simple()
+        random_hex::<16>()
     )
+}
+
+/// `N` random bytes from the operating system, as lowercase hex. Should the system's source
+/// fail, the bytes come from the standard library's per-process random hash keys and a
+/// counter instead: still unpredictable to a client, never a panic.
+pub fn random_hex<const N: usize>() -> String {
+    let mut bytes = [0u8; N];
+    if getrandom::fill(&mut bytes).is_err() {
+        use std::hash::{BuildHasher, Hasher};
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let keys = std::collections::hash_map::RandomState::new();
+        for (i, chunk) in bytes.chunks_mut(8).enumerate() {
+            let mut hasher = keys.build_hasher();
+            hasher.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            hasher.write_usize(i);
+            let value = hasher.finish().to_le_bytes();
+            chunk.copy_from_slice(&value[..chunk.len()]);
+        }
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The `YYYY/MM/DD` directory of a well-formed request id; `None` for anything else (so a
