@@ -29,7 +29,10 @@ fn forward(c: &mut Criterion) {
                 continue;
             }
         };
-        let (model, _) = weights::untrained(&backend.device);
+        let (model, _) = weights::untrained(
+            midas_serve::model::ModelKind::MidasV21Small256,
+            &backend.device,
+        );
         // The shipped path (CPU kernels for the decoder on CPU backends) and Burn's ops alone.
         let mut variants = vec![(
             kind.name().to_string(),

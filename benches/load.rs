@@ -31,7 +31,8 @@ fn time_to_ready(backend: &str) -> f64 {
         }
         _ => burn::prelude::Device::flex(),
     };
-    let (model, _) = midas_serve::weights::untrained(&device);
+    let (model, _) =
+        midas_serve::weights::untrained(midas_serve::model::ModelKind::MidasV21Small256, &device);
     let weights = dir.path().join("midas.bpk");
     midas_serve::weights::save_burnpack(&model, &weights, &[]).unwrap();
     let store = dir.path().join("store");

@@ -25,7 +25,11 @@ const LIMITS: DecodeLimits = DecodeLimits {
 
 /// A smooth depth map like a network's, at the network size for `width` x `height`.
 fn depth(width: u32, height: u32) -> DepthMap {
-    let (w, h) = pipeline::target_size(width, height);
+    let (w, h) = pipeline::target_size(
+        midas_serve::model::ModelKind::MidasV21Small256,
+        width,
+        height,
+    );
     let data = (0..w * h)
         .map(|i| {
             ((i % w) as f32 / w as f32 + (i / w) as f32 / h as f32)
@@ -60,7 +64,15 @@ fn stages(c: &mut Criterion) {
         group.bench_with_input(
             BenchmarkId::new("preprocess", &label),
             &image,
-            |b, image| b.iter(|| pipeline::preprocess(image)),
+            |b, image| {
+                b.iter(|| {
+                    pipeline::preprocess(
+                        image,
+                        midas_serve::model::ModelKind::MidasV21Small256,
+                        pipeline::Transform::Upstream,
+                    )
+                })
+            },
         );
         group.bench_with_input(BenchmarkId::new("postprocess", &label), &map, |b, map| {
             b.iter(|| {

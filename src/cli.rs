@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
 use midas_serve::config::{BatchArgs, Command, ForwardArgs, PredictArgs};
-use midas_serve::pipeline::{DecodeLimits, Pipeline, RenderOptions};
+use midas_serve::lifecycle;
+use midas_serve::pipeline::{DecodeLimits, RenderOptions, Transform};
 use npyz::WriterBuilder;
 
 /// Runs a subcommand to completion.
@@ -61,12 +62,14 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
         "{}: expected shape [N,3,H,W], found {shape:?}",
         args.input.display()
     );
+    let pipeline = lifecycle::load(&args.model, Transform::Upstream).await?;
+    let multiple = pipeline.model.kind().input_multiple();
     ensure!(
-        height >= 32 && width >= 32 && height % 32 == 0 && width % 32 == 0,
-        "{}: H and W must be positive multiples of 32 (the network downsamples 32 times), found {height}x{width}",
-        args.input.display()
+        height >= multiple && width >= multiple && height % multiple == 0 && width % multiple == 0,
+        "{}: H and W must be positive multiples of {multiple} for {}, found {height}x{width}",
+        args.input.display(),
+        pipeline.model.kind()
     );
-    let pipeline = Pipeline::load(&args.model).await?;
     let run = || pipeline.model.forward(data.clone(), batch, height, width);
 
     let output = match args.repeat {
@@ -88,7 +91,7 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
             };
             let summary = serde_json::json!({
                 "backend": pipeline.backend.kind.name(),
-                "model": args.model.architecture.name(),
+                "model": pipeline.model.kind().name(),
                 "shape": shape,
                 "runs": runs,
                 "median_ms": median,
@@ -115,7 +118,7 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
 async fn predict(args: PredictArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
-    let pipeline = Pipeline::load(&args.model).await?;
+    let pipeline = lifecycle::load(&args.model, args.transform).await?;
     let limits = DecodeLimits {
         max_pixels: args.max_pixels,
         max_aspect_ratio: args.max_aspect_ratio,

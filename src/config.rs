@@ -7,10 +7,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::backend::BackendKind;
-use crate::pipeline::{Colormap, OutputFormat};
+use crate::model::ModelKind;
+use crate::pipeline::{Colormap, OutputFormat, Transform};
 use crate::weights::WeightsLocation;
 
-/// Depth maps from photos with MiDaS v2.1 small, on Burn.
+/// Depth maps from photos with MiDaS (v2.1 small or v3.0 DPT-Hybrid), on Burn.
 #[derive(Parser, Debug)]
 #[command(name = "midas-serve", version, about, long_about = None)]
 pub struct Cli {
@@ -50,8 +51,9 @@ pub enum Command {
 /// Which model runs, and where.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Weights: a file path, an https:// URL or gs://bucket/object; PyTorch .pt/.pth,
-    /// .safetensors (upstream MiDaS keys) or .bpk from model-import. Without it the untrained
+    /// Weights: a file path, an https:// URL or gs://bucket/object; PyTorch .pt/.pth/.ckpt (a
+    /// PyTorch Lightning checkpoint too), .safetensors (upstream MiDaS keys) or .bpk from
+    /// model-import. The network is recognised from the keys. Without it the untrained
     /// deterministic model runs, and every output says so. An empty value counts as absent
     /// (deployment templates often set the variable to "").
     #[arg(long, env = "MIDAS_WEIGHTS", value_parser = parse_location)]
@@ -63,13 +65,11 @@ pub struct ModelArgs {
     /// for none).
     #[arg(long, env = "MIDAS_KEY_PREFIX")]
     pub key_prefix: Option<String>,
-    /// The network. The weights' keys must match it (there is one architecture so far).
-    #[arg(
-        long = "model",
-        env = "MIDAS_MODEL",
-        default_value = "midas_v21_small_256"
-    )]
-    pub architecture: Architecture,
+    /// The network. Recognised from the weights' keys when absent (then an error if they are
+    /// the other network's); without weights, the untrained model of this kind
+    /// [default: midas_v21_small_256].
+    #[arg(long = "model", env = "MIDAS_MODEL", value_parser = parse_model)]
+    pub kind: Option<OptionalModel>,
     /// Backend that runs the network.
     #[arg(long, env = "MIDAS_BACKEND", default_value_t = default_backend())]
     pub backend: BackendKind,
@@ -78,30 +78,15 @@ pub struct ModelArgs {
     pub cache_dir: Option<PathBuf>,
 }
 
-/// The networks midas-serve runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Architecture {
-    /// MiDaS v2.1 small: EfficientNet-Lite3 encoder, 21 M parameters, 256 px input.
-    #[value(name = "midas_v21_small_256")]
-    MidasV21Small256,
-}
+/// A `--model` value, or none for an empty one (recognise from the weights).
+#[derive(Clone, Copy, Debug)]
+pub struct OptionalModel(Option<ModelKind>);
 
-impl Architecture {
-    /// The name `--model` takes.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::MidasV21Small256 => "midas_v21_small_256",
-        }
+fn parse_model(text: &str) -> Result<OptionalModel, String> {
+    if text.is_empty() {
+        return Ok(OptionalModel(None));
     }
-}
-
-/// How an image becomes the network's input.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum Transform {
-    /// The model's official MiDaS transform (keep aspect, 256 on the shorter side rounded to
-    /// a multiple of 32, bicubic, ImageNet normalisation).
-    #[default]
-    Upstream,
+    ModelKind::from_str(text, false).map(|kind| OptionalModel(Some(kind)))
 }
 
 /// A weights location, or none for an empty value.
@@ -128,6 +113,11 @@ fn default_backend() -> BackendKind {
 }
 
 impl ModelArgs {
+    /// The network asked for with `--model`, if any.
+    pub fn requested_model(&self) -> Option<ModelKind> {
+        self.kind.and_then(|kind| kind.0)
+    }
+
     /// Where the weights come from, if anywhere.
     pub fn location(&self) -> Option<&WeightsLocation> {
         self.weights.as_ref().and_then(|w| w.0.as_ref())
@@ -157,7 +147,8 @@ pub struct ForwardArgs {
     /// The model.
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Input tensor: float32 [N,3,H,W], already normalised, H and W multiples of 32.
+    /// Input tensor: float32 [N,3,H,W], already normalised, H and W multiples of 32 (16 for
+    /// dpt_hybrid_384).
     #[arg(long)]
     pub input: PathBuf,
     /// Output tensor: float32 [N,H,W], the raw network output.
@@ -177,6 +168,11 @@ pub struct PredictArgs {
     /// Directory the results are written to, as `<file stem>.<png|npy>`.
     #[arg(long)]
     pub out_dir: PathBuf,
+    /// Pre-processing: each model's official MiDaS transform, or `squash` (the image squashed
+    /// to the model's square size, Pillow-style bilinear in 8 bits, scaled to [0, 1], not
+    /// normalised), which the replaced service's fine-tuned weights expect.
+    #[arg(long, env = "MIDAS_TRANSFORM", default_value = "upstream")]
+    pub transform: Transform,
     /// Colour map of the PNG output.
     #[arg(long, default_value = "inferno")]
     pub colormap: Colormap,
@@ -200,6 +196,14 @@ pub struct ServeArgs {
     /// The model.
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Pre-processing: each model's official MiDaS transform, or `squash` (the replaced
+    /// service's: squashed to the model's square size, Pillow-style bilinear in 8 bits, scaled
+    /// to [0, 1], not normalised).
+    #[arg(long, env = "MIDAS_TRANSFORM", default_value = "upstream")]
+    pub transform: Transform,
+    /// Colour map when a request names none (`viridis` answers like the replaced service).
+    #[arg(long, env = "MIDAS_DEFAULT_COLORMAP", default_value = "inferno")]
+    pub default_colormap: Colormap,
     /// Address to listen on.
     #[arg(long, env = "MIDAS_HOST", default_value = "0.0.0.0")]
     pub host: String,

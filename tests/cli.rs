@@ -163,7 +163,11 @@ fn predict_writes_one_file_per_image_in_each_format() {
             match format {
                 "npy" => {
                     let (shape, _) = read_npy(&path);
-                    let expected = midas_serve::pipeline::target_size(size.0, size.1);
+                    let expected = midas_serve::pipeline::target_size(
+                        midas_serve::model::ModelKind::MidasV21Small256,
+                        size.0,
+                        size.1,
+                    );
                     assert_eq!(shape, vec![expected.1, expected.0]);
                 }
                 _ => {

@@ -4,6 +4,7 @@
 mod support;
 
 use midas_serve::backend::{Backend, BackendKind};
+use midas_serve::model::ModelKind;
 use midas_serve::pipeline::DepthModel;
 use midas_serve::weights::{self, synthetic};
 use support::{fixture, max_abs_diff, read_npy, value_range};
@@ -12,7 +13,7 @@ const SIZES: [(usize, usize); 3] = [(256, 256), (256, 192), (256, 128)];
 
 fn check_backend(kind: BackendKind, relative_tolerance: f32) {
     let backend = Backend::init(kind).expect("backend starts");
-    let (model, _) = weights::untrained(&backend.device);
+    let (model, _) = weights::untrained(ModelKind::MidasV21Small256, &backend.device);
     let model = DepthModel::new(model, backend.device.clone());
     for (width, height) in SIZES {
         let (shape, expected) = read_npy(&fixture(&format!("forward/{width}x{height}.npy")));

@@ -293,7 +293,7 @@ fn upsampling_matches_burn_with_and_without_aligned_corners() {
 
 #[test]
 fn whole_network_is_the_same_on_kernels_and_on_burn_ops() {
-    let (model, _) = weights::untrained(&device());
+    let (model, _) = weights::untrained(midas_serve::model::ModelKind::MidasV21Small256, &device());
     let (height, width) = (96, 64);
     let one = synthetic::network_input(width, height);
     let input = [one.clone(), one.iter().map(|v| -v).collect()].concat();

@@ -4,9 +4,7 @@
 
 mod support;
 
-use midas_serve::pipeline::{
-    self, Colormap, DecodeLimits, DepthMap, OutputFormat, Pipeline, RenderOptions,
-};
+use midas_serve::pipeline::{self, Colormap, DecodeLimits, DepthMap, OutputFormat, RenderOptions};
 use support::{fixture, max_abs_diff, read_npy};
 
 const LIMITS: DecodeLimits = DecodeLimits {
@@ -52,7 +50,11 @@ fn size_rule_matches_upstream() {
     for line in table.lines() {
         let v: Vec<u32> = line.split('\t').map(|x| x.parse().unwrap()).collect();
         let (width, height, expected_w, expected_h) = (v[0], v[1], v[2] as usize, v[3] as usize);
-        let (w, h) = pipeline::target_size(width, height);
+        let (w, h) = pipeline::target_size(
+            midas_serve::model::ModelKind::MidasV21Small256,
+            width,
+            height,
+        );
         // Upstream gives a side of 0 for images over 16 times longer than wide (and then fails
         // in OpenCV); here that side gets one 32-pixel block instead.
         assert_eq!(w, expected_w.max(32), "{width}x{height}");
@@ -61,7 +63,7 @@ fn size_rule_matches_upstream() {
     }
     assert!(checked > 300);
     assert_eq!(
-        pipeline::target_size(1920, 1080),
+        pipeline::target_size(midas_serve::model::ModelKind::MidasV21Small256, 1920, 1080),
         (256, 128),
         "half-to-even, not 256x160"
     );
@@ -71,7 +73,12 @@ fn size_rule_matches_upstream() {
 fn preprocessing_matches_opencv_cubic_and_normalisation() {
     for stem in ["camera_odd", "chelsea_small"] {
         let image = decode(&format!("{stem}.png"));
-        let input = pipeline::preprocess(&image);
+        let input = pipeline::preprocess(
+            &image,
+            midas_serve::model::ModelKind::MidasV21Small256,
+            pipeline::Transform::Upstream,
+        )
+        .unwrap();
         let (shape, expected) = read_npy(&fixture(&format!("pipeline/{stem}.pre.npy")));
         assert_eq!(shape, vec![3, input.height, input.width], "{stem}");
         let diff = max_abs_diff(&input.data, &expected);
@@ -139,11 +146,16 @@ fn end_to_end_matches_the_reference() {
         weights: None,
         weights_sha256: None,
         key_prefix: None,
-        architecture: midas_serve::config::Architecture::MidasV21Small256,
+        kind: None,
         backend: midas_serve::backend::BackendKind::Flex,
         cache_dir: None,
     };
-    let pipeline = runtime.block_on(Pipeline::load(&args)).unwrap();
+    let pipeline = runtime
+        .block_on(midas_serve::lifecycle::load(
+            &args,
+            pipeline::Transform::Upstream,
+        ))
+        .unwrap();
     for name in [
         "camera_odd.png",
         "chelsea.webp",

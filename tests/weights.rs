@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::prelude::*;
-use midas_serve::model::MidasSmall;
+use midas_serve::model::{ModelKind, Network};
 use midas_serve::pipeline::DepthModel;
 use midas_serve::weights::{
     self, FetchOptions, WeightsError, WeightsFormat, WeightsLocation, synthetic,
@@ -29,7 +29,7 @@ fn temp_dir() -> tempfile::TempDir {
 }
 
 /// The model's output on the probe input.
-fn probe(model: MidasSmall) -> Vec<f32> {
+fn probe(model: Network) -> Vec<f32> {
     let (width, height) = PROBE;
     DepthModel::new(model, device())
         .forward(synthetic::network_input(width, height), 1, height, width)
@@ -38,7 +38,7 @@ fn probe(model: MidasSmall) -> Vec<f32> {
 
 /// Output of the model built directly from the formula: what every correct load must give.
 fn expected_output() -> Vec<f32> {
-    probe(weights::untrained(&device()).0)
+    probe(weights::untrained(ModelKind::MidasV21Small256, &device()).0)
 }
 
 /// Values of upstream's state dict that the forward pass uses: everything but BatchNorm's
@@ -58,7 +58,7 @@ fn assert_loads_correctly(
     expected: &[f32],
 ) -> weights::WeightsReport {
     let (model, report) =
-        weights::load_file(path, key_prefix, &device()).unwrap_or_else(|e| panic!("{e}"));
+        weights::load_file(path, key_prefix, None, &device()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         probe(model),
         expected,
@@ -159,9 +159,9 @@ fn every_format_and_layout_loads() {
     assert_loads_correctly(&custom, Some("net."), &expected);
 
     // Burnpack round trip: written from a loaded model, read back with Burn's own names.
-    let (model, _) = weights::load_file(&bare, None, &device()).unwrap();
+    let (model, _) = weights::load_file(&bare, None, None, &device()).unwrap();
     let burnpack = dir.path().join("weights.bpk");
-    weights::save_burnpack(&model, &burnpack, &[("model", "midas_v21_small_256")]).unwrap();
+    weights::save_burnpack(&model, &burnpack, &[]).unwrap();
     let report = assert_loads_correctly(&burnpack, None, &expected);
     assert_eq!(report.format, Some(WeightsFormat::Burnpack));
     assert_eq!(
@@ -171,7 +171,7 @@ fn every_format_and_layout_loads() {
 }
 
 fn load_error(path: &Path) -> String {
-    match weights::load_file(path, None, &device()) {
+    match weights::load_file(path, None, None, &device()) {
         Ok(_) => panic!("{} loaded but should not", path.display()),
         Err(error) => error.to_string(),
     }
@@ -329,7 +329,13 @@ fn urls_download_once_and_honour_the_pin() {
         sha256: Some(digest.clone()),
     };
     let (model, report) = runtime
-        .block_on(weights::load(Some(&location), &options, None, &device()))
+        .block_on(weights::load(
+            Some(&location),
+            &options,
+            None,
+            None,
+            &device(),
+        ))
         .unwrap();
     assert_eq!(report.source, url);
     assert_eq!(report.sha256.as_deref(), Some(digest.as_str()));
@@ -338,14 +344,26 @@ fn urls_download_once_and_honour_the_pin() {
 
     // Cached: no second download, with or without the pin.
     runtime
-        .block_on(weights::load(Some(&location), &options, None, &device()))
+        .block_on(weights::load(
+            Some(&location),
+            &options,
+            None,
+            None,
+            &device(),
+        ))
         .unwrap();
     let unpinned = FetchOptions {
         cache_dir: cache.clone(),
         sha256: None,
     };
     runtime
-        .block_on(weights::load(Some(&location), &unpinned, None, &device()))
+        .block_on(weights::load(
+            Some(&location),
+            &unpinned,
+            None,
+            None,
+            &device(),
+        ))
         .unwrap();
     assert_eq!(hits.load(Ordering::SeqCst), 1);
 
@@ -355,7 +373,13 @@ fn urls_download_once_and_honour_the_pin() {
         sha256: Some("0".repeat(64)),
     };
     let error = runtime
-        .block_on(weights::load(Some(&location), &wrong, None, &device()))
+        .block_on(weights::load(
+            Some(&location),
+            &wrong,
+            None,
+            None,
+            &device(),
+        ))
         .unwrap_err();
     assert!(matches!(error, WeightsError::Checksum { .. }), "{error}");
     assert!(error.to_string().contains(&digest));
@@ -373,6 +397,7 @@ fn urls_download_once_and_honour_the_pin() {
             Some(&WeightsLocation::Path(source)),
             &wrong,
             None,
+            None,
             &device(),
         ))
         .unwrap_err();
@@ -381,7 +406,13 @@ fn urls_download_once_and_honour_the_pin() {
     // 404 and connection refused are download errors naming the location.
     let missing: WeightsLocation = url.replace("w.pt", "nope.pt").parse().unwrap();
     let error = runtime
-        .block_on(weights::load(Some(&missing), &unpinned, None, &device()))
+        .block_on(weights::load(
+            Some(&missing),
+            &unpinned,
+            None,
+            None,
+            &device(),
+        ))
         .unwrap_err()
         .to_string();
     assert!(
@@ -390,7 +421,13 @@ fn urls_download_once_and_honour_the_pin() {
     );
     let refused: WeightsLocation = "http://127.0.0.1:9/w.pt".parse().unwrap();
     let error = runtime
-        .block_on(weights::load(Some(&refused), &unpinned, None, &device()))
+        .block_on(weights::load(
+            Some(&refused),
+            &unpinned,
+            None,
+            None,
+            &device(),
+        ))
         .unwrap_err()
         .to_string();
     assert!(
@@ -400,7 +437,13 @@ fn urls_download_once_and_honour_the_pin() {
 
     let absent = WeightsLocation::Path(dir.path().join("absent.pt"));
     let error = runtime
-        .block_on(weights::load(Some(&absent), &unpinned, None, &device()))
+        .block_on(weights::load(
+            Some(&absent),
+            &unpinned,
+            None,
+            None,
+            &device(),
+        ))
         .unwrap_err()
         .to_string();
     assert!(

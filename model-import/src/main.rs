@@ -1,7 +1,8 @@
-//! `model-import`: converts MiDaS v2.1 small weights (PyTorch `.pt`/`.pth` or `.safetensors`, in
-//! upstream's key layout) to Burn's `.bpk`, which `midas-serve` loads without any remapping.
-//! The written file is read back and checked against the source on a probe input before the
-//! command succeeds.
+//! `model-import`: converts MiDaS weights (v2.1 small or v3.0 DPT-Hybrid; PyTorch
+//! `.pt`/`.pth`/`.ckpt` or `.safetensors`, in upstream's key layout) to Burn's `.bpk`, which
+//! `midas-serve` loads without any remapping or conversion (DPT's weight standardisation is done
+//! here, once). The written file is read back and checked against the source on a probe input
+//! before the command succeeds.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -9,14 +10,16 @@ use std::time::Instant;
 use anyhow::{Context, ensure};
 use clap::Parser;
 use midas_serve::backend::{Backend, BackendKind};
+use midas_serve::model::ModelKind;
 use midas_serve::pipeline::DepthModel;
 use midas_serve::weights::{self, WeightsFormat, synthetic};
 
-/// Convert MiDaS v2.1 small weights to Burn's burnpack format.
+/// Convert MiDaS weights (v2.1 small or v3.0 DPT-Hybrid) to Burn's burnpack format.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// PyTorch .pt/.pth (state dict or checkpoint dict) or .safetensors file.
+    /// PyTorch .pt/.pth/.ckpt (state dict, checkpoint dict or Lightning checkpoint) or
+    /// .safetensors file.
     input: PathBuf,
     /// The .bpk file to write (must not exist).
     #[arg(short, long)]
@@ -24,6 +27,9 @@ struct Args {
     /// Prefix to strip from every key (detected automatically when absent; "" for none).
     #[arg(long)]
     key_prefix: Option<String>,
+    /// The network the weights must be for (recognised from the keys when absent).
+    #[arg(long = "model")]
+    kind: Option<ModelKind>,
 }
 
 /// Probe input size (width, height): the network's input for a 4:3 photo.
@@ -60,13 +66,17 @@ fn main() -> anyhow::Result<()> {
         "{} is already a burnpack",
         args.input.display()
     );
-    let (model, report) =
-        weights::load_file(&args.input, args.key_prefix.as_deref(), &backend.device)?;
+    let (model, report) = weights::load_file(
+        &args.input,
+        args.key_prefix.as_deref(),
+        args.kind,
+        &backend.device,
+    )?;
     step(
         2,
         &format!(
-            "loaded {} tensors ({} parameters) from {format}",
-            report.tensors, report.parameters
+            "loaded {} {} tensors ({} parameters) from {format}; {} tensors outside the state dict not read",
+            report.tensors, report.model, report.parameters, report.outside_state_dict
         ),
     );
 
@@ -76,7 +86,6 @@ fn main() -> anyhow::Result<()> {
         &model,
         &args.output,
         &[
-            ("model", "midas_v21_small_256"),
             ("source_sha256", &source_sha256),
             ("source_format", &format.to_string()),
         ],
@@ -92,7 +101,8 @@ fn main() -> anyhow::Result<()> {
         ),
     );
     let verified = (|| -> anyhow::Result<f32> {
-        let (reloaded, reloaded_report) = weights::load_file(&args.output, None, &backend.device)?;
+        let (reloaded, reloaded_report) =
+            weights::load_file(&args.output, None, None, &backend.device)?;
         ensure!(
             reloaded_report.parameters == report.parameters,
             "parameter count changed on reload"
@@ -132,6 +142,7 @@ fn main() -> anyhow::Result<()> {
     let output_sha256 = weights::sha256_file(&args.output)?;
 
     println!("input            {}", args.input.display());
+    println!("model            {}", report.model);
     println!("format           {format}");
     println!("tensors          {}", report.tensors);
     println!("parameters       {}", report.parameters);

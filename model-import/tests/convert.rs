@@ -56,9 +56,12 @@ fn converts_pt_and_safetensors_to_a_verified_burnpack() {
         );
         assert!(stdout.contains("verified"), "{stdout}");
 
-        let (model, report) = weights::load_file(&output, None, &Device::flex()).unwrap();
+        let (model, report) = weights::load_file(&output, None, None, &Device::flex()).unwrap();
         assert_eq!(report.format, Some(WeightsFormat::Burnpack));
-        let (untrained, _) = weights::untrained(&Device::flex());
+        let (untrained, _) = weights::untrained(
+            midas_serve::model::ModelKind::MidasV21Small256,
+            &Device::flex(),
+        );
         let probe = |m| {
             midas_serve::pipeline::DepthModel::new(m, Device::flex())
                 .forward(weights::synthetic::network_input(256, 128), 1, 128, 256)

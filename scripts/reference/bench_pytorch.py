@@ -6,6 +6,12 @@ one run on one machine gives the ratios the README reports.
     /tmp/midas-ref/bin/pip install -r scripts/reference/requirements.txt onnx onnxruntime
     /tmp/midas-ref/bin/python scripts/reference/bench_pytorch.py --midas-src /tmp/MiDaS --threads 2
 
+`--model dpt_hybrid_384` times upstream's DPT-Hybrid instead, at 384x384 with the weights of
+`synthetic.dpt_state_dict` (needs timm 0.6.13), PyTorch eager only (its TorchScript-based ONNX export
+fails on this model as upstream writes it), 5 runs unless `--runs` says otherwise:
+
+    /tmp/midas-ref/bin/python scripts/reference/bench_pytorch.py --midas-src /tmp/MiDaS --threads 2 --model dpt_hybrid_384
+
 Prints one JSON object per runtime and size: {"runtime", "shape", "runs", "median_ms", "min_ms"}.
 """
 
@@ -20,7 +26,11 @@ import torch
 import synthetic
 import upstream
 
-SIZES = [(256, 256), (256, 192), (256, 128)]
+SIZES = {
+    "midas_v21_small_256": [(256, 256), (256, 192), (256, 128)],
+    "dpt_hybrid_384": [(384, 384)],
+}
+DEFAULT_RUNS = {"midas_v21_small_256": 30, "dpt_hybrid_384": 5}
 
 
 def measure(run, runs):
@@ -37,22 +47,31 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--midas-src", required=True, help="isl-org/MiDaS checkout")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--model", choices=sorted(SIZES), default="midas_v21_small_256")
+    parser.add_argument("--runs", type=int, help="timed runs per size (default 30; 5 for DPT-Hybrid)")
     parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
     args = parser.parse_args()
+    if args.runs is None:
+        args.runs = DEFAULT_RUNS[args.model]
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
 
-    MidasNet_small, _, _ = upstream.load_upstream(args.midas_src)
-    model = upstream.build_small(MidasNet_small)
+    if args.model == "dpt_hybrid_384":
+        model = upstream.build_dpt_hybrid(upstream.load_dpt(args.midas_src))
+        weights = synthetic.dpt_state_dict
+        args.no_onnx = True
+    else:
+        MidasNet_small, _, _ = upstream.load_upstream(args.midas_src)
+        model = upstream.build_small(MidasNet_small)
+        weights = synthetic.state_dict
     layout = [(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in model.state_dict().items()]
-    model.load_state_dict(synthetic.state_dict(layout), strict=True)
+    model.load_state_dict(weights(layout), strict=True)
 
-    for width, height in SIZES:
+    for width, height in SIZES[args.model]:
         x = torch.from_numpy(synthetic.network_input(width, height))
         with torch.inference_mode():
             median, low = measure(lambda: model(x), args.runs)
-        print(json.dumps({"runtime": "pytorch", "shape": [1, 3, height, width], "runs": args.runs,
+        print(json.dumps({"runtime": "pytorch", "model": args.model, "shape": [1, 3, height, width], "runs": args.runs,
                           "median_ms": round(median, 2), "min_ms": round(low, 2)}), flush=True)
 
         if args.no_onnx:
@@ -67,7 +86,7 @@ def main():
             session = onnxruntime.InferenceSession(f.name, options, providers=["CPUExecutionProvider"])
             feed = {session.get_inputs()[0].name: x.numpy()}
             median, low = measure(lambda: session.run(None, feed), args.runs)
-        print(json.dumps({"runtime": "onnxruntime", "shape": [1, 3, height, width], "runs": args.runs,
+        print(json.dumps({"runtime": "onnxruntime", "model": args.model, "shape": [1, 3, height, width], "runs": args.runs,
                           "median_ms": round(median, 2), "min_ms": round(low, 2)}), flush=True)
 
 

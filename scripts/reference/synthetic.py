@@ -4,6 +4,9 @@ Every value comes from a SplitMix64 stream seeded by the FNV-1a hash of the tens
 turned into an f32 in [-1, 1) with 24 exact bits, then scaled with float32 arithmetic that Rust
 performs identically (IEEE-754, no fused multiply-add). Scales keep activations in a sane range
 through the whole network so that a parity test compares real signal, not zeros.
+
+MiDaS v2.1 small uses `state_dict` (roles told apart by BatchNorm running stats); DPT-Hybrid, which
+has no BatchNorm, uses `dpt_state_dict` (roles told apart by key name and rank, see `dpt_kind_of`).
 """
 
 import math
@@ -87,6 +90,58 @@ def state_dict(layout):
             out[key] = torch.tensor(0, dtype=torch.int64)
         else:
             out[key] = torch.from_numpy(tensor(key, shape, kind))
+    return out
+
+
+def dpt_kind_of(key, shape):
+    """The role of a DPT-Hybrid key: token/position embeddings, norm affines, weights, biases."""
+    path = key.split(".")
+    leaf = path[-1]
+    if leaf in ("cls_token", "pos_embed"):
+        return "embedding"
+    if len(path) >= 2 and path[-2].startswith("norm"):
+        if leaf == "weight":
+            return "norm_weight"
+        if leaf == "bias":
+            return "norm_bias"
+    if leaf == "weight" and len(shape) >= 2:
+        return "weight"
+    if leaf == "bias" and len(shape) == 1:
+        return "bias"
+    raise ValueError(f"unrecognised DPT key {key} {shape}")
+
+
+def dpt_tensor(name, shape):
+    """One synthetic DPT-Hybrid tensor, from the stream of its full upstream key."""
+    kind = dpt_kind_of(name, shape)
+    count = int(np.prod(shape)) if shape else 1
+    u = uniform(name, count)
+    if kind == "embedding":
+        value = u * np.float32(0.1)
+    elif kind == "norm_weight":
+        value = np.float32(1.0) + u * np.float32(0.1)
+    elif kind == "norm_bias":
+        value = u * np.float32(0.1)
+    elif kind == "weight":
+        # Convolutions and Linear layers alike, in PyTorch's shape ([out, in] for Linear).
+        fan_in = int(np.prod(shape[1:]))
+        value = u * np.float32(math.sqrt(3.0 / fan_in))
+    elif kind == "bias":
+        value = u * np.float32(0.05)
+    else:
+        raise ValueError(f"no formula for {name} ({kind})")
+    return value.astype(np.float32).reshape(shape)
+
+
+def dpt_state_dict(layout):
+    """Synthetic values for every entry of a DPT-Hybrid layout [(key, dtype, shape)]."""
+    import torch
+
+    out = {}
+    for key, dtype, shape in layout:
+        if dtype != "float32":
+            raise ValueError(f"unexpected dtype {dtype} for {key}")
+        out[key] = torch.from_numpy(dpt_tensor(key, tuple(shape)))
     return out
 
 

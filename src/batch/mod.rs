@@ -30,8 +30,9 @@ use futures_util::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::BatchArgs;
+use crate::lifecycle::{self, LoadError};
 use crate::pipeline::{
-    DecodeError, DecodeLimits, DepthMap, LoadError, NetInput, Pipeline, RenderError, RenderOptions,
+    DecodeError, DecodeLimits, DepthMap, NetInput, Pipeline, RenderError, RenderOptions,
     decode_checked, preprocess, probe, render,
 };
 use crate::storage::{Store, StoreError};
@@ -157,7 +158,7 @@ pub async fn run(args: &BatchArgs) -> Result<Summary, BatchError> {
     let (mut records, run_seconds) = if plan.work.is_empty() {
         (Vec::new(), 0.0)
     } else {
-        let pipeline = Arc::new(Pipeline::load(&args.model).await?);
+        let pipeline = Arc::new(lifecycle::load(&args.model, args.transform).await?);
         let stages = Stages::new(args, source, dest.clone(), pipeline)?;
         let run_started = Instant::now();
         let records = stages.run(plan.work.clone(), &mut progress).await;
@@ -484,9 +485,13 @@ impl Stages {
         let permit = self.pixels.take(pixels * BYTES_PER_PIXEL).await;
         let bytes = item.data.bytes.clone();
         let limits = self.limits;
+        let (kind, transform) = (self.pipeline.model.kind(), self.pipeline.transform);
         let decoded = tokio::task::spawn_blocking(move || {
-            let image = decode_checked(&bytes, &header, &limits)?;
-            Ok::<_, DecodeError>((preprocess(&image), image.dimensions()))
+            let image = decode_checked(&bytes, &header, &limits)
+                .map_err(|error| (error.code(), error.to_string()))?;
+            let input = preprocess(&image, kind, transform)
+                .map_err(|error| ("internal", error.to_string()))?;
+            Ok::<_, (&str, String)>((input, image.dimensions()))
         })
         .await;
         match decoded {
@@ -499,7 +504,7 @@ impl Stages {
                 item.record.timings.decode_ms = millis(started);
                 Ok(item)
             }
-            Ok(Err(error)) => Err(self.end(item, Status::Failed, error.code(), error.to_string())),
+            Ok(Err((code, message))) => Err(self.end(item, Status::Failed, code, message)),
             Err(panic) => Err(self.end(item, Status::Transient, "internal", panic.to_string())),
         }
     }

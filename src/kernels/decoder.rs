@@ -1,11 +1,12 @@
-//! The MiDaS decoder (`scratch`) on the CPU kernels, with its weights packed from the Burn module.
+//! The MiDaS decoder (`scratch`, either model's) on the CPU kernels, with its weights packed
+//! from the Burn module.
 //!
 //! Same mathematics as [`crate::model::Scratch`], in a cheaper order where it is exact: the
 //! fusion blocks' 1x1 projection runs before their x2 upsampling instead of after (both are
 //! linear and bilinear weights sum to one, so the two commute, bias included), which makes the
-//! projection four times cheaper and upsamples half the channels.
+//! projection four times cheaper and, with `expand`, upsamples half the channels.
 
-use super::{Activation, FeatureMap, PackedConv, WinogradConv, conv1x1, upsample2x, winograd3x3};
+use super::{Activation, FeatureMap, PackedConv, WinogradConv, conv1x1, upsample, winograd3x3};
 use crate::model::{FeatureFusionBlock, OutputHead, ResidualConvUnit, Scratch};
 
 /// `ResidualConvUnit_custom`'s two convolutions.
@@ -56,14 +57,21 @@ impl Fusion {
         }
     }
 
-    fn forward(&self, input: FeatureMap, skip: Option<&FeatureMap>) -> FeatureMap {
+    /// `size` is the next level's `(height, width)`.
+    fn forward(
+        &self,
+        input: FeatureMap,
+        skip: Option<&FeatureMap>,
+        size: (usize, usize),
+    ) -> FeatureMap {
         let x = match (&self.unit1, skip) {
             (Some(unit), Some(skip)) => unit.forward(skip, Some(&input)),
             _ => input,
         };
         let x = self.unit2.forward(&x, None);
-        upsample2x(
+        upsample(
             &conv1x1(&x, &self.out_conv, Activation::Identity, &[]),
+            size,
             true,
         )
     }
@@ -75,6 +83,7 @@ struct Head {
     conv1: WinogradConv,
     conv2: WinogradConv,
     conv3: PackedConv,
+    align_corners: bool,
 }
 
 impl Head {
@@ -83,12 +92,13 @@ impl Head {
             conv1: WinogradConv::from_conv(head.conv1),
             conv2: WinogradConv::from_conv(head.conv2),
             conv3: PackedConv::from_conv(head.conv3),
+            align_corners: head.align_corners,
         }
     }
 
     fn forward(&self, input: &FeatureMap) -> FeatureMap {
         let x = winograd3x3(input, &self.conv1, false, Activation::Identity, &[]);
-        let x = upsample2x(&x, false);
+        let x = upsample(&x, (2 * x.height, 2 * x.width), self.align_corners);
         let x = winograd3x3(&x, &self.conv2, false, Activation::Relu, &[]);
         conv1x1(&x, &self.conv3, Activation::Relu, &[])
     }
@@ -135,10 +145,16 @@ impl CpuDecoder {
             )
         };
         let [f1, f2, f3, f4] = &self.fusions;
-        let path = f4.forward(project(3, &layer4), None);
-        let path = f3.forward(path, Some(&project(2, &layer3)));
-        let path = f2.forward(path, Some(&project(1, &layer2)));
-        let path = f1.forward(path, Some(&project(0, &layer1)));
+        let size = |map: &FeatureMap| (map.height, map.width);
+        let (layer1, layer2, layer3) = (
+            project(0, &layer1),
+            project(1, &layer2),
+            project(2, &layer3),
+        );
+        let path = f4.forward(project(3, &layer4), None, size(&layer3));
+        let path = f3.forward(path, Some(&layer3), size(&layer2));
+        let path = f2.forward(path, Some(&layer2), size(&layer1));
+        let path = f1.forward(path, Some(&layer1), (2 * layer1.height, 2 * layer1.width));
         self.head.forward(&path)
     }
 }

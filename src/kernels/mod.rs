@@ -23,7 +23,7 @@ pub use conv::{PackedConv, conv_same, conv1x1};
 pub use decoder::CpuDecoder;
 pub use depthwise::{PackedDepthwise, depthwise};
 pub use encoder::CpuEncoder;
-pub use upsample::upsample2x;
+pub use upsample::{upsample, upsample2x};
 pub use winograd::{WinogradConv, winograd3x3};
 
 use std::mem::MaybeUninit;

@@ -1,16 +1,16 @@
-//! x2 bilinear upsampling as two separable passes (rows, then columns), each output value a
-//! blend of two inputs with precomputed taps.
+//! Bilinear upsampling (x2, or to an explicit size) as two separable passes (rows, then
+//! columns), each output value a blend of two inputs with precomputed taps.
 
 use rayon::prelude::*;
 
 use super::{FeatureMap, SharedOut};
 
-/// For one axis of `length` inputs and `2 * length` outputs: each output's two source indices
-/// and the weight of the second. PyTorch's rules: with aligned corners the ends map onto the
-/// ends (`o * (length - 1) / (2 * length - 1)`); without, half-pixel centres
-/// (`(o + 0.5) / 2 - 0.5`, clamped at 0).
-fn taps(length: usize, align_corners: bool) -> Vec<(usize, usize, f32)> {
-    let outputs = 2 * length;
+/// For one axis of `length` inputs and `outputs` outputs: each output's two source indices and
+/// the weight of the second. PyTorch's rules: with aligned corners the ends map onto the ends
+/// (`o * (length - 1) / (outputs - 1)`); without, half-pixel centres
+/// (`(o + 0.5) * length / outputs - 0.5`, clamped at 0).
+fn taps(length: usize, outputs: usize, align_corners: bool) -> Vec<(usize, usize, f32)> {
+    let scale = length as f32 / outputs as f32;
     (0..outputs)
         .map(|o| {
             let source = if align_corners {
@@ -20,7 +20,7 @@ fn taps(length: usize, align_corners: bool) -> Vec<(usize, usize, f32)> {
                     0.0
                 }
             } else {
-                ((o as f32 + 0.5) * 0.5 - 0.5).max(0.0)
+                ((o as f32 + 0.5) * scale - 0.5).max(0.0)
             };
             let first = (source.floor() as usize).min(length - 1);
             let second = (first + 1).min(length - 1);
@@ -31,11 +31,24 @@ fn taps(length: usize, align_corners: bool) -> Vec<(usize, usize, f32)> {
 
 /// Doubles the height and width of every plane.
 pub fn upsample2x(input: &FeatureMap, align_corners: bool) -> FeatureMap {
+    upsample(input, (2 * input.height, 2 * input.width), align_corners)
+}
+
+/// Resizes every plane to `(out_height, out_width)`, each side at least the input's (both at
+/// least 1).
+pub fn upsample(
+    input: &FeatureMap,
+    (out_height, out_width): (usize, usize),
+    align_corners: bool,
+) -> FeatureMap {
     input.assert_shape(input.channels);
     let (height, width) = (input.height, input.width);
-    let (out_height, out_width) = (2 * height, 2 * width);
-    let row_taps = taps(height, align_corners);
-    let column_taps = taps(width, align_corners);
+    assert!(
+        out_height >= height && out_width >= width && height > 0 && width > 0,
+        "upsampling only"
+    );
+    let row_taps = taps(height, out_height, align_corners);
+    let column_taps = taps(width, out_width, align_corners);
     let out_plane = out_height * out_width;
     let plane_task = |out: SharedOut, wide: &mut Vec<f32>, index: usize| {
         let plane = &input.data[index * height * width..(index + 1) * height * width];

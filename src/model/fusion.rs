@@ -1,5 +1,7 @@
-//! The MiDaS decoder blocks of `midas/blocks.py`: `ResidualConvUnit_custom`,
-//! `FeatureFusionBlock_custom` (with `bn=False`, `deconv=False`) and the output head.
+//! The MiDaS decoder (`scratch`) shared by both models, from `midas/blocks.py`:
+//! `ResidualConvUnit_custom`, `FeatureFusionBlock_custom` (with `bn=False`, `deconv=False`) and
+//! the output head. The models differ only in widths and in the head's bilinear convention
+//! ([`DecoderConfig`]).
 
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
@@ -23,14 +25,26 @@ fn conv3x3(device: &Device, in_channels: usize, out_channels: usize) -> Conv2d {
     )
 }
 
-/// Bilinear x2 upsampling. The fusion blocks align corners, the output head does not
-/// (upstream's `Interpolate` defaults to `align_corners=False`); mixing them up moves the output.
-fn upsample2x(x: Tensor<4>, align_corners: bool) -> Tensor<4> {
-    let [_, _, height, width] = x.dims();
-    let mut options = InterpolateOptions::new(InterpolateMode::Bilinear);
-    options.align_corners = align_corners;
-    options.output_size = Some([height * 2, width * 2]);
+/// Bilinear resizing to `[height, width]`. The fusion blocks align corners; MiDaS small's head
+/// does not (its `Interpolate` defaults to `align_corners=False`) while DPT's does; mixing them
+/// up moves the output.
+fn resize(x: Tensor<4>, size: [usize; 2], align_corners: bool) -> Tensor<4> {
+    let options = InterpolateOptions::new(InterpolateMode::Bilinear)
+        .with_align_corners(align_corners)
+        .with_output_size(size);
     interpolate(x, options)
+}
+
+/// Twice the spatial size of a feature map.
+fn doubled(x: &Tensor<4>) -> [usize; 2] {
+    let [_, _, height, width] = x.dims();
+    [2 * height, 2 * width]
+}
+
+/// The spatial size of a feature map.
+fn spatial(x: &Tensor<4>) -> [usize; 2] {
+    let [_, _, height, width] = x.dims();
+    [height, width]
 }
 
 /// `ResidualConvUnit_custom`: `x + conv2(relu(conv1(relu(x))))`.
@@ -85,24 +99,33 @@ impl FeatureFusionBlock {
         }
     }
 
-    /// `skip` is the encoder feature at this resolution; `None` for the deepest block.
-    pub fn forward(&self, input: Tensor<4>, skip: Option<Tensor<4>>) -> Tensor<4> {
+    /// `skip` is the encoder feature at this resolution (`None` for the deepest block);
+    /// `size` is the next level's (upstream passes it explicitly, which matters when a side is
+    /// not a multiple of 32).
+    pub fn forward(
+        &self,
+        input: Tensor<4>,
+        skip: Option<Tensor<4>>,
+        size: [usize; 2],
+    ) -> Tensor<4> {
         let x = match (&self.res_conf_unit1, skip) {
             (Some(unit), Some(skip)) => input + unit.forward(skip),
             _ => input,
         };
         let x = self.res_conf_unit2.forward(x);
-        self.out_conv.forward(upsample2x(x, true))
+        self.out_conv.forward(resize(x, size, true))
     }
 }
 
-/// `scratch.output_conv`: conv 3x3 (features -> features/2), bilinear x2 (corners not aligned),
-/// conv 3x3 -> 32, ReLU, conv 1x1 -> 1, ReLU (`non_negative=True`).
+/// `scratch.output_conv`: conv 3x3 (features -> features/2), bilinear x2, conv 3x3 -> 32, ReLU,
+/// conv 1x1 -> 1, ReLU (`non_negative=True`).
 #[derive(Module, Debug)]
 pub struct OutputHead {
     pub(crate) conv1: Conv2d,
     pub(crate) conv2: Conv2d,
     pub(crate) conv3: Conv2d,
+    /// The upsampling's convention: false for MiDaS small, true for DPT.
+    pub(crate) align_corners: bool,
 }
 
 /// Channels of the head's hidden convolution (hard-coded upstream).
@@ -110,7 +133,7 @@ const HEAD_CHANNELS: usize = 32;
 
 impl OutputHead {
     /// A head for a decoder of `features` channels.
-    pub fn new(device: &Device, features: usize) -> Self {
+    pub fn new(device: &Device, features: usize, align_corners: bool) -> Self {
         Self {
             conv1: conv3x3(device, features, features / 2),
             conv2: conv3x3(device, features / 2, HEAD_CHANNELS),
@@ -123,13 +146,101 @@ impl OutputHead {
                 PaddingConfig2d::Valid,
                 true,
             ),
+            align_corners,
         }
     }
 
     /// Maps the finest decoder feature to a `[batch, 1, H, W]` non-negative inverse depth.
     pub fn forward(&self, input: Tensor<4>) -> Tensor<4> {
-        let x = upsample2x(self.conv1.forward(input), false);
+        let x = self.conv1.forward(input);
+        let x = resize(x.clone(), doubled(&x), self.align_corners);
         let x = relu(self.conv2.forward(x));
         relu(self.conv3.forward(x))
+    }
+}
+
+/// The widths and conventions that make [`Scratch`] one model's decoder.
+#[derive(Clone, Copy, Debug)]
+pub struct DecoderConfig {
+    /// Channels of the encoder's four features, finest first.
+    pub encoder_channels: [usize; 4],
+    /// Decoder width at the finest level.
+    pub features: usize,
+    /// Upstream's `expand`: level `k` is `features << k` wide (except the finest fusion block).
+    pub expand: bool,
+    /// The output head's bilinear convention.
+    pub head_align_corners: bool,
+}
+
+/// Upstream's `scratch`: the 3x3 projections of the encoder features (`layerN_rn`, no bias),
+/// the four fusion blocks and the output head.
+#[derive(Module, Debug)]
+pub struct Scratch {
+    pub(crate) layer1_rn: Conv2d,
+    pub(crate) layer2_rn: Conv2d,
+    pub(crate) layer3_rn: Conv2d,
+    pub(crate) layer4_rn: Conv2d,
+    pub(crate) refinenet1: FeatureFusionBlock,
+    pub(crate) refinenet2: FeatureFusionBlock,
+    pub(crate) refinenet3: FeatureFusionBlock,
+    pub(crate) refinenet4: FeatureFusionBlock,
+    pub(crate) output_conv: OutputHead,
+}
+
+impl Scratch {
+    /// Builds the decoder `config` describes, with zero parameters.
+    pub fn new(device: &Device, config: DecoderConfig) -> Self {
+        let width = |level: usize| {
+            if config.expand {
+                config.features << level
+            } else {
+                config.features
+            }
+        };
+        let projection = |level: usize| {
+            conv2d(
+                device,
+                [config.encoder_channels[level], width(level)],
+                3,
+                1,
+                1,
+                PaddingConfig2d::Explicit(1, 1, 1, 1),
+                false,
+            )
+        };
+        let fusion = |level: usize| {
+            // refinenet1 is built without `expand` upstream, so it keeps its width.
+            FeatureFusionBlock::new(device, width(level), config.expand && level > 0, level < 3)
+        };
+        Self {
+            layer1_rn: projection(0),
+            layer2_rn: projection(1),
+            layer3_rn: projection(2),
+            layer4_rn: projection(3),
+            refinenet1: fusion(0),
+            refinenet2: fusion(1),
+            refinenet3: fusion(2),
+            refinenet4: fusion(3),
+            output_conv: OutputHead::new(device, config.features, config.head_align_corners),
+        }
+    }
+
+    /// The encoder's features at 1/4, 1/8, 1/16 and 1/32 of the input's resolution to
+    /// `[batch, H, W]` inverse depth.
+    pub fn forward(&self, features: [Tensor<4>; 4]) -> Tensor<3> {
+        let [layer1, layer2, layer3, layer4] = features;
+        let layer1 = self.layer1_rn.forward(layer1);
+        let layer2 = self.layer2_rn.forward(layer2);
+        let layer3 = self.layer3_rn.forward(layer3);
+        let layer4 = self.layer4_rn.forward(layer4);
+        let path4 = self.refinenet4.forward(layer4, None, spatial(&layer3));
+        let path3 = self
+            .refinenet3
+            .forward(path4, Some(layer3), spatial(&layer2));
+        let size2 = spatial(&layer1);
+        let size1 = doubled(&layer1);
+        let path2 = self.refinenet2.forward(path3, Some(layer2), size2);
+        let path1 = self.refinenet1.forward(path2, Some(layer1), size1);
+        self.output_conv.forward(path1).squeeze_dim(1)
     }
 }

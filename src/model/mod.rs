@@ -1,18 +1,28 @@
-//! MiDaS v2.1 small (`midas_v21_small_256`) as Burn modules: the network definition and nothing
-//! else. Weight loading lives in [`crate::weights`], image handling in [`crate::pipeline`].
+//! The two MiDaS networks as Burn modules: the network definitions and nothing else. Weight
+//! loading lives in [`crate::weights`], image handling in [`crate::pipeline`].
 //!
-//! The structure mirrors upstream layer for layer (isl-org/MiDaS `midas/midas_net_custom.py`,
-//! `midas/blocks.py`, and the `tf_efficientnet_lite3` backbone of rwightman's
-//! gen-efficientnet-pytorch) so that every parameter has exactly one upstream key;
-//! [`crate::weights::layout`] holds the few renames between the two.
+//! - MiDaS v2.1 small (`midas_v21_small_256`): isl-org/MiDaS `midas/midas_net_custom.py` over the
+//!   `tf_efficientnet_lite3` backbone of rwightman's gen-efficientnet-pytorch.
+//! - MiDaS v3.0 DPT-Hybrid (`dpt_hybrid_384`): `midas/dpt_depth.py` over timm's
+//!   `vit_base_r50_s16_384` (ResNet-50 stages + ViT-B/16).
+//!
+//! Both share the decoder of `midas/blocks.py`. The structure mirrors upstream layer for layer
+//! so that every parameter has exactly one upstream key; [`crate::weights::layout`] holds the
+//! few renames between the two.
 
+mod dpt;
 mod efficientnet;
 mod fusion;
+mod kind;
 mod midas;
+mod resnet;
+mod vit;
 
+pub use dpt::{DptEncoder, DptHybrid};
 pub use efficientnet::{DepthwiseSeparableConv, EfficientNetLite3, InvertedResidual};
-pub use fusion::{FeatureFusionBlock, OutputHead, ResidualConvUnit};
-pub use midas::{MidasSmall, Scratch};
+pub use fusion::{DecoderConfig, FeatureFusionBlock, OutputHead, ResidualConvUnit, Scratch};
+pub use kind::ModelKind;
+pub use midas::MidasSmall;
 
 use burn::nn::Initializer;
 use burn::nn::PaddingConfig2d;
@@ -37,4 +47,47 @@ fn conv2d(
         .with_bias(bias)
         .with_initializer(Initializer::Zeros)
         .init(device)
+}
+
+/// A loaded network of either kind, with its parameters set.
+#[derive(Clone, Debug)]
+pub enum Network {
+    /// MiDaS v2.1 small.
+    MidasSmall(Box<MidasSmall>),
+    /// MiDaS v3.0 DPT-Hybrid.
+    DptHybrid(Box<DptHybrid>),
+}
+
+impl Network {
+    /// A network of `kind` with every parameter zero.
+    pub fn new(kind: ModelKind, device: &Device) -> Self {
+        match kind {
+            ModelKind::MidasV21Small256 => Self::MidasSmall(Box::new(MidasSmall::new(device))),
+            ModelKind::DptHybrid384 => Self::DptHybrid(Box::new(DptHybrid::new(device))),
+        }
+    }
+
+    /// Which network this is.
+    pub fn kind(&self) -> ModelKind {
+        match self {
+            Self::MidasSmall(_) => ModelKind::MidasV21Small256,
+            Self::DptHybrid(_) => ModelKind::DptHybrid384,
+        }
+    }
+
+    /// Values in the network.
+    pub fn num_params(&self) -> usize {
+        match self {
+            Self::MidasSmall(model) => model.num_params(),
+            Self::DptHybrid(model) => model.num_params(),
+        }
+    }
+
+    /// Runs the network on Burn's operations: `[batch, 3, H, W]` to `[batch, H, W]`.
+    pub fn forward(&self, input: Tensor<4>) -> Tensor<3> {
+        match self {
+            Self::MidasSmall(model) => model.forward(input),
+            Self::DptHybrid(model) => model.forward(input),
+        }
+    }
 }

@@ -17,6 +17,9 @@ pub enum Colormap {
 }
 
 impl Colormap {
+    /// Every colour map, in the order the welcome page lists them.
+    pub const ALL: [Colormap; 3] = [Self::Inferno, Self::Viridis, Self::Gray];
+
     /// 256 RGB triplets, index 0 for the farthest depth.
     pub fn table(self) -> &'static [u8; 768] {
         match self {
@@ -37,9 +40,7 @@ impl Colormap {
 
     /// Parses a query-string value.
     pub fn from_name(name: &str) -> Option<Self> {
-        [Self::Inferno, Self::Viridis, Self::Gray]
-            .into_iter()
-            .find(|c| c.name() == name)
+        Self::ALL.into_iter().find(|c| c.name() == name)
     }
 }
 

@@ -19,17 +19,15 @@ pub use infer::{DepthModel, InferenceError};
 pub use postprocess::{
     BandResizer, DepthMap, ResizeError, colour_indices, colourise, depth16, resize_rgb,
 };
-pub use preprocess::{NET_SIZE, NetInput, preprocess, target_size};
+pub use preprocess::{NET_SIZE, NetInput, Transform, input_size, preprocess, target_size};
 pub use probe::{HeaderProbe, probe};
-
-use std::time::Instant;
 
 use bytes::Bytes;
 use fast_image_resize::PixelType;
+use image::RgbImage;
 
-use crate::backend::{Backend, BackendError};
-use crate::config::ModelArgs;
-use crate::weights::{self, FetchOptions, WeightsError, WeightsReport};
+use crate::backend::Backend;
+use crate::weights::WeightsReport;
 use postprocess::Depth16Bands;
 
 /// How a prediction is rendered.
@@ -116,23 +114,15 @@ pub fn render_bytes(width: u32, height: u32) -> u64 {
     resizer.band_bytes() as u64 * 2 + (4 << 20)
 }
 
-/// Why a model could not be made ready.
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    /// The backend did not start.
-    #[error(transparent)]
-    Backend(#[from] BackendError),
-    /// The weights could not be fetched or loaded.
-    #[error(transparent)]
-    Weights(#[from] WeightsError),
-}
-
 /// Why one image could not be turned into a depth map.
 #[derive(Debug, thiserror::Error)]
 pub enum PredictError {
     /// The image could not be decoded.
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// The image could not be resized to the network's input.
+    #[error(transparent)]
+    Preprocess(#[from] ResizeError),
     /// The forward pass failed.
     #[error(transparent)]
     Inference(#[from] InferenceError),
@@ -141,7 +131,8 @@ pub enum PredictError {
     Render(#[from] RenderError),
 }
 
-/// A model ready to run, with what it is and where its weights came from.
+/// A model ready to run, with what it is, where its weights came from and how images are
+/// prepared for it. [`crate::lifecycle`] makes one.
 #[derive(Debug)]
 pub struct Pipeline {
     /// The network on its device.
@@ -150,55 +141,14 @@ pub struct Pipeline {
     pub backend: Backend,
     /// The weights' provenance.
     pub weights: WeightsReport,
+    /// How images become the network's input.
+    pub transform: Transform,
 }
 
 impl Pipeline {
-    /// Starts the backend and loads the weights `args` names (or the untrained model, loudly).
-    pub async fn load(args: &ModelArgs) -> Result<Self, LoadError> {
-        let backend = Backend::init(args.backend)?;
-        match &backend.adapter {
-            Some(adapter) => {
-                tracing::info!(backend = %backend.kind, adapter = ?adapter, "backend ready")
-            }
-            None => tracing::info!(backend = %backend.kind, "backend ready"),
-        }
-        let options = FetchOptions {
-            cache_dir: args.cache_dir(),
-            sha256: args.sha256_pin(),
-        };
-        let (model, report) = weights::load(
-            args.location(),
-            &options,
-            args.key_prefix.as_deref(),
-            &backend.device,
-        )
-        .await?;
-        if report.untrained {
-            tracing::warn!(
-                "NO WEIGHTS GIVEN: running the UNTRAINED deterministic model; its depth maps are meaningless. Pass --weights (or MIDAS_WEIGHTS) with a MiDaS v2.1 small checkpoint"
-            );
-        } else {
-            tracing::info!(
-                source = %report.source,
-                format = ?report.format,
-                sha256 = report.sha256.as_deref().unwrap_or(""),
-                tensors = report.tensors,
-                parameters = report.parameters,
-                prefix_stripped = report.prefix_stripped.as_deref().unwrap_or(""),
-                "weights loaded"
-            );
-        }
-        let packing = Instant::now();
-        let model = DepthModel::new(model, backend.device.clone());
-        tracing::info!(
-            ms = packing.elapsed().as_millis() as u64,
-            "model ready (on CPU: BatchNorm folded, filters packed for the kernels)"
-        );
-        Ok(Self {
-            model,
-            backend,
-            weights: report,
-        })
+    /// The network input for a decoded image.
+    pub fn preprocess(&self, image: &RgbImage) -> Result<NetInput, ResizeError> {
+        preprocess(image, self.model.kind(), self.transform)
     }
 
     /// The whole pipeline for one encoded image, as `midas-serve predict` runs it.
@@ -210,7 +160,7 @@ impl Pipeline {
     ) -> Result<EncodedChunks, PredictError> {
         let image = decode(bytes, limits)?;
         let original = image.dimensions();
-        let depth = self.model.predict(preprocess(&image))?;
+        let depth = self.model.predict(self.preprocess(&image)?)?;
         Ok(render(&depth, original, options)?)
     }
 }

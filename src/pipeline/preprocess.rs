@@ -1,18 +1,57 @@
-//! Step 2: RGB pixels to the network's input, as upstream's `midas_v21_small_256` transform does
-//! (`Resize(256, 256, keep_aspect_ratio=True, ensure_multiple_of=32, resize_method="upper_bound",
-//! image_interpolation_method=cv2.INTER_CUBIC)`, `NormalizeImage`, `PrepareForNet`).
+//! Step 2: RGB pixels to the network's input, by one of two transforms.
+//!
+//! [`Transform::Upstream`] is each model's official MiDaS transform (`midas/model_loader.py`):
+//! `Resize(net, net, keep_aspect_ratio=True, ensure_multiple_of=32, resize_method=...,
+//! image_interpolation_method=cv2.INTER_CUBIC)`, `NormalizeImage`, `PrepareForNet`, with
+//! `upper_bound` sizing and ImageNet statistics for MiDaS small, `minimal` sizing and
+//! mean = std = 0.5 for DPT-Hybrid. [`Transform::Squash`] is the replaced service's own:
+//! torchvision's `Resize((net, net))` on a PIL image (Pillow's antialiased bilinear, in 8 bits,
+//! aspect ratio not kept) and `ToTensor()` (/255, no normalisation).
 
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::RgbImage;
 
-/// The longer side of the network input.
+use super::ResizeError;
+use crate::model::ModelKind;
+
+/// MiDaS small's input side (its longer side, with `upper_bound` sizing).
 pub const NET_SIZE: u32 = 256;
 
-/// Both sides of the network input are multiples of this.
+/// Both sides of an upstream-transform input are multiples of this.
 const MULTIPLE: f64 = 32.0;
 
-/// ImageNet statistics used by `NormalizeImage`.
-const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-const STD: [f32; 3] = [0.229, 0.224, 0.225];
+/// `minimal` sizing keeps the image's scale as near 1 as it can, so a very elongated image
+/// would give a very long input (a 10:1 panorama: 3840x384, ten times the work). The longer
+/// side is capped at this many times the net size; only images beyond 4:1 are affected.
+const MINIMAL_CAP: u32 = 4;
+
+/// ImageNet statistics used by MiDaS small's `NormalizeImage`.
+const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// How an image becomes the network's input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transform {
+    /// The model's official MiDaS transform: aspect kept, sides multiples of 32, bicubic,
+    /// the model's normalisation.
+    #[default]
+    Upstream,
+    /// The replaced service's: squashed to the model's square size with Pillow-style
+    /// antialiased bilinear in 8 bits, scaled to [0, 1], no normalisation.
+    Squash,
+}
+
+impl Transform {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Upstream => "upstream",
+            Self::Squash => "squash",
+        }
+    }
+}
 
 /// OpenCV's bicubic parameter (Pillow uses -0.5; see [`super::postprocess`]).
 const CUBIC_A: f32 = -0.75;
@@ -29,10 +68,10 @@ pub struct NetInput {
 }
 
 /// Upstream's `constrain_to_multiple_of` with `max_val`: NumPy's round (half to even) to a
-/// multiple of 32, replaced by floor when that would exceed 256.
-fn constrain(x: f64) -> usize {
+/// multiple of 32, replaced by floor when that would exceed `max`.
+fn constrain(x: f64, max: f64) -> usize {
     let rounded = (x / MULTIPLE).round_ties_even() * MULTIPLE;
-    let y = if rounded > f64::from(NET_SIZE) {
+    let y = if rounded > max {
         (x / MULTIPLE).floor() * MULTIPLE
     } else {
         rounded
@@ -40,15 +79,62 @@ fn constrain(x: f64) -> usize {
     y as usize
 }
 
-/// The network input size `(width, height)` for an image: the longer side becomes 256 and both
-/// sides multiples of 32, so 1920x1080 gives 256x128 (1080 x 256/1920 = 144 rounds to 128 by
-/// half-to-even), 640x480 gives 256x192 and 333x517 gives 160x256.
-pub fn target_size(width: u32, height: u32) -> (usize, usize) {
-    let (width, height) = (f64::from(width), f64::from(height));
-    let scale = (f64::from(NET_SIZE) / width).min(f64::from(NET_SIZE) / height);
+/// `upper_bound` sizing: the longer side becomes `bound`, both sides multiples of 32.
+fn upper_bound(width: f64, height: f64, bound: f64) -> (usize, usize) {
+    let scale = (bound / width).min(bound / height);
     // A side that rounds to 0 (an image over 16 times longer than wide) still gets one block.
-    let side = |x: f64| constrain(scale * x).max(MULTIPLE as usize);
+    let side = |x: f64| constrain(scale * x, bound).max(MULTIPLE as usize);
     (side(width), side(height))
+}
+
+/// The upstream transform's network input size `(width, height)` for an image.
+///
+/// MiDaS small (`upper_bound`): the longer side becomes 256, so 1920x1080 gives 256x128
+/// (1080 x 256/1920 = 144 rounds to 128 by half-to-even), 640x480 256x192, 333x517 160x256.
+/// DPT-Hybrid (`minimal`): the scale of whichever side needs the smaller change to become 384
+/// applies to both, so 640x480 gives 512x384 and 1920x1080 672x384 (longer side capped at
+/// 1536, see [`MINIMAL_CAP`]).
+pub fn target_size(kind: ModelKind, width: u32, height: u32) -> (usize, usize) {
+    let (width, height) = (f64::from(width), f64::from(height));
+    let net = f64::from(kind.net_size());
+    match kind {
+        ModelKind::MidasV21Small256 => upper_bound(width, height, net),
+        ModelKind::DptHybrid384 => {
+            let (scale_w, scale_h) = (net / width, net / height);
+            let scale = if (1.0 - scale_w).abs() < (1.0 - scale_h).abs() {
+                scale_w
+            } else {
+                scale_h
+            };
+            let cap = net * f64::from(MINIMAL_CAP);
+            if scale * width.max(height) > cap {
+                return upper_bound(width, height, cap);
+            }
+            let side = |x: f64| constrain(scale * x, f64::INFINITY).max(MULTIPLE as usize);
+            (side(width), side(height))
+        }
+    }
+}
+
+/// The network input size a transform gives an image.
+pub fn input_size(
+    kind: ModelKind,
+    transform: Transform,
+    width: u32,
+    height: u32,
+) -> (usize, usize) {
+    match transform {
+        Transform::Upstream => target_size(kind, width, height),
+        Transform::Squash => (kind.net_size() as usize, kind.net_size() as usize),
+    }
+}
+
+/// Per-channel `(mean, std)` of the upstream transform's `NormalizeImage`.
+fn normalisation(kind: ModelKind) -> ([f32; 3], [f32; 3]) {
+    match kind {
+        ModelKind::MidasV21Small256 => (IMAGENET_MEAN, IMAGENET_STD),
+        ModelKind::DptHybrid384 => ([0.5; 3], [0.5; 3]),
+    }
 }
 
 /// OpenCV's `interpolateCubic` weights for fractional offset `x`.
@@ -77,12 +163,61 @@ fn taps(src: usize, dst: usize) -> Vec<([usize; 4], [f32; 4])> {
         .collect()
 }
 
-/// Resizes to [`target_size`] with OpenCV-style bicubic interpolation (no antialiasing, values
-/// not clamped), scales to [0, 1], normalises with the ImageNet mean and standard deviation and
-/// lays the result out channel-major.
-pub fn preprocess(image: &RgbImage) -> NetInput {
+/// The network input for an image under `transform`, laid out channel-major.
+pub fn preprocess(
+    image: &RgbImage,
+    kind: ModelKind,
+    transform: Transform,
+) -> Result<NetInput, ResizeError> {
+    match transform {
+        Transform::Upstream => Ok(upstream(image, kind)),
+        Transform::Squash => squash(image, kind.net_size()),
+    }
+}
+
+/// The replaced service's transform: Pillow-compatible antialiased bilinear to `side x side`
+/// in 8 bits (fast_image_resize's convolution follows Pillow's fixed-point arithmetic), then
+/// /255 per channel.
+fn squash(image: &RgbImage, side: u32) -> Result<NetInput, ResizeError> {
+    let from = (image.width() as usize, image.height() as usize);
+    let error = |message: String| ResizeError::new(from, (side, side), message);
+    let src = ImageRef::new(
+        image.width(),
+        image.height(),
+        image.as_raw(),
+        PixelType::U8x3,
+    )
+    .map_err(|e| error(e.to_string()))?;
+    let mut dst = Image::new(side, side, PixelType::U8x3);
+    Resizer::new()
+        .resize(
+            &src,
+            &mut dst,
+            &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)),
+        )
+        .map_err(|e| error(e.to_string()))?;
+    let side = side as usize;
+    let plane = side * side;
+    let mut data = vec![0f32; 3 * plane];
+    for (index, pixel) in dst.buffer().chunks_exact(3).enumerate() {
+        for (c, &value) in pixel.iter().enumerate() {
+            data[c * plane + index] = f32::from(value) / 255.0;
+        }
+    }
+    Ok(NetInput {
+        width: side,
+        height: side,
+        data,
+    })
+}
+
+/// The upstream transform: resizes to [`target_size`] with OpenCV-style bicubic interpolation
+/// (no antialiasing, values not clamped), scales to [0, 1] and normalises with the model's
+/// statistics.
+fn upstream(image: &RgbImage, kind: ModelKind) -> NetInput {
+    let (mean, std) = normalisation(kind);
     let (src_w, src_h) = (image.width() as usize, image.height() as usize);
-    let (dst_w, dst_h) = target_size(image.width(), image.height());
+    let (dst_w, dst_h) = target_size(kind, image.width(), image.height());
     let x_taps = taps(src_w, dst_w);
     let y_taps = taps(src_h, dst_h);
     let pixels = image.as_raw();
@@ -125,7 +260,7 @@ pub fn preprocess(image: &RgbImage) -> NetInput {
                     .zip(weights)
                     .map(|(&row, &w)| horizontal[(slot[row] * dst_w + x) * 3 + c] * w)
                     .sum();
-                data[c * plane + y * dst_w + x] = (value / 255.0 - MEAN[c]) / STD[c];
+                data[c * plane + y * dst_w + x] = (value / 255.0 - mean[c]) / std[c];
             }
         }
     }
@@ -142,10 +277,18 @@ mod tests {
 
     #[test]
     fn size_rule_examples_from_upstream() {
-        assert_eq!(target_size(1920, 1080), (256, 128));
-        assert_eq!(target_size(640, 480), (256, 192));
-        assert_eq!(target_size(333, 517), (160, 256));
-        assert_eq!(target_size(40000, 12), (256, 32));
+        let small = ModelKind::MidasV21Small256;
+        assert_eq!(target_size(small, 1920, 1080), (256, 128));
+        assert_eq!(target_size(small, 640, 480), (256, 192));
+        assert_eq!(target_size(small, 333, 517), (160, 256));
+        assert_eq!(target_size(small, 40000, 12), (256, 32));
+        let dpt = ModelKind::DptHybrid384;
+        assert_eq!(target_size(dpt, 640, 480), (512, 384));
+        assert_eq!(target_size(dpt, 1920, 1080), (672, 384));
+        assert_eq!(target_size(dpt, 384, 384), (384, 384));
+        assert_eq!(target_size(dpt, 100, 100), (384, 384));
+        // Beyond 4:1 the longer side is capped at 1536.
+        assert_eq!(target_size(dpt, 10_000, 1000), (1536, 160));
     }
 
     #[test]

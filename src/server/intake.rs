@@ -60,13 +60,17 @@ pub fn apply_option(
     Ok(options)
 }
 
-/// The options a query string sets (`colormap`, `format`); anything else is refused.
-pub fn query_options(query: Option<&str>) -> Result<RenderOptions, ApiError> {
+/// The options a query string sets (`colormap`, `format`) over the server's `defaults`;
+/// anything else is refused.
+pub fn query_options(
+    query: Option<&str>,
+    defaults: RenderOptions,
+) -> Result<RenderOptions, ApiError> {
     query
         .unwrap_or_default()
         .split('&')
         .filter(|p| !p.is_empty())
-        .try_fold(RenderOptions::default(), |options, pair| {
+        .try_fold(defaults, |options, pair| {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             apply_option(options, key, value)
         })

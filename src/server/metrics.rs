@@ -39,6 +39,20 @@ pub struct ObjectLabels {
     pub kind: &'static str,
 }
 
+/// Labels of the model-information series (always 1), the Prometheus "info" idiom: what runs,
+/// so dashboards can split latency by model and backend across deployments.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    /// `midas_v21_small_256` or `dpt_hybrid_384`.
+    pub model: &'static str,
+    /// `flex`, `ndarray` or `wgpu`.
+    pub backend: &'static str,
+    /// `upstream` or `squash`.
+    pub transform: &'static str,
+    /// `true` when the untrained synthetic weights run.
+    pub untrained: &'static str,
+}
+
 /// Every metric the server records; clones share the same series.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -59,6 +73,8 @@ pub struct Metrics {
     pub stored_bytes: Family<ObjectLabels, Counter>,
     /// Store operations that failed, by object kind.
     pub store_errors: Family<ObjectLabels, Counter>,
+    /// The model being served, as labels of a constant 1.
+    pub model: Family<ModelLabels, Gauge>,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -80,6 +96,12 @@ impl Default for Metrics {
         let batch_size = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0]);
         let stored_bytes = Family::<ObjectLabels, Counter>::default();
         let store_errors = Family::<ObjectLabels, Counter>::default();
+        let model = Family::<ModelLabels, Gauge>::default();
+        registry.register(
+            "model_info",
+            "The model being served (value 1)",
+            model.clone(),
+        );
         registry.register("http_requests", "HTTP requests answered", requests.clone());
         registry.register(
             "http_request_duration_seconds",
@@ -126,6 +148,7 @@ impl Default for Metrics {
             batch_size,
             stored_bytes,
             store_errors,
+            model,
         }
     }
 }

@@ -32,12 +32,14 @@ use tokio::sync::Semaphore;
 
 use crate::backend::AdapterInfo;
 use crate::config::ServeArgs;
-use crate::pipeline::{DecodeLimits, LoadError, Pipeline, RenderOptions};
+use crate::lifecycle::{self, LoadError};
+use crate::model::ModelKind;
+use crate::pipeline::{DecodeLimits, Pipeline, RenderOptions, Transform};
 use crate::storage::{Store, StoreError};
 use crate::weights::WeightsReport;
 pub use budget::{MemoryBudget, resident_bytes};
 pub use inference::InferenceQueue;
-pub use metrics::Metrics;
+pub use metrics::{Metrics, ModelLabels};
 
 /// An error while streaming a response body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -73,6 +75,10 @@ pub enum ServerError {
 /// What the server knows about its model, for `/`, `/readyz` and response headers.
 #[derive(Clone, Debug)]
 pub struct ModelInfo {
+    /// The network.
+    pub kind: ModelKind,
+    /// How images are prepared for it.
+    pub transform: Transform,
     /// Backend name.
     pub backend: &'static str,
     /// For wgpu, the adapter.
@@ -103,12 +109,14 @@ pub struct AppState {
     pub ready: AtomicBool,
     /// The welcome page, rendered once.
     pub page: String,
+    /// What a request that names no colour map or format gets.
+    pub default_options: RenderOptions,
 }
 
 /// Starts the server and runs until SIGTERM or SIGINT (then drains and returns).
 pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
     let started = Instant::now();
-    let pipeline = Pipeline::load(&config.model).await?;
+    let pipeline = lifecycle::load(&config.model, config.transform).await?;
     let store = Store::open(&config.store, config.store_timeout()).await?;
     tracing::info!(store = %store, "store ready");
     let limits = DecodeLimits {
@@ -117,11 +125,26 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
     };
     warm_up(&pipeline, &limits)?;
     let model = ModelInfo {
+        kind: pipeline.model.kind(),
+        transform: pipeline.transform,
         backend: pipeline.backend.kind.name(),
         adapter: pipeline.backend.adapter.clone(),
         weights: pipeline.weights.clone(),
     };
     let metrics = Metrics::default();
+    metrics
+        .model
+        .get_or_create(&ModelLabels {
+            model: model.kind.name(),
+            backend: model.backend,
+            transform: model.transform.name(),
+            untrained: if model.weights.untrained {
+                "true"
+            } else {
+                "false"
+            },
+        })
+        .set(1);
     let (queue, _worker) = InferenceQueue::start(
         pipeline.model,
         config.queue_size,
@@ -156,6 +179,10 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
         budget,
         ready: AtomicBool::new(true),
         page,
+        default_options: RenderOptions {
+            colormap: config.default_colormap,
+            ..RenderOptions::default()
+        },
         config,
     });
     tracing::info!(addr = %local, startup_ms = started.elapsed().as_millis() as u64, "listening");

@@ -2,6 +2,7 @@
 
 use super::ModelInfo;
 use crate::config::ServeArgs;
+use crate::pipeline::Colormap;
 use crate::storage::Store;
 
 const TEMPLATE: &str = include_str!("page.html");
@@ -26,7 +27,8 @@ pub fn render(model: &ModelInfo, store: &Store, config: &ServeArgs) -> String {
     let warning = if weights.untrained {
         "<p class=\"warning\" id=\"untrained\">Warning: no weights were given, so this server runs the untrained, \
          deterministically initialised model. Its depth maps are meaningless. Start it with <code>--weights</code> \
-         (a MiDaS v2.1 small <code>.pt</code>, <code>.safetensors</code> or <code>.bpk</code>).</p>"
+         (a MiDaS v2.1 small or DPT-Hybrid <code>.pt</code>, <code>.ckpt</code>, <code>.safetensors</code> or \
+         <code>.bpk</code>).</p>"
             .to_string()
     } else {
         String::new()
@@ -48,8 +50,22 @@ pub fn render(model: &ModelInfo, store: &Store, config: &ServeArgs) -> String {
         config.max_body_bytes >> 20,
         config.max_pixels as f64 / 1e6
     );
+    let colormaps: String = Colormap::ALL
+        .iter()
+        .map(|colormap| {
+            let selected = if *colormap == config.default_colormap {
+                " selected"
+            } else {
+                ""
+            };
+            format!("<option{selected}>{}</option>", colormap.name())
+        })
+        .collect();
     TEMPLATE
         .replace("{{WARNING}}", &warning)
+        .replace("{{MODEL}}", &escape(model.kind.description()))
+        .replace("{{TRANSFORM}}", model.transform.name())
+        .replace("{{COLORMAPS}}", &colormaps)
         .replace("{{BACKEND}}", &escape(&backend))
         .replace("{{WEIGHTS}}", &escape(source))
         .replace(

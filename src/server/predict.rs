@@ -55,7 +55,7 @@ async fn respond(
     peer: SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
-    let options = intake::query_options(request.uri().query())?;
+    let options = intake::query_options(request.uri().query(), state.default_options)?;
     let body_share = admit(state, &request).await?;
     let content_type = request
         .headers()
@@ -173,9 +173,10 @@ async fn decode(
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let limits = state.limits;
+    let (kind, transform) = (state.model.kind, state.model.transform);
     let input = tokio::task::spawn_blocking(move || -> Result<NetInput, ApiError> {
         let image = pipeline::decode_checked(&bytes, &header, &limits)?;
-        Ok(pipeline::preprocess(&image))
+        pipeline::preprocess(&image, kind, transform).map_err(|e| ApiError::Internal(e.to_string()))
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;

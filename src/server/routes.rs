@@ -192,6 +192,8 @@ fn readiness(state: &AppState) -> Response<Body> {
         status,
         serde_json::json!({
             "ready": ready,
+            "model": state.model.kind,
+            "transform": state.model.transform,
             "backend": state.model.backend,
             "adapter": state.model.adapter,
             "untrained": state.model.weights.untrained,

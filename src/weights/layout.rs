@@ -4,7 +4,11 @@
 //! and camel-case attributes. Each rename below is a prefix substitution, so it runs both ways:
 //! upstream to Burn when loading a checkpoint, Burn to upstream when generating the synthetic
 //! weights from the upstream keys. Keys no rule matches are already the same on both sides
-//! (`scratch.layer1_rn.weight`, `scratch.refinenet2.out_conv.bias`, ...).
+//! (`scratch.layer1_rn.weight`, `scratch.refinenet2.out_conv.bias`,
+//! `pretrained.model.blocks.3.attn.qkv.weight`, ...). The two models' upstream key sets do not
+//! overlap where they are renamed, so one table serves both.
+
+use crate::model::ModelKind;
 
 /// `(upstream prefix, Burn prefix)` pairs.
 const RENAMES: &[(&str, &str)] = &[
@@ -49,14 +53,42 @@ const RENAMES: &[(&str, &str)] = &[
         "scratch.refinenet4.resConfUnit2.",
         "scratch.refinenet4.res_conf_unit2.",
     ),
+    // DPT-Hybrid's reassembly sequentials: [readout, transpose, unflatten, 1x1 conv, 3x3 conv],
+    // the readout itself a sequential [Linear, GELU].
+    (
+        "pretrained.act_postprocess3.0.project.0.",
+        "pretrained.reassemble3.readout.",
+    ),
+    (
+        "pretrained.act_postprocess3.3.",
+        "pretrained.reassemble3.project.",
+    ),
+    (
+        "pretrained.act_postprocess4.0.project.0.",
+        "pretrained.reassemble4.readout.",
+    ),
+    (
+        "pretrained.act_postprocess4.3.",
+        "pretrained.reassemble4.project.",
+    ),
+    (
+        "pretrained.act_postprocess4.4.",
+        "pretrained.reassemble4.resample.",
+    ),
     // The output head's sequential: [conv, interpolate, conv, relu, conv, relu, identity].
     ("scratch.output_conv.0.", "scratch.output_conv.conv1."),
     ("scratch.output_conv.2.", "scratch.output_conv.conv2."),
     ("scratch.output_conv.4.", "scratch.output_conv.conv3."),
 ];
 
-/// The key whose presence identifies a MiDaS small state dict and reveals any prefix before it.
-pub const ANCHOR_KEY: &str = "pretrained.layer1.0.weight";
+/// The upstream key whose presence identifies a model's state dict and reveals any prefix
+/// before it: the first convolution of its encoder.
+pub fn anchor_key(kind: ModelKind) -> &'static str {
+    match kind {
+        ModelKind::MidasV21Small256 => "pretrained.layer1.0.weight",
+        ModelKind::DptHybrid384 => "pretrained.model.patch_embed.backbone.stem.conv.weight",
+    }
+}
 
 /// Prefixes fine-tuning scripts commonly leave on keys (`DataParallel`'s `module.`, Lightning's
 /// `model.`), detected and removed automatically.
@@ -87,20 +119,28 @@ pub fn to_upstream(burn_path: &str) -> String {
     rename(burn_path, false)
 }
 
-/// Upstream keys that exist in every MiDaS small state dict but hold nothing the forward pass
-/// uses: BatchNorm's step counters, and the first residual unit of the deepest fusion block,
-/// which upstream builds but never calls (it has no skip input).
+/// Upstream keys that exist in every state dict but hold nothing the forward pass uses:
+/// BatchNorm's step counters, the first residual unit of the deepest fusion block, which
+/// upstream builds but never calls (it has no skip input), and DPT's final ViT LayerNorm and
+/// ImageNet classifier, whose results MiDaS discards.
 pub fn is_unused_upstream_key(key: &str) -> bool {
-    key.ends_with(".num_batches_tracked") || key.starts_with("scratch.refinenet4.resConfUnit1.")
+    key.ends_with(".num_batches_tracked")
+        || key.starts_with("scratch.refinenet4.resConfUnit1.")
+        || key.starts_with("pretrained.model.norm.")
+        || key.starts_with("pretrained.model.head.")
 }
 
-/// Where the state dict starts inside a flattened checkpoint: `""` for a bare state dict,
+/// Where `kind`'s state dict starts inside a flattened checkpoint: `""` for a bare state dict,
 /// `"module."` for a `DataParallel` save, `"state_dict."` or `"model."` for a checkpoint dict
-/// (nested dicts are flattened with `.`), or a combination of those. `None` if no key looks like
-/// MiDaS small.
-pub fn detect_prefix<'a>(keys: impl IntoIterator<Item = &'a str>) -> Option<String> {
+/// (nested dicts are flattened with `.`), or a combination of those (a Lightning checkpoint's
+/// is `"state_dict.model."`). `None` if no key has `kind`'s anchor.
+pub fn detect_prefix<'a>(
+    kind: ModelKind,
+    keys: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
+    let anchor = anchor_key(kind);
     keys.into_iter()
-        .filter_map(|key| key.strip_suffix(ANCHOR_KEY))
+        .filter_map(|key| key.strip_suffix(anchor))
         .filter(|prefix| prefix.is_empty() || prefix.ends_with('.'))
         .min_by_key(|prefix| prefix.len())
         .map(str::to_string)
@@ -119,6 +159,9 @@ mod tests {
             "scratch.refinenet3.resConfUnit1.conv2.bias",
             "scratch.output_conv.4.weight",
             "scratch.layer2_rn.weight",
+            "pretrained.act_postprocess4.4.bias",
+            "pretrained.act_postprocess3.0.project.0.weight",
+            "pretrained.model.patch_embed.backbone.stages.1.blocks.0.downsample.conv.weight",
         ] {
             assert_eq!(to_upstream(&to_burn(upstream)), upstream);
         }
@@ -130,22 +173,34 @@ mod tests {
 
     #[test]
     fn prefix_detection() {
+        let small = ModelKind::MidasV21Small256;
         let keys = [
             "model.pretrained.layer1.0.weight",
             "model.scratch.layer1_rn.weight",
         ];
-        assert_eq!(detect_prefix(keys), Some("model.".to_string()));
+        assert_eq!(detect_prefix(small, keys), Some("model.".to_string()));
+        assert_eq!(detect_prefix(ModelKind::DptHybrid384, keys), None);
         assert_eq!(
-            detect_prefix(["pretrained.layer1.0.weight"]),
+            detect_prefix(small, ["pretrained.layer1.0.weight"]),
             Some(String::new())
         );
         assert_eq!(
-            detect_prefix(["state_dict.module.pretrained.layer1.0.weight", "epoch"]),
+            detect_prefix(
+                small,
+                ["state_dict.module.pretrained.layer1.0.weight", "epoch"]
+            ),
             Some("state_dict.module.".to_string())
         );
         assert_eq!(
-            detect_prefix(["xpretrained.layer1.0.weight", "fc.weight"]),
+            detect_prefix(small, ["xpretrained.layer1.0.weight", "fc.weight"]),
             None
+        );
+        assert_eq!(
+            detect_prefix(
+                ModelKind::DptHybrid384,
+                ["state_dict.model.pretrained.model.patch_embed.backbone.stem.conv.weight"]
+            ),
+            Some("state_dict.model.".to_string())
         );
     }
 }

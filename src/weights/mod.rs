@@ -1,11 +1,14 @@
-//! Model weights: where they come from, what format they are in, and how they become a
-//! [`MidasSmall`] with every parameter set.
+//! Model weights: where they come from, what format they are in, which network they are for,
+//! and how they become a [`Network`] with every parameter set.
 //!
-//! Accepted: PyTorch `.pt`/`.pth` (a bare state dict, or a checkpoint dict holding it under any
-//! key such as `state_dict` or `model`), `.safetensors`, both in upstream MiDaS's key layout,
-//! and Burn's `.bpk` burnpack written by `model-import`. The format is read from the file's
-//! first bytes, not its name. Any missing, unexpected or wrongly shaped tensor is an error that
-//! lists them: a model never runs with some layers left at zero.
+//! Accepted: PyTorch `.pt`/`.pth`/`.ckpt` (a bare state dict, or a checkpoint dict holding it
+//! under any key such as `state_dict` or `model`, a PyTorch Lightning checkpoint included),
+//! `.safetensors`, both in upstream MiDaS's key layout, and Burn's `.bpk` burnpack written by
+//! `model-import`. The format is read from the file's first bytes, not its name; the network
+//! from the keys. A checkpoint's tensors are read lazily: only the state dict's records are
+//! ever read from the file, so a Lightning checkpoint's optimizer state (twice the weights)
+//! costs nothing. Any missing, unexpected or wrongly shaped tensor is an error that lists them:
+//! a model never runs with some layers left at zero.
 
 mod fetch;
 pub mod layout;
@@ -27,7 +30,7 @@ use sha2::{Digest, Sha256};
 
 pub use fetch::{FetchOptions, WeightsLocation, fetch};
 
-use crate::model::MidasSmall;
+use crate::model::{ModelKind, Network};
 
 /// How many names an error lists per category before summarising the rest.
 const LISTED_NAMES: usize = 12;
@@ -84,10 +87,11 @@ pub enum WeightsError {
         /// The parser's message.
         message: String,
     },
-    /// No key looks like MiDaS v2.1 small's.
+    /// No key looks like either model's.
     #[error(
-        "{path}: no MiDaS v2.1 small state dict found (no key ends with '{anchor}'); first keys: {sample}",
-        anchor = layout::ANCHOR_KEY
+        "{path}: no MiDaS state dict found (no key ends with '{small}' (midas_v21_small_256) or '{dpt}' (dpt_hybrid_384)); first keys: {sample}",
+        small = layout::anchor_key(ModelKind::MidasV21Small256),
+        dpt = layout::anchor_key(ModelKind::DptHybrid384)
     )]
     NotMidas {
         /// The file.
@@ -95,11 +99,23 @@ pub enum WeightsError {
         /// A few of the keys that were found.
         sample: String,
     },
+    /// `--model` names a network the weights are not for.
+    #[error("{path}: --model {requested} was asked for, but the weights are {found}")]
+    WrongModel {
+        /// The file.
+        path: PathBuf,
+        /// The network asked for.
+        requested: ModelKind,
+        /// What the keys look like instead.
+        found: String,
+    },
     /// Tensors are missing, unexpected or of the wrong shape.
-    #[error("{path}: weights do not match MiDaS v2.1 small:{details}")]
+    #[error("{path}: weights do not match {model}:{details}")]
     Mismatch {
         /// The file.
         path: PathBuf,
+        /// The network the keys were recognised as.
+        model: ModelKind,
         /// One line per category, listing the names.
         details: MismatchDetails,
     },
@@ -207,6 +223,8 @@ impl WeightsFormat {
 /// What was loaded, for logs, the welcome page and `model-import`'s summary.
 #[derive(Clone, Debug, Serialize)]
 pub struct WeightsReport {
+    /// The network the weights are for.
+    pub model: ModelKind,
     /// Where the weights came from (a path, URL or `gs://` location), or `synthetic`.
     pub source: String,
     /// True for the deterministic formula weights: the model is untrained.
@@ -221,43 +239,57 @@ pub struct WeightsReport {
     pub parameters: usize,
     /// The key prefix that was removed (`module.`, `state_dict.`, ...), if any.
     pub prefix_stripped: Option<String>,
-    /// Upstream keys accepted but not used (BatchNorm counters, refinenet4's first unit).
+    /// Upstream keys accepted but not used (BatchNorm counters, refinenet4's first unit, DPT's
+    /// final LayerNorm and classifier).
     pub unused_upstream_keys: usize,
     /// Tensors outside the state dict (optimizer state in a checkpoint, say), ignored.
     pub outside_state_dict: usize,
 }
 
 /// The model with the deterministic synthetic weights: what runs when no weights are given.
-pub fn untrained(device: &Device) -> (MidasSmall, WeightsReport) {
-    let mut model = MidasSmall::new(device);
-    let tensors = synthetic::fill(&mut model);
+pub fn untrained(kind: ModelKind, device: &Device) -> (Network, WeightsReport) {
+    let mut network = Network::new(kind, device);
+    let tensors = synthetic::state_dict(&network)
+        .into_iter()
+        .map(|mut tensor| {
+            tensor.name = layout::to_burn(&tensor.name);
+            tensor
+        })
+        .collect();
+    let result = apply_upstream(&mut network, tensors);
+    debug_assert!(mismatch(&result, upstream_name).is_empty());
     let report = WeightsReport {
+        model: kind,
         source: "synthetic".to_string(),
         untrained: true,
         format: None,
         sha256: None,
-        tensors,
-        parameters: model.num_params(),
+        tensors: result.applied.len(),
+        parameters: network.num_params(),
         prefix_stripped: None,
         unused_upstream_keys: 0,
         outside_state_dict: 0,
     };
-    (model, report)
+    (network, report)
 }
 
 /// Builds the model from `location` (downloaded once into the cache if remote), or the
-/// untrained synthetic model when there is no location.
+/// untrained synthetic model of `kind` (MiDaS small if `None`) when there is no location.
 pub async fn load(
     location: Option<&WeightsLocation>,
     options: &FetchOptions,
     key_prefix: Option<&str>,
+    kind: Option<ModelKind>,
     device: &Device,
-) -> Result<(MidasSmall, WeightsReport), WeightsError> {
+) -> Result<(Network, WeightsReport), WeightsError> {
     let Some(location) = location else {
-        return Ok(untrained(device));
+        return Ok(untrained(
+            kind.unwrap_or(ModelKind::MidasV21Small256),
+            device,
+        ));
     };
     let path = fetch(location, options).await?;
-    let (model, mut report) = load_file(&path, key_prefix, device)?;
+    let (model, mut report) = load_file(&path, key_prefix, kind, device)?;
     if let (Some(expected), Some(actual)) = (&options.sha256, &report.sha256)
         && !actual.eq_ignore_ascii_case(expected)
     {
@@ -274,12 +306,14 @@ pub async fn load(
 /// Loads a local weights file of any supported format.
 ///
 /// `key_prefix` overrides prefix detection for PyTorch and safetensors files (`Some("")` means
-/// the keys have no prefix).
+/// the keys have no prefix); `kind` overrides recognising the network from the keys (an error
+/// if the keys are another network's).
 pub fn load_file(
     path: &Path,
     key_prefix: Option<&str>,
+    kind: Option<ModelKind>,
     device: &Device,
-) -> Result<(MidasSmall, WeightsReport), WeightsError> {
+) -> Result<(Network, WeightsReport), WeightsError> {
     let format = WeightsFormat::detect(path)?;
     let corrupt = |message: String| WeightsError::Corrupt {
         path: path.to_path_buf(),
@@ -297,8 +331,8 @@ pub fn load_file(
     }
     .map_err(corrupt)?;
 
-    let mut model = MidasSmall::new(device);
     let mut report = WeightsReport {
+        model: ModelKind::MidasV21Small256,
         source: path.display().to_string(),
         untrained: false,
         format: Some(format),
@@ -313,26 +347,127 @@ pub fn load_file(
         outside_state_dict: 0,
     };
 
-    let (result, details) = if format == WeightsFormat::Burnpack {
-        let result = model.apply(tensors, None, None, false);
+    let (network, result, details) = if format == WeightsFormat::Burnpack {
+        let found = recognise_burnpack(&tensors);
+        let model = check_requested(path, kind, found, &tensors)?;
+        let mut network = Network::new(model, device);
+        let result = match &mut network {
+            Network::MidasSmall(m) => m.apply(tensors, None, None, false),
+            Network::DptHybrid(m) => m.apply(tensors, None, None, false),
+        };
         let details = mismatch(&result, |name| name.to_string());
-        (result, details)
+        (network, result, details)
     } else {
-        let selected = select_state_dict(path, tensors, key_prefix, &mut report)?;
-        let adapter = PyTorchToBurnAdapter.chain(FloatCastAdapter::to(DType::F32));
-        let result = model.apply(selected, None, Some(Box::new(adapter)), true);
+        let (model, prefix) = recognise_upstream(path, key_prefix, kind, &tensors)?;
+        let selected = select_state_dict(tensors, &prefix, &mut report);
+        let mut network = Network::new(model, device);
+        let result = apply_upstream(&mut network, selected);
         let details = mismatch(&result, upstream_name);
-        (result, details)
+        (network, result, details)
     };
     if !details.is_empty() {
         return Err(WeightsError::Mismatch {
             path: path.to_path_buf(),
+            model: network.kind(),
             details,
         });
     }
+    report.model = network.kind();
     report.tensors = result.applied.len();
-    report.parameters = model.num_params();
-    Ok((model, report))
+    report.parameters = network.num_params();
+    Ok((network, report))
+}
+
+/// Applies tensors in upstream's form (keys already renamed to Burn's paths) and converts what
+/// upstream computes on the fly from them: DPT's weight standardisation.
+fn apply_upstream(network: &mut Network, tensors: Vec<PackTensor>) -> ApplyResult {
+    let adapter = || {
+        Some(
+            Box::new(PyTorchToBurnAdapter.chain(FloatCastAdapter::to(DType::F32)))
+                as Box<dyn ModuleAdapter>,
+        )
+    };
+    match network {
+        Network::MidasSmall(model) => model.apply(tensors, None, adapter(), true),
+        Network::DptHybrid(model) => {
+            let result = model.apply(tensors, None, adapter(), true);
+            model.standardise_backbone();
+            result
+        }
+    }
+}
+
+/// The network whose anchor key a burnpack holds (its keys are Burn's paths).
+fn recognise_burnpack(tensors: &[PackTensor]) -> Option<ModelKind> {
+    ModelKind::ALL.into_iter().find(|&kind| {
+        let anchor = layout::to_burn(layout::anchor_key(kind));
+        tensors.iter().any(|t| t.name == anchor)
+    })
+}
+
+/// A few of the keys, sorted, for error messages.
+fn sample_keys(tensors: &[PackTensor]) -> String {
+    let mut names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    names.sort_unstable();
+    names.truncate(5);
+    names.join(", ")
+}
+
+/// The network to build: the one asked for, which must be the one found, else the one found.
+fn check_requested(
+    path: &Path,
+    requested: Option<ModelKind>,
+    found: Option<ModelKind>,
+    tensors: &[PackTensor],
+) -> Result<ModelKind, WeightsError> {
+    match (requested, found) {
+        (Some(requested), Some(found)) if requested == found => Ok(found),
+        (None, Some(found)) => Ok(found),
+        (Some(requested), Some(found)) => Err(WeightsError::WrongModel {
+            path: path.to_path_buf(),
+            requested,
+            found: found.to_string(),
+        }),
+        (Some(requested), None) => Err(WeightsError::WrongModel {
+            path: path.to_path_buf(),
+            requested,
+            found: format!("neither model (first keys: {})", sample_keys(tensors)),
+        }),
+        (None, None) => Err(WeightsError::NotMidas {
+            path: path.to_path_buf(),
+            sample: sample_keys(tensors),
+        }),
+    }
+}
+
+/// The network an upstream-layout file holds and where its state dict starts.
+fn recognise_upstream(
+    path: &Path,
+    key_prefix: Option<&str>,
+    requested: Option<ModelKind>,
+    tensors: &[PackTensor],
+) -> Result<(ModelKind, String), WeightsError> {
+    let names = || tensors.iter().map(|t| t.name.as_str());
+    let found: Vec<(ModelKind, String)> = ModelKind::ALL
+        .into_iter()
+        .filter_map(|kind| match key_prefix {
+            Some(prefix) => names()
+                .any(|name| name.strip_prefix(prefix) == Some(layout::anchor_key(kind)))
+                .then(|| (kind, prefix.to_string())),
+            None => layout::detect_prefix(kind, names()).map(|prefix| (kind, prefix)),
+        })
+        .collect();
+    // The requested network if its keys are there, else the first one whose keys are.
+    let recognised = requested
+        .filter(|kind| found.iter().any(|(k, _)| k == kind))
+        .or_else(|| found.first().map(|(kind, _)| *kind));
+    let kind = check_requested(path, requested, recognised, tensors)?;
+    let prefix = found
+        .into_iter()
+        .find(|(k, _)| *k == kind)
+        .map(|(_, prefix)| prefix)
+        .unwrap_or_default();
+    Ok((kind, prefix))
 }
 
 /// Reads every tensor of a store (lazily: data stays on disk until applied).
@@ -343,30 +478,16 @@ fn read_all(mut store: impl ModuleStore) -> Result<Vec<PackTensor>, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Keeps the tensors of the state dict, renamed to Burn's paths; counts what is left out.
+/// Keeps the tensors of the state dict under `prefix`, renamed to Burn's paths; counts what is
+/// left out.
 fn select_state_dict(
-    path: &Path,
     tensors: Vec<PackTensor>,
-    key_prefix: Option<&str>,
+    prefix: &str,
     report: &mut WeightsReport,
-) -> Result<Vec<PackTensor>, WeightsError> {
-    let prefix = match key_prefix {
-        Some(prefix) => prefix.to_string(),
-        None => {
-            layout::detect_prefix(tensors.iter().map(|t| t.name.as_str())).ok_or_else(|| {
-                let mut names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
-                names.sort_unstable();
-                names.truncate(5);
-                WeightsError::NotMidas {
-                    path: path.to_path_buf(),
-                    sample: names.join(", "),
-                }
-            })?
-        }
-    };
+) -> Vec<PackTensor> {
     let mut selected = Vec::with_capacity(tensors.len());
     for mut tensor in tensors {
-        let Some(key) = tensor.name.strip_prefix(&prefix) else {
+        let Some(key) = tensor.name.strip_prefix(prefix) else {
             report.outside_state_dict += 1;
             continue;
         };
@@ -377,8 +498,8 @@ fn select_state_dict(
         tensor.name = layout::to_burn(key);
         selected.push(tensor);
     }
-    report.prefix_stripped = (!prefix.is_empty()).then_some(prefix);
-    Ok(selected)
+    report.prefix_stripped = (!prefix.is_empty()).then(|| prefix.to_string());
+    selected
 }
 
 /// The upstream key a Burn path is loaded from, for error messages about upstream files.
@@ -404,22 +525,28 @@ fn mismatch(result: &ApplyResult, name: impl Fn(&str) -> String) -> MismatchDeta
 
 /// Writes the model's parameters as a burnpack (Burn's native format: parameter names as the
 /// model uses them, so loading needs no remapping), refusing to replace an existing file.
+///
+/// DPT's ResNet weights are written standardised: loading the burnpack needs no conversion.
 pub fn save_burnpack(
-    model: &MidasSmall,
+    network: &Network,
     path: &Path,
     metadata: &[(&str, &str)],
 ) -> Result<(), WeightsError> {
-    let mut store = BurnpackStore::from_file(path).auto_extension(false);
+    let mut store = BurnpackStore::from_file(path)
+        .auto_extension(false)
+        .metadata("model", network.kind().name());
     for (key, value) in metadata {
         store = store.metadata(*key, *value);
     }
-    model
-        .save_into(&mut store)
-        .map_err(|e| WeightsError::Corrupt {
-            path: path.to_path_buf(),
-            format: WeightsFormat::Burnpack,
-            message: e.to_string(),
-        })
+    match network {
+        Network::MidasSmall(model) => model.save_into(&mut store),
+        Network::DptHybrid(model) => model.save_into(&mut store),
+    }
+    .map_err(|e| WeightsError::Corrupt {
+        path: path.to_path_buf(),
+        format: WeightsFormat::Burnpack,
+        message: e.to_string(),
+    })
 }
 
 /// sha256 of a file, lowercase hex.

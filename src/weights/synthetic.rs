@@ -11,7 +11,7 @@ use burn::store::ModuleSnapshot;
 use burn::store::burn_pack::{Bytes, DType, Tensor as PackTensor};
 
 use super::layout;
-use crate::model::MidasSmall;
+use crate::model::Network;
 
 const FNV_OFFSET: u64 = 0xCBF2_9CE4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01B3;
@@ -54,6 +54,8 @@ pub enum Role {
     BnRunningMean,
     /// BatchNorm running variance: 0.75 ± 0.25.
     BnRunningVar,
+    /// DPT's class token and position embedding: within ±0.1.
+    Embedding,
 }
 
 /// The synthetic values of the tensor with upstream key `key`.
@@ -69,7 +71,7 @@ pub fn values(key: &str, shape: &[usize], role: Role) -> Vec<f32> {
         }
         Role::ConvBias => u.iter().map(|v| v * 0.05).collect(),
         Role::BnWeight => affine(1.0, 0.1),
-        Role::BnBias | Role::BnRunningMean => u.iter().map(|v| v * 0.1).collect(),
+        Role::BnBias | Role::BnRunningMean | Role::Embedding => u.iter().map(|v| v * 0.1).collect(),
         Role::BnRunningVar => affine(0.75, 0.25),
     }
 }
@@ -82,7 +84,8 @@ pub fn network_input(width: usize, height: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The upstream key and role of a Burn parameter path.
+/// The upstream key and role of a Burn parameter path (normalisation layers' `gamma`/`beta`
+/// are upstream's `weight`/`bias`; Burn's BatchNorm and GroupNorm/LayerNorm share the names).
 fn upstream_key_and_role(burn_path: &str, rank: usize) -> (String, Role) {
     let upstream = layout::to_upstream(burn_path);
     let (parent, leaf) = upstream.rsplit_once('.').unwrap_or(("", &upstream));
@@ -91,33 +94,35 @@ fn upstream_key_and_role(burn_path: &str, rank: usize) -> (String, Role) {
         "beta" => ("bias", Role::BnBias),
         "running_mean" => (leaf, Role::BnRunningMean),
         "running_var" => (leaf, Role::BnRunningVar),
-        "weight" if rank == 4 => (leaf, Role::ConvWeight),
+        "cls_token" | "pos_embed" => (leaf, Role::Embedding),
+        "weight" if rank >= 2 => (leaf, Role::ConvWeight),
         _ => (leaf, Role::ConvBias),
     };
     (format!("{parent}.{leaf}"), role)
 }
 
-/// Fills every parameter of `model` from the formula, keyed by its upstream name.
-pub fn fill(model: &mut MidasSmall) -> usize {
-    let tensors: Vec<PackTensor> = model
-        .collect(None, None, false)
+/// The synthetic state dict of `kind` in upstream's form: upstream keys, upstream shapes
+/// (Linear weights `[out, in]`), exactly what `scripts/reference/synthetic.py` feeds PyTorch.
+/// `network` only lends its parameter paths and shapes.
+pub fn state_dict(network: &Network) -> Vec<PackTensor> {
+    let snapshots = match network {
+        Network::MidasSmall(model) => model.collect(None, None, false),
+        Network::DptHybrid(model) => model.collect(None, None, false),
+    };
+    snapshots
         .into_iter()
-        .map(|tensor| {
-            let shape = tensor.shape.to_vec();
-            let (key, role) = upstream_key_and_role(&tensor.name, shape.len());
+        .map(|snapshot| {
+            let path = snapshot.name;
+            let mut shape = snapshot.shape.to_vec();
+            // Burn keeps Linear weights as [in, out]; upstream as [out, in].
+            if shape.len() == 2 {
+                shape.swap(0, 1);
+            }
+            let (key, role) = upstream_key_and_role(&path, shape.len());
             let data = values(&key, &shape, role);
-            PackTensor::new(
-                tensor.name,
-                DType::F32,
-                shape,
-                None,
-                Bytes::from_elems(data),
-            )
+            PackTensor::new(key, DType::F32, shape, None, Bytes::from_elems(data))
         })
-        .collect();
-    let count = tensors.len();
-    model.apply(tensors, None, None, false);
-    count
+        .collect()
 }
 
 #[cfg(test)]
@@ -132,6 +137,28 @@ mod tests {
         assert_eq!(fnv1a64("a"), 0xAF63_DC4C_8601_EC8C);
         let mean = values.iter().sum::<f32>() / values.len() as f32;
         assert!(mean.abs() < 0.1, "mean {mean}");
+    }
+
+    #[test]
+    fn dpt_roles() {
+        assert_eq!(
+            upstream_key_and_role("pretrained.model.cls_token", 3),
+            ("pretrained.model.cls_token".to_string(), Role::Embedding)
+        );
+        assert_eq!(
+            upstream_key_and_role("pretrained.model.blocks.0.norm1.gamma", 1),
+            (
+                "pretrained.model.blocks.0.norm1.weight".to_string(),
+                Role::BnWeight
+            )
+        );
+        assert_eq!(
+            upstream_key_and_role("pretrained.reassemble4.readout.weight", 2),
+            (
+                "pretrained.act_postprocess4.0.project.0.weight".to_string(),
+                Role::ConvWeight
+            )
+        );
     }
 
     #[test]

@@ -1,0 +1,81 @@
+//! A model's way from flags to a ready [`Pipeline`]: the backend is started, the weights are
+//! fetched (cached, sha256-pinned), their format detected and their network recognised, then
+//! the parameters are handed to the engine that runs them (packed for the CPU kernels on a CPU
+//! backend). Image handling stays in [`crate::pipeline`]; this module only assembles.
+
+use std::time::Instant;
+
+use crate::backend::{Backend, BackendError};
+use crate::config::ModelArgs;
+use crate::pipeline::{DepthModel, Pipeline, Transform};
+use crate::weights::{self, FetchOptions, WeightsError};
+
+/// Why a model could not be made ready.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The backend did not start.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The weights could not be fetched or loaded.
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+}
+
+/// Starts the backend and loads the weights `args` names (or the untrained model, loudly), to
+/// run with `transform`.
+pub async fn load(args: &ModelArgs, transform: Transform) -> Result<Pipeline, LoadError> {
+    let started = Instant::now();
+    let backend = Backend::init(args.backend)?;
+    match &backend.adapter {
+        Some(adapter) => {
+            tracing::info!(backend = %backend.kind, adapter = ?adapter, "backend ready")
+        }
+        None => tracing::info!(backend = %backend.kind, "backend ready"),
+    }
+    let options = FetchOptions {
+        cache_dir: args.cache_dir(),
+        sha256: args.sha256_pin(),
+    };
+    let (network, report) = weights::load(
+        args.location(),
+        &options,
+        args.key_prefix.as_deref(),
+        args.requested_model(),
+        &backend.device,
+    )
+    .await?;
+    if report.untrained {
+        tracing::warn!(
+            model = %report.model,
+            "NO WEIGHTS GIVEN: running the UNTRAINED deterministic {} model; its depth maps are meaningless. Pass --weights (or MIDAS_WEIGHTS) with a MiDaS checkpoint",
+            report.model
+        );
+    } else {
+        tracing::info!(
+            model = %report.model,
+            source = %report.source,
+            format = ?report.format,
+            sha256 = report.sha256.as_deref().unwrap_or(""),
+            tensors = report.tensors,
+            parameters = report.parameters,
+            prefix_stripped = report.prefix_stripped.as_deref().unwrap_or(""),
+            outside_state_dict = report.outside_state_dict,
+            "weights loaded"
+        );
+    }
+    let packing = Instant::now();
+    let model = DepthModel::new(network, backend.device.clone());
+    tracing::info!(
+        model = %model.kind(),
+        transform = transform.name(),
+        packing_ms = packing.elapsed().as_millis() as u64,
+        total_ms = started.elapsed().as_millis() as u64,
+        "model ready (on CPU: BatchNorm folded, filters packed for the kernels)"
+    );
+    Ok(Pipeline {
+        model,
+        backend,
+        weights: report,
+        transform,
+    })
+}

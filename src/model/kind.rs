@@ -1,0 +1,74 @@
+//! Which network a deployment runs, and the facts about each that the rest of the service needs.
+
+use std::fmt;
+
+use serde::Serialize;
+
+/// The supported networks, named as upstream's `model_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, Serialize)]
+pub enum ModelKind {
+    /// MiDaS v2.1 small: EfficientNet-Lite3 encoder, 256 px, fast.
+    #[value(name = "midas_v21_small_256")]
+    #[serde(rename = "midas_v21_small_256")]
+    MidasV21Small256,
+    /// MiDaS v3.0 DPT-Hybrid: ResNet-50 + ViT-B/16 encoder, 384 px, accurate.
+    #[value(name = "dpt_hybrid_384")]
+    #[serde(rename = "dpt_hybrid_384")]
+    DptHybrid384,
+}
+
+impl ModelKind {
+    /// Every kind, in the order they are tried when recognising weights.
+    pub const ALL: [ModelKind; 2] = [Self::MidasV21Small256, Self::DptHybrid384];
+
+    /// Upstream's name for the model.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MidasV21Small256 => "midas_v21_small_256",
+            Self::DptHybrid384 => "dpt_hybrid_384",
+        }
+    }
+
+    /// A description for people.
+    pub fn description(self) -> &'static str {
+        match self {
+            Self::MidasV21Small256 => {
+                "midas_v21_small_256: MiDaS v2.1 small (EfficientNet-Lite3 encoder, 256 px)"
+            }
+            Self::DptHybrid384 => {
+                "dpt_hybrid_384: MiDaS v3.0 DPT-Hybrid (ResNet-50 + ViT-B/16 encoder, 384 px)"
+            }
+        }
+    }
+
+    /// The side the network was trained at: the longer (small) or the nearer-to-one-scale
+    /// (DPT) side of the input is resized to it.
+    pub fn net_size(self) -> u32 {
+        match self {
+            Self::MidasV21Small256 => 256,
+            Self::DptHybrid384 => 384,
+        }
+    }
+
+    /// Both sides of a network input must be multiples of this.
+    pub fn input_multiple(self) -> usize {
+        match self {
+            Self::MidasV21Small256 => 32,
+            Self::DptHybrid384 => 16,
+        }
+    }
+
+    /// Multiply-accumulates of one forward at the net size, in billions.
+    pub fn gmac(self) -> f64 {
+        match self {
+            Self::MidasV21Small256 => 3.9,
+            Self::DptHybrid384 => 127.6,
+        }
+    }
+}
+
+impl fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}

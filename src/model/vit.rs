@@ -1,0 +1,272 @@
+//! The ViT-B/16 half of DPT-Hybrid's encoder: timm's `VisionTransformer` blocks over the
+//! ResNet's 1/16 features (`vit_base_r50_s16_384`), with MiDaS's `forward_flex` (any input size,
+//! the position embedding resized to the token grid) and its "project" readout reassembly.
+
+use burn::module::Param;
+use burn::nn::conv::Conv2d;
+use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::prelude::*;
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+
+use super::conv2d;
+use super::resnet::ResNetV2;
+
+/// Token width.
+pub const EMBED_DIM: usize = 768;
+
+/// Attention heads (64 features each).
+const HEADS: usize = 12;
+
+/// Transformer blocks.
+const DEPTH: usize = 12;
+
+/// The MLP's hidden width (4x).
+const MLP_DIM: usize = 3072;
+
+/// Side of the position embedding's grid: 384 / 16.
+pub const POS_GRID: usize = 24;
+
+/// Channels of the ResNet features the tokens are projected from.
+const BACKBONE_CHANNELS: usize = 1024;
+
+/// timm's ViT LayerNorm epsilon (`partial(nn.LayerNorm, eps=1e-6)`; PyTorch's default is 1e-5).
+const LN_EPSILON: f64 = 1e-6;
+
+/// The blocks whose outputs MiDaS takes (`hooks=[0, 1, 8, 11]`; the first two are the ResNet's
+/// in the hybrid).
+const HOOKS: [usize; 2] = [8, 11];
+
+fn linear(device: &Device, d_input: usize, d_output: usize) -> Linear {
+    LinearConfig::new(d_input, d_output)
+        .with_initializer(Initializer::Zeros)
+        .init(device)
+}
+
+fn layer_norm(device: &Device) -> LayerNorm {
+    LayerNormConfig::new(EMBED_DIM)
+        .with_epsilon(LN_EPSILON)
+        .init(device)
+}
+
+/// Multi-head self-attention with a fused `qkv` projection (rows `[q | k | v]`).
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub(crate) qkv: Linear,
+    pub(crate) proj: Linear,
+}
+
+impl Attention {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [batch, tokens, _] = x.dims();
+        let head_dim = EMBED_DIM / HEADS;
+        let qkv = self
+            .qkv
+            .forward(x)
+            .reshape([batch, tokens, 3, HEADS, head_dim])
+            .permute([2, 0, 3, 1, 4]);
+        let part = |index: usize| {
+            qkv.clone()
+                .narrow(0, index, 1)
+                .reshape([batch, HEADS, tokens, head_dim])
+        };
+        let (q, k, v) = (part(0), part(1), part(2));
+        let scale = (head_dim as f64).powf(-0.5);
+        let weights = softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale), 3);
+        let out = weights
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([batch, tokens, EMBED_DIM]);
+        self.proj.forward(out)
+    }
+}
+
+/// The block's MLP: fc1, exact (erf) GELU, fc2.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub(crate) fc1: Linear,
+    pub(crate) fc2: Linear,
+}
+
+/// A pre-norm transformer block (no LayerScale, dropout is identity at inference).
+#[derive(Module, Debug)]
+pub struct Block {
+    pub(crate) norm1: LayerNorm,
+    pub(crate) attn: Attention,
+    pub(crate) norm2: LayerNorm,
+    pub(crate) mlp: Mlp,
+}
+
+impl Block {
+    fn new(device: &Device) -> Self {
+        Self {
+            norm1: layer_norm(device),
+            attn: Attention {
+                qkv: linear(device, EMBED_DIM, 3 * EMBED_DIM),
+                proj: linear(device, EMBED_DIM, EMBED_DIM),
+            },
+            norm2: layer_norm(device),
+            mlp: Mlp {
+                fc1: linear(device, EMBED_DIM, MLP_DIM),
+                fc2: linear(device, MLP_DIM, EMBED_DIM),
+            },
+        }
+    }
+
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = x.clone() + self.attn.forward(self.norm1.forward(x));
+        let hidden = gelu(self.mlp.fc1.forward(self.norm2.forward(x.clone())));
+        x + self.mlp.fc2.forward(hidden)
+    }
+}
+
+/// timm's `HybridEmbed`: the ResNet, then a 1x1 projection of its 1/16 features to tokens.
+#[derive(Module, Debug)]
+pub struct HybridEmbed {
+    pub(crate) backbone: ResNetV2,
+    pub(crate) proj: Conv2d,
+}
+
+/// `pretrained.model`: embedding, class token, position embedding and the twelve blocks. The
+/// final LayerNorm and classifier head exist upstream but MiDaS discards their results, so they
+/// are not built (their keys are accepted and dropped).
+#[derive(Module, Debug)]
+pub struct HybridVit {
+    pub(crate) patch_embed: HybridEmbed,
+    pub(crate) cls_token: Param<Tensor<3>>,
+    pub(crate) pos_embed: Param<Tensor<3>>,
+    pub(crate) blocks: Vec<Block>,
+}
+
+/// The tokens of the hooked blocks, and the ResNet features they came with.
+pub struct VitFeatures {
+    /// ResNet stage outputs at 1/4 and 1/8 resolution.
+    pub backbone: [Tensor<4>; 2],
+    /// Outputs of blocks 8 and 11, `[batch, 1 + h * w, 768]`.
+    pub tokens: [Tensor<3>; 2],
+    /// The token grid `(h, w)` = input size / 16.
+    pub grid: (usize, usize),
+}
+
+impl HybridVit {
+    /// Builds the network with zero parameters.
+    pub fn new(device: &Device) -> Self {
+        let zeros = |shape: [usize; 3]| Param::from_tensor(Tensor::zeros(shape, device));
+        Self {
+            patch_embed: HybridEmbed {
+                backbone: ResNetV2::new(device),
+                proj: conv2d(
+                    device,
+                    [BACKBONE_CHANNELS, EMBED_DIM],
+                    1,
+                    1,
+                    1,
+                    PaddingConfig2d::Valid,
+                    true,
+                ),
+            },
+            cls_token: zeros([1, 1, EMBED_DIM]),
+            pos_embed: zeros([1, 1 + POS_GRID * POS_GRID, EMBED_DIM]),
+            blocks: (0..DEPTH).map(|_| Block::new(device)).collect(),
+        }
+    }
+
+    /// The position embedding for an `h x w` token grid: upstream's `_resize_pos_embed`
+    /// (bilinear, corners not aligned), the identity at the trained 24 x 24.
+    fn position_embedding(&self, (h, w): (usize, usize)) -> Tensor<3> {
+        let pos = self.pos_embed.val();
+        if (h, w) == (POS_GRID, POS_GRID) {
+            return pos;
+        }
+        let cls = pos.clone().narrow(1, 0, 1);
+        let grid = pos
+            .narrow(1, 1, POS_GRID * POS_GRID)
+            .reshape([1, POS_GRID, POS_GRID, EMBED_DIM])
+            .permute([0, 3, 1, 2]);
+        let options = InterpolateOptions::new(InterpolateMode::Bilinear)
+            .with_align_corners(false)
+            .with_output_size([h, w]);
+        let grid = interpolate(grid, options)
+            .permute([0, 2, 3, 1])
+            .reshape([1, h * w, EMBED_DIM]);
+        Tensor::cat(vec![cls, grid], 1)
+    }
+
+    /// Runs the backbone and the transformer on a `[batch, 3, H, W]` input.
+    pub fn forward(&self, x: Tensor<4>) -> VitFeatures {
+        let [quarter, eighth, sixteenth] = self.patch_embed.backbone.forward(x);
+        let embedded = self.patch_embed.proj.forward(sixteenth);
+        let [batch, _, h, w] = embedded.dims();
+        let tokens = embedded.flatten::<3>(2, 3).swap_dims(1, 2);
+        let cls = self.cls_token.val().expand([batch, 1, EMBED_DIM]);
+        let mut x = Tensor::cat(vec![cls, tokens], 1) + self.position_embedding((h, w));
+        let mut hooked = Vec::with_capacity(HOOKS.len());
+        for (index, block) in self.blocks.iter().enumerate() {
+            x = block.forward(x);
+            if HOOKS.contains(&index) {
+                hooked.push(x.clone());
+            }
+        }
+        let last = hooked.pop().unwrap_or_else(|| x.clone());
+        let first = hooked.pop().unwrap_or_else(|| x.clone());
+        VitFeatures {
+            backbone: [quarter, eighth],
+            tokens: [first, last],
+            grid: (h, w),
+        }
+    }
+}
+
+/// MiDaS's `act_postprocess` for a transformer level: the "project" readout (each token
+/// concatenated with the class token, in that order, then Linear + GELU), tokens back to a
+/// feature map, a 1x1 convolution and, for the deepest level, a 3x3 stride-2 one.
+#[derive(Module, Debug)]
+pub struct Reassemble {
+    pub(crate) readout: Linear,
+    pub(crate) project: Conv2d,
+    pub(crate) resample: Option<Conv2d>,
+}
+
+impl Reassemble {
+    /// `downsample` adds the stride-2 3x3 convolution (level 4).
+    pub fn new(device: &Device, downsample: bool) -> Self {
+        Self {
+            readout: linear(device, 2 * EMBED_DIM, EMBED_DIM),
+            project: conv2d(
+                device,
+                [EMBED_DIM, EMBED_DIM],
+                1,
+                1,
+                1,
+                PaddingConfig2d::Valid,
+                true,
+            ),
+            resample: downsample.then(|| {
+                conv2d(
+                    device,
+                    [EMBED_DIM, EMBED_DIM],
+                    3,
+                    2,
+                    1,
+                    PaddingConfig2d::Explicit(1, 1, 1, 1),
+                    true,
+                )
+            }),
+        }
+    }
+
+    /// `[batch, 1 + h * w, 768]` tokens to a `[batch, 768, h', w']` feature map.
+    pub fn forward(&self, tokens: Tensor<3>, (h, w): (usize, usize)) -> Tensor<4> {
+        let [batch, count, _] = tokens.dims();
+        let patches = tokens.clone().narrow(1, 1, count - 1);
+        let cls = tokens.narrow(1, 0, 1).expand([batch, count - 1, EMBED_DIM]);
+        let read = gelu(self.readout.forward(Tensor::cat(vec![patches, cls], 2)));
+        let map = read.swap_dims(1, 2).reshape([batch, EMBED_DIM, h, w]);
+        let map = self.project.forward(map);
+        match &self.resample {
+            Some(conv) => conv.forward(map),
+            None => map,
+        }
+    }
+}
