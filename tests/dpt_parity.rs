@@ -71,3 +71,36 @@ fn wgpu_matches_pytorch() {
 fn wgpu_matches_pytorch_full_size() {
     check(BackendKind::Wgpu, &SIZES[2..3], 1e-3);
 }
+
+/// Upstream passes the hooked features through a module-global dict, so concurrent requests in
+/// one process can read each other's; here features live in each call. Four different inputs
+/// run at once, repeatedly, and each must give what it gives alone.
+#[cfg(feature = "flex")]
+#[test]
+fn concurrent_forwards_equal_sequential_ones() {
+    let backend = Backend::init(BackendKind::Flex).expect("backend starts");
+    let (network, _) = weights::untrained(ModelKind::DptHybrid384, &backend.device);
+    let model = DepthModel::new(network, backend.device.clone());
+    let inputs: Vec<Vec<f32>> = (0..4)
+        .map(|index| synthetic::uniform(&format!("concurrent.{index}"), 3 * 64 * 64))
+        .collect();
+    let alone: Vec<Vec<f32>> = inputs
+        .iter()
+        .map(|input| model.forward(input.clone(), 1, 64, 64).unwrap())
+        .collect();
+    for (a, b) in alone.iter().zip(alone.iter().skip(1)) {
+        assert!(max_abs_diff(a, b) > 1e-3, "the inputs must give different outputs");
+    }
+    std::thread::scope(|scope| {
+        for (input, expected) in inputs.iter().zip(&alone) {
+            let model = &model;
+            scope.spawn(move || {
+                for _ in 0..3 {
+                    let output = model.forward(input.clone(), 1, 64, 64).unwrap();
+                    let diff = max_abs_diff(&output, expected);
+                    assert!(diff <= 1e-6, "a concurrent forward differs by {diff}");
+                }
+            });
+        }
+    });
+}

@@ -303,17 +303,33 @@ pub async fn load(
     Ok((model, report))
 }
 
-/// Loads a local weights file of any supported format.
+/// A file's state dict, recognised, selected and renamed to Burn's paths, before it meets a
+/// network. The tensors' data is still on disk: it is read when applied.
+pub struct StateDict {
+    /// The file's format.
+    pub format: WeightsFormat,
+    /// The network the keys are for.
+    pub model: ModelKind,
+    /// The state dict's tensors, named by Burn's parameter paths.
+    pub tensors: Vec<PackTensor>,
+    /// The key prefix that was removed (empty for none).
+    pub prefix: String,
+    /// Upstream keys accepted but not used.
+    pub unused_upstream_keys: usize,
+    /// Tensors outside the state dict (a checkpoint's optimizer state, say), never read.
+    pub outside_state_dict: usize,
+}
+
+/// Reads a weights file's keys and selects its state dict.
 ///
 /// `key_prefix` overrides prefix detection for PyTorch and safetensors files (`Some("")` means
 /// the keys have no prefix); `kind` overrides recognising the network from the keys (an error
-/// if the keys are another network's).
-pub fn load_file(
+/// if the keys are another network's). Given both, they are trusted as they are.
+pub fn read_state_dict(
     path: &Path,
     key_prefix: Option<&str>,
     kind: Option<ModelKind>,
-    device: &Device,
-) -> Result<(Network, WeightsReport), WeightsError> {
+) -> Result<StateDict, WeightsError> {
     let format = WeightsFormat::detect(path)?;
     let corrupt = |message: String| WeightsError::Corrupt {
         path: path.to_path_buf(),
@@ -330,51 +346,89 @@ pub fn load_file(
         WeightsFormat::Burnpack => read_all(BurnpackStore::from_file(path)),
     }
     .map_err(corrupt)?;
-
-    let mut report = WeightsReport {
-        model: ModelKind::MidasV21Small256,
-        source: path.display().to_string(),
-        untrained: false,
-        format: Some(format),
-        sha256: Some(sha256_file(path).map_err(|error| WeightsError::Io {
-            path: path.to_path_buf(),
-            error,
-        })?),
-        tensors: 0,
-        parameters: 0,
-        prefix_stripped: None,
+    if format == WeightsFormat::Burnpack {
+        let model = check_requested(path, kind, recognise_burnpack(&tensors), &tensors)?;
+        return Ok(StateDict {
+            format,
+            model,
+            tensors,
+            prefix: String::new(),
+            unused_upstream_keys: 0,
+            outside_state_dict: 0,
+        });
+    }
+    let (model, prefix) = match (key_prefix, kind) {
+        (Some(prefix), Some(kind)) => (kind, prefix.to_string()),
+        _ => recognise_upstream(path, key_prefix, kind, &tensors)?,
+    };
+    let mut state_dict = StateDict {
+        format,
+        model,
+        tensors: Vec::with_capacity(tensors.len()),
+        prefix,
         unused_upstream_keys: 0,
         outside_state_dict: 0,
     };
+    for mut tensor in tensors {
+        let Some(key) = tensor.name.strip_prefix(&state_dict.prefix) else {
+            state_dict.outside_state_dict += 1;
+            continue;
+        };
+        if layout::is_unused_upstream_key(key) {
+            state_dict.unused_upstream_keys += 1;
+            continue;
+        }
+        tensor.name = layout::to_burn(key);
+        state_dict.tensors.push(tensor);
+    }
+    Ok(state_dict)
+}
 
-    let (network, result, details) = if format == WeightsFormat::Burnpack {
-        let found = recognise_burnpack(&tensors);
-        let model = check_requested(path, kind, found, &tensors)?;
-        let mut network = Network::new(model, device);
+/// Loads a local weights file of any supported format (see [`read_state_dict`] for the
+/// arguments).
+pub fn load_file(
+    path: &Path,
+    key_prefix: Option<&str>,
+    kind: Option<ModelKind>,
+    device: &Device,
+) -> Result<(Network, WeightsReport), WeightsError> {
+    let state_dict = read_state_dict(path, key_prefix, kind)?;
+    let sha256 = sha256_file(path).map_err(|error| WeightsError::Io {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let mut network = Network::new(state_dict.model, device);
+    let (result, details) = if state_dict.format == WeightsFormat::Burnpack {
         let result = match &mut network {
-            Network::MidasSmall(m) => m.apply(tensors, None, None, false),
-            Network::DptHybrid(m) => m.apply(tensors, None, None, false),
+            Network::MidasSmall(m) => m.apply(state_dict.tensors, None, None, false),
+            Network::DptHybrid(m) => m.apply(state_dict.tensors, None, None, false),
         };
         let details = mismatch(&result, |name| name.to_string());
-        (network, result, details)
+        (result, details)
     } else {
-        let (model, prefix) = recognise_upstream(path, key_prefix, kind, &tensors)?;
-        let selected = select_state_dict(tensors, &prefix, &mut report);
-        let mut network = Network::new(model, device);
-        let result = apply_upstream(&mut network, selected);
+        let result = apply_upstream(&mut network, state_dict.tensors);
         let details = mismatch(&result, upstream_name);
-        (network, result, details)
+        (result, details)
     };
     if !details.is_empty() {
         return Err(WeightsError::Mismatch {
             path: path.to_path_buf(),
-            model: network.kind(),
+            model: state_dict.model,
             details,
         });
     }
-    report.model = network.kind();
-    report.tensors = result.applied.len();
-    report.parameters = network.num_params();
+    let report = WeightsReport {
+        model: state_dict.model,
+        source: path.display().to_string(),
+        untrained: false,
+        format: Some(state_dict.format),
+        sha256: Some(sha256),
+        tensors: result.applied.len(),
+        parameters: network.num_params(),
+        prefix_stripped: (!state_dict.prefix.is_empty()).then_some(state_dict.prefix),
+        unused_upstream_keys: state_dict.unused_upstream_keys,
+        outside_state_dict: state_dict.outside_state_dict,
+    };
     Ok((network, report))
 }
 
@@ -405,10 +459,14 @@ fn recognise_burnpack(tensors: &[PackTensor]) -> Option<ModelKind> {
     })
 }
 
-/// A few of the keys, sorted, for error messages.
+/// A few of the keys, for error messages: parameter-like keys (`.weight`, `.bias`) first, as
+/// they show where a state dict sits; a checkpoint's other entries (callbacks, loops) after.
 fn sample_keys(tensors: &[PackTensor]) -> String {
     let mut names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
-    names.sort_unstable();
+    names.sort_unstable_by_key(|name| {
+        let parameter = name.ends_with(".weight") || name.ends_with(".bias");
+        (!parameter, *name)
+    });
     names.truncate(5);
     names.join(", ")
 }
@@ -476,30 +534,6 @@ fn read_all(mut store: impl ModuleStore) -> Result<Vec<PackTensor>, String> {
         .get_all_tensors()
         .map(|all| all.values().cloned().collect())
         .map_err(|e| e.to_string())
-}
-
-/// Keeps the tensors of the state dict under `prefix`, renamed to Burn's paths; counts what is
-/// left out.
-fn select_state_dict(
-    tensors: Vec<PackTensor>,
-    prefix: &str,
-    report: &mut WeightsReport,
-) -> Vec<PackTensor> {
-    let mut selected = Vec::with_capacity(tensors.len());
-    for mut tensor in tensors {
-        let Some(key) = tensor.name.strip_prefix(prefix) else {
-            report.outside_state_dict += 1;
-            continue;
-        };
-        if layout::is_unused_upstream_key(key) {
-            report.unused_upstream_keys += 1;
-            continue;
-        }
-        tensor.name = layout::to_burn(key);
-        selected.push(tensor);
-    }
-    report.prefix_stripped = (!prefix.is_empty()).then(|| prefix.to_string());
-    selected
 }
 
 /// The upstream key a Burn path is loaded from, for error messages about upstream files.

@@ -1,7 +1,8 @@
-//! Writes the synthetic weights in upstream MiDaS's full key layout (every key of
-//! `tests/fixtures/upstream_layout.tsv`, which `scripts/reference/make_fixtures.py` dumped from
-//! the real upstream model) as real PyTorch and safetensors files, so that the loaders are
-//! exercised on the formats users bring.
+//! Writes the synthetic weights in upstream MiDaS's full key layouts (every key of
+//! `tests/fixtures/upstream_layout.tsv` for MiDaS small and `tests/fixtures/dpt_layout.tsv` for
+//! DPT-Hybrid, which `scripts/reference/{make_fixtures,dpt}.py` dumped from the real upstream
+//! models) as real PyTorch and safetensors files, so that the loaders are exercised on the
+//! formats users bring.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -20,15 +21,25 @@ pub struct Entry {
     pub shape: Vec<usize>,
 }
 
-/// Upstream's layout, in its order (found from the root crate's and `model-import`'s tests).
+/// Upstream MiDaS small's layout, in its order.
 pub fn upstream_layout() -> Vec<Entry> {
+    layout("upstream_layout.tsv")
+}
+
+/// Upstream DPT-Hybrid's layout, in its order.
+pub fn dpt_layout() -> Vec<Entry> {
+    layout("dpt_layout.tsv")
+}
+
+/// A layout fixture (found from the root crate's and `model-import`'s tests).
+fn layout(name: &str) -> Vec<Entry> {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let root = if manifest.join("tests/fixtures").is_dir() {
         manifest
     } else {
         manifest.parent().unwrap()
     };
-    std::fs::read_to_string(root.join("tests/fixtures/upstream_layout.tsv"))
+    std::fs::read_to_string(root.join("tests/fixtures").join(name))
         .expect("layout fixture")
         .lines()
         .map(|line| {
@@ -98,6 +109,46 @@ pub fn synthetic_state_dict(prefix: &str) -> Vec<Tensor> {
                 shape: entry.shape.clone(),
                 bytes,
             }
+        })
+        .collect()
+}
+
+/// The role of a DPT-Hybrid key, as `scripts/reference/synthetic.py`'s `dpt_kind_of` decides it.
+fn dpt_role(key: &str, rank: usize) -> Role {
+    let (parent, leaf) = key.rsplit_once('.').unwrap();
+    let parent_leaf = parent.rsplit('.').next().unwrap_or(parent);
+    if leaf == "cls_token" || leaf == "pos_embed" {
+        Role::Embedding
+    } else if parent_leaf.starts_with("norm") {
+        if leaf == "weight" {
+            Role::BnWeight
+        } else {
+            Role::BnBias
+        }
+    } else if leaf == "weight" && rank >= 2 {
+        Role::ConvWeight
+    } else {
+        Role::ConvBias
+    }
+}
+
+/// The synthetic DPT-Hybrid state dict in upstream's layout (all 368 keys, the 8 the forward
+/// never uses included), every key prefixed by `prefix`.
+pub fn synthetic_dpt_state_dict(prefix: &str) -> Vec<Tensor> {
+    dpt_layout()
+        .iter()
+        .map(|entry| Tensor {
+            key: format!("{prefix}{}", entry.key),
+            dtype: entry.dtype.clone(),
+            shape: entry.shape.clone(),
+            bytes: synthetic::values(
+                &entry.key,
+                &entry.shape,
+                dpt_role(&entry.key, entry.shape.len()),
+            )
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
         })
         .collect()
 }
