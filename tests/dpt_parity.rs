@@ -89,7 +89,10 @@ fn concurrent_forwards_equal_sequential_ones() {
         .map(|input| model.forward(input.clone(), 1, 64, 64).unwrap())
         .collect();
     for (a, b) in alone.iter().zip(alone.iter().skip(1)) {
-        assert!(max_abs_diff(a, b) > 1e-3, "the inputs must give different outputs");
+        assert!(
+            max_abs_diff(a, b) > 1e-3,
+            "the inputs must give different outputs"
+        );
     }
     std::thread::scope(|scope| {
         for (input, expected) in inputs.iter().zip(&alone) {

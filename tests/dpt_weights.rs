@@ -103,10 +103,7 @@ fn every_format_loads_the_same_network() {
         ]),
     );
     let report = assert_loads(&lightning, &expected);
-    assert_eq!(
-        report.prefix_stripped.as_deref(),
-        Some("state_dict.model.")
-    );
+    assert_eq!(report.prefix_stripped.as_deref(), Some("state_dict.model."));
     assert_eq!(report.outside_state_dict, 2);
 
     let safetensors = dir.path().join("dpt.safetensors");

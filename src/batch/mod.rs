@@ -487,11 +487,8 @@ impl Stages {
         let limits = self.limits;
         let (kind, transform) = (self.pipeline.model.kind(), self.pipeline.transform);
         let decoded = tokio::task::spawn_blocking(move || {
-            let image = decode_checked(&bytes, &header, &limits)
-                .map_err(|error| (error.code(), error.to_string()))?;
-            let input = preprocess(&image, kind, transform)
-                .map_err(|error| ("internal", error.to_string()))?;
-            Ok::<_, (&str, String)>((input, image.dimensions()))
+            let image = decode_checked(&bytes, &header, &limits)?;
+            Ok::<_, DecodeError>((preprocess(&image, kind, transform), image.dimensions()))
         })
         .await;
         match decoded {
@@ -504,7 +501,7 @@ impl Stages {
                 item.record.timings.decode_ms = millis(started);
                 Ok(item)
             }
-            Ok(Err((code, message))) => Err(self.end(item, Status::Failed, code, message)),
+            Ok(Err(error)) => Err(self.end(item, Status::Failed, error.code(), error.to_string())),
             Err(panic) => Err(self.end(item, Status::Transient, "internal", panic.to_string())),
         }
     }

@@ -120,9 +120,6 @@ pub enum PredictError {
     /// The image could not be decoded.
     #[error(transparent)]
     Decode(#[from] DecodeError),
-    /// The image could not be resized to the network's input.
-    #[error(transparent)]
-    Preprocess(#[from] ResizeError),
     /// The forward pass failed.
     #[error(transparent)]
     Inference(#[from] InferenceError),
@@ -147,7 +144,7 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// The network input for a decoded image.
-    pub fn preprocess(&self, image: &RgbImage) -> Result<NetInput, ResizeError> {
+    pub fn preprocess(&self, image: &RgbImage) -> NetInput {
         preprocess(image, self.model.kind(), self.transform)
     }
 
@@ -160,7 +157,7 @@ impl Pipeline {
     ) -> Result<EncodedChunks, PredictError> {
         let image = decode(bytes, limits)?;
         let original = image.dimensions();
-        let depth = self.model.predict(self.preprocess(&image)?)?;
+        let depth = self.model.predict(self.preprocess(&image))?;
         Ok(render(&depth, original, options)?)
     }
 }

@@ -27,13 +27,6 @@ pub struct ResizeError {
     message: String,
 }
 
-impl ResizeError {
-    /// A failure to resize `from` (width, height) to `to`.
-    pub(super) fn new(from: (usize, usize), to: (u32, u32), message: String) -> Self {
-        Self { from, to, message }
-    }
-}
-
 /// Colour-table indices: `trunc(d / max(d) * 256)` clamped to 255, matplotlib's rule for floats
 /// in [0, 1]. An all-zero (or non-finite) map paints index 0 everywhere.
 pub fn colour_indices(depth: &[f32]) -> impl Iterator<Item = usize> + '_ {

@@ -8,11 +8,8 @@
 //! torchvision's `Resize((net, net))` on a PIL image (Pillow's antialiased bilinear, in 8 bits,
 //! aspect ratio not kept) and `ToTensor()` (/255, no normalisation).
 
-use fast_image_resize::images::{Image, ImageRef};
-use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::RgbImage;
 
-use super::ResizeError;
 use crate::model::ModelKind;
 
 /// MiDaS small's input side (its longer side, with `upper_bound` sizing).
@@ -164,51 +161,147 @@ fn taps(src: usize, dst: usize) -> Vec<([usize; 4], [f32; 4])> {
 }
 
 /// The network input for an image under `transform`, laid out channel-major.
-pub fn preprocess(
-    image: &RgbImage,
-    kind: ModelKind,
-    transform: Transform,
-) -> Result<NetInput, ResizeError> {
+pub fn preprocess(image: &RgbImage, kind: ModelKind, transform: Transform) -> NetInput {
     match transform {
-        Transform::Upstream => Ok(upstream(image, kind)),
+        Transform::Upstream => upstream(image, kind),
         Transform::Squash => squash(image, kind.net_size()),
     }
 }
 
-/// The replaced service's transform: Pillow-compatible antialiased bilinear to `side x side`
-/// in 8 bits (fast_image_resize's convolution follows Pillow's fixed-point arithmetic), then
-/// /255 per channel.
-fn squash(image: &RgbImage, side: u32) -> Result<NetInput, ResizeError> {
-    let from = (image.width() as usize, image.height() as usize);
-    let error = |message: String| ResizeError::new(from, (side, side), message);
-    let src = ImageRef::new(
-        image.width(),
-        image.height(),
-        image.as_raw(),
-        PixelType::U8x3,
-    )
-    .map_err(|e| error(e.to_string()))?;
-    let mut dst = Image::new(side, side, PixelType::U8x3);
-    Resizer::new()
-        .resize(
-            &src,
-            &mut dst,
-            &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)),
-        )
-        .map_err(|e| error(e.to_string()))?;
+/// The replaced service's transform: Pillow's antialiased bilinear to `side x side` in 8 bits,
+/// then /255 per channel.
+fn squash(image: &RgbImage, side: u32) -> NetInput {
+    let resized = pillow_bilinear(image, side as usize, side as usize);
     let side = side as usize;
     let plane = side * side;
     let mut data = vec![0f32; 3 * plane];
-    for (index, pixel) in dst.buffer().chunks_exact(3).enumerate() {
+    for (index, pixel) in resized.chunks_exact(3).enumerate() {
         for (c, &value) in pixel.iter().enumerate() {
             data[c * plane + index] = f32::from(value) / 255.0;
         }
     }
-    Ok(NetInput {
+    NetInput {
         width: side,
         height: side,
         data,
-    })
+    }
+}
+
+/// Fixed-point fraction bits of Pillow's 8-bit resampling (`PRECISION_BITS` = 32 - 8 - 2).
+const PILLOW_PRECISION: u32 = 22;
+
+/// One output coordinate's first source index and fixed-point weights.
+struct PillowTaps {
+    first: usize,
+    weights: Vec<i32>,
+}
+
+/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for the bilinear (triangle) filter:
+/// the support widens with the downscale factor (antialiasing), weights are normalised in
+/// double precision, then rounded to 22-bit fixed point.
+fn pillow_taps(input: usize, output: usize) -> Vec<PillowTaps> {
+    let scale = input as f64 / output as f64;
+    let filter_scale = scale.max(1.0);
+    let support = filter_scale;
+    (0..output)
+        .map(|o| {
+            let center = (o as f64 + 0.5) * scale;
+            // C's (int) cast: truncation toward zero, then clamped to the image.
+            let first = ((center - support + 0.5) as i64).max(0) as usize;
+            let last = ((center + support + 0.5) as i64).min(input as i64) as usize;
+            let raw: Vec<f64> = (first..last)
+                .map(|x| {
+                    let t = ((x as f64 - center + 0.5) / filter_scale).abs();
+                    if t < 1.0 { 1.0 - t } else { 0.0 }
+                })
+                .collect();
+            let total: f64 = raw.iter().sum();
+            let one = f64::from(1u32 << PILLOW_PRECISION);
+            let weights = raw
+                .iter()
+                .map(|&w| {
+                    let w = if total != 0.0 { w / total } else { w };
+                    if w < 0.0 {
+                        (-0.5 + w * one) as i32
+                    } else {
+                        (0.5 + w * one) as i32
+                    }
+                })
+                .collect();
+            PillowTaps { first, weights }
+        })
+        .collect()
+}
+
+/// Pillow's `clip8`: the fixed-point sum back to a byte.
+fn pillow_clip(sum: i64) -> u8 {
+    (sum >> PILLOW_PRECISION).clamp(0, 255) as u8
+}
+
+/// One separable pass of Pillow's 8-bit resampling over an interleaved RGB buffer of
+/// `lines` lines: along each line (`along_rows`: resample each row's pixels; otherwise resample
+/// each column's), writing bytes rounded as Pillow's `clip8` does.
+fn pillow_pass(
+    source: &[u8],
+    (width, height): (usize, usize),
+    taps: &[PillowTaps],
+    along_rows: bool,
+) -> Vec<u8> {
+    let half = 1i64 << (PILLOW_PRECISION - 1);
+    let (out_w, out_h) = if along_rows {
+        (taps.len(), height)
+    } else {
+        (width, taps.len())
+    };
+    let mut out = vec![0u8; out_w * out_h * 3];
+    for y in 0..out_h {
+        for x in 0..out_w {
+            let (tap, fixed) = if along_rows {
+                (&taps[x], y)
+            } else {
+                (&taps[y], x)
+            };
+            for c in 0..3 {
+                let sum = tap.weights.iter().enumerate().fold(half, |sum, (k, &w)| {
+                    let index = if along_rows {
+                        (fixed * width + tap.first + k) * 3 + c
+                    } else {
+                        ((tap.first + k) * width + fixed) * 3 + c
+                    };
+                    sum + i64::from(source[index]) * i64::from(w)
+                });
+                out[(y * out_w + x) * 3 + c] = pillow_clip(sum);
+            }
+        }
+    }
+    out
+}
+
+/// `Image.resize((width, height), Image.BILINEAR)` on an RGB image, bit for bit, as Pillow 13
+/// computes it (`ImagingResampleInner`): two separable passes rounded to bytes in between, the
+/// horizontal one first unless the height shrinks markedly more than the width (then the
+/// vertical one first, which changes the rounding). The horizontal-first pass reads only the
+/// source rows the vertical pass needs. fast_image_resize's convolution uses coarser fixed-point
+/// weights and differs by one level on about a sixth of the values, which the network then
+/// amplifies; the replaced service's weights were served with Pillow's.
+fn pillow_bilinear(image: &RgbImage, width: usize, height: usize) -> Vec<u8> {
+    let (src_w, src_h) = (image.width() as usize, image.height() as usize);
+    let columns = pillow_taps(src_w, width);
+    let mut rows = pillow_taps(src_h, height);
+    let (x_scale, y_scale) = (src_w as f64 / width as f64, src_h as f64 / height as f64);
+    let vertical_first = height < src_h && 2.0 * x_scale < y_scale + 1.0;
+    if vertical_first {
+        let tall = pillow_pass(image.as_raw(), (src_w, src_h), &rows, false);
+        return pillow_pass(&tall, (src_w, height), &columns, true);
+    }
+    let first_row = rows.first().map_or(0, |taps| taps.first);
+    let end_row = rows
+        .last()
+        .map_or(0, |taps| taps.first + taps.weights.len());
+    let band = &image.as_raw()[first_row * src_w * 3..end_row * src_w * 3];
+    let wide = pillow_pass(band, (src_w, end_row - first_row), &columns, true);
+    rows.iter_mut().for_each(|taps| taps.first -= first_row);
+    pillow_pass(&wide, (width, end_row - first_row), &rows, false)
 }
 
 /// The upstream transform: resizes to [`target_size`] with OpenCV-style bicubic interpolation

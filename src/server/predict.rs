@@ -176,7 +176,7 @@ async fn decode(
     let (kind, transform) = (state.model.kind, state.model.transform);
     let input = tokio::task::spawn_blocking(move || -> Result<NetInput, ApiError> {
         let image = pipeline::decode_checked(&bytes, &header, &limits)?;
-        pipeline::preprocess(&image, kind, transform).map_err(|e| ApiError::Internal(e.to_string()))
+        Ok(pipeline::preprocess(&image, kind, transform))
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
