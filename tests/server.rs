@@ -19,6 +19,11 @@ fn image(name: &str) -> Vec<u8> {
 
 /// What `midas-serve predict` writes for `name`, in `format`.
 fn cli_prediction(name: &str, format: &str, colormap: &str) -> Vec<u8> {
+    cli_prediction_with(name, format, colormap, &[])
+}
+
+/// What `midas-serve predict EXTRA` writes for `name`, in `format`.
+fn cli_prediction_with(name: &str, format: &str, colormap: &str, extra: &[&str]) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let status = Command::new(env!("CARGO_BIN_EXE_midas-serve"))
         .args([
@@ -30,6 +35,7 @@ fn cli_prediction(name: &str, format: &str, colormap: &str) -> Vec<u8> {
             "--colormap",
             colormap,
         ])
+        .args(extra)
         .arg(fixture(&format!("images/{name}")))
         .stderr(std::process::Stdio::null())
         .status()
@@ -304,6 +310,55 @@ fn pages_health_readiness_and_metrics() {
             .contains("forward;dur=")
     );
     assert_eq!(entry["request_id"].as_str().unwrap().len(), 41);
+}
+
+/// DPT-Hybrid served as the replaced service served it: its own transform, viridis by default.
+/// The model shows on the page, in `/readyz` and in `/metrics`; a request naming no colour map
+/// gets the deployment's default, byte for byte what `predict` writes with the same flags.
+#[test]
+fn dpt_hybrid_with_the_replaced_service_defaults() {
+    let store = tempfile::tempdir().unwrap();
+    let model = ["--model", "dpt_hybrid_384", "--transform", "squash"];
+    let mut flags = model.to_vec();
+    flags.extend(["--default-colormap", "viridis"]);
+    let server = start(store.path(), &flags);
+    let html = reqwest::blocking::get(server.url("/"))
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        html.contains("dpt_hybrid_384: MiDaS v3.0 DPT-Hybrid"),
+        "{html}"
+    );
+    assert!(html.contains("<option selected>viridis</option>"), "{html}");
+    let ready: serde_json::Value = reqwest::blocking::get(server.url("/readyz"))
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(ready["model"], "dpt_hybrid_384");
+    assert_eq!(ready["transform"], "squash");
+    let metrics = reqwest::blocking::get(server.url("/metrics"))
+        .unwrap()
+        .text()
+        .unwrap();
+    let info = "midas_model_info{model=\"dpt_hybrid_384\",backend=\"flex\",transform=\"squash\",untrained=\"true\"} 1";
+    assert!(metrics.contains(info), "missing {info} in\n{metrics}");
+
+    let name = "chelsea_small.png";
+    let response = predict(&server, name, &image(name), "");
+    assert_eq!(
+        response.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    assert_eq!(
+        response.body,
+        cli_prediction_with(name, "png", "viridis", &model),
+        "the server's default colour map must be viridis"
+    );
+    let inferno = cli_prediction_with(name, "png", "inferno", &model);
+    assert_ne!(response.body, inferno);
 }
 
 #[test]

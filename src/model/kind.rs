@@ -58,6 +58,17 @@ impl ModelKind {
         }
     }
 
+    /// Bytes a forward pass holds beyond the weights, per input pixel (activations and the
+    /// kernels' working buffers), measured as peak RSS of `midas-serve forward` over sizes from
+    /// 64x64 to the largest input (DPT: 1.24-1.32 KiB per pixel from 384x384 to 1536x384;
+    /// MiDaS small: about 80 bytes), rounded up.
+    pub fn forward_bytes_per_pixel(self) -> u64 {
+        match self {
+            Self::MidasV21Small256 => 128,
+            Self::DptHybrid384 => 1400,
+        }
+    }
+
     /// Multiply-accumulates of one forward at the net size, in billions.
     pub fn gmac(self) -> f64 {
         match self {

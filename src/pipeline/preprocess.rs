@@ -126,6 +126,17 @@ pub fn input_size(
     }
 }
 
+/// The most pixels a network input can have under `transform`: what sizes the forward pass's
+/// memory. MiDaS small's upstream inputs fit in 256x256; DPT's are 384 on one side and at most
+/// [`MINIMAL_CAP`] times that on the other.
+pub fn max_input_pixels(kind: ModelKind, transform: Transform) -> u64 {
+    let net = u64::from(kind.net_size());
+    match (transform, kind) {
+        (Transform::Squash, _) | (Transform::Upstream, ModelKind::MidasV21Small256) => net * net,
+        (Transform::Upstream, ModelKind::DptHybrid384) => net * net * u64::from(MINIMAL_CAP),
+    }
+}
+
 /// Per-channel `(mean, std)` of the upstream transform's `NormalizeImage`.
 fn normalisation(kind: ModelKind) -> ([f32; 3], [f32; 3]) {
     match kind {

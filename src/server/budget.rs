@@ -80,11 +80,14 @@ impl MemoryBudget {
 }
 
 /// The budget when `--memory-budget` is not given: the cgroup's memory limit less what the
-/// process already holds (`resident`: the model after warm-up) and a reserve, or 1 GiB where
-/// no limit is set.
-pub fn default_bytes(resident: u64) -> u64 {
+/// process already holds (`resident`: the model after warm-up), what the largest forward pass
+/// adds (`forward`) and a reserve, or 1 GiB where no limit is set.
+pub fn default_bytes(resident: u64, forward: u64) -> u64 {
     match cgroup_limit() {
-        Some(limit) => limit.saturating_sub(resident).saturating_sub(RESERVE_BYTES),
+        Some(limit) => limit
+            .saturating_sub(resident)
+            .saturating_sub(forward)
+            .saturating_sub(RESERVE_BYTES),
         None => UNLIMITED_DEFAULT_BYTES,
     }
 }

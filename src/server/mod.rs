@@ -168,7 +168,7 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
     })?;
     let page = page::render(&model, &store, &config);
     let workers = std::thread::available_parallelism().map_or(2, usize::from);
-    let budget = memory_budget(&config)?;
+    let budget = memory_budget(&config, &model)?;
     let state = Arc::new(AppState {
         store,
         queue,
@@ -191,13 +191,16 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
 }
 
 /// The memory budget: `--memory-budget`, or derived from the container's limit less what the
-/// process holds now (the model, warmed up). The largest image the limits allow, and the
-/// largest body, must each fit in it, or no request of that size could ever run.
-fn memory_budget(config: &ServeArgs) -> Result<MemoryBudget, ServerError> {
+/// process holds now (the model, warmed up) and what its largest forward pass adds. The
+/// largest image the limits allow, and the largest body, must each fit in it, or no request of
+/// that size could ever run.
+fn memory_budget(config: &ServeArgs, model: &ModelInfo) -> Result<MemoryBudget, ServerError> {
     let resident = budget::resident_bytes();
+    let forward = model.kind.forward_bytes_per_pixel()
+        * crate::pipeline::max_input_pixels(model.kind, model.transform);
     let bytes = match config.memory_budget {
         Some(mib) => mib << 20,
-        None => budget::default_bytes(resident),
+        None => budget::default_bytes(resident, forward),
     };
     let budget = MemoryBudget::new(bytes, config.memory_wait());
     // Rendering holds a band of rows, at most one row of the widest image the limit allows.
@@ -219,13 +222,16 @@ fn memory_budget(config: &ServeArgs) -> Result<MemoryBudget, ServerError> {
     tracing::info!(
         budget_mib = budget.total() >> 20,
         resident_mib = resident >> 20,
+        forward_reserve_mib = forward >> 20,
         "memory budget for request bodies and pixels"
     );
     Ok(budget)
 }
 
-/// One full prediction on a synthetic 640x480 image, so the first request does not pay for
-/// lazy initialisation (thread pools, allocations, shader compilation on wgpu).
+/// Every step of a prediction once, so the first request does not pay for lazy
+/// initialisation (thread pools, the kernels' buffers, shader compilation on wgpu): a 640x480
+/// image decoded and pre-processed, a forward pass at the smallest input (DPT-Hybrid's full-size
+/// pass would hold readiness back by seconds), its output rendered at 640x480.
 fn warm_up(pipeline: &Pipeline, limits: &DecodeLimits) -> Result<(), ServerError> {
     let started = Instant::now();
     let image = image::RgbImage::from_fn(640, 480, |x, y| {
@@ -235,8 +241,19 @@ fn warm_up(pipeline: &Pipeline, limits: &DecodeLimits) -> Result<(), ServerError
     image
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .map_err(|e| ServerError::WarmUp(e.to_string()))?;
-    let chunks = pipeline
-        .predict(&png, limits, RenderOptions::default())
+    let decoded =
+        crate::pipeline::decode(&png, limits).map_err(|e| ServerError::WarmUp(e.to_string()))?;
+    pipeline.preprocess(&decoded);
+    let side = 2 * pipeline.model.kind().input_multiple();
+    let depth = pipeline
+        .model
+        .predict(crate::pipeline::NetInput {
+            width: side,
+            height: side,
+            data: vec![0.5; 3 * side * side],
+        })
+        .map_err(|e| ServerError::WarmUp(e.to_string()))?;
+    let chunks = crate::pipeline::render(&depth, (640, 480), RenderOptions::default())
         .map_err(|e| ServerError::WarmUp(e.to_string()))?;
     for chunk in chunks {
         chunk.map_err(|e| ServerError::WarmUp(e.to_string()))?;
