@@ -107,3 +107,30 @@ fn concurrent_forwards_equal_sequential_ones() {
         }
     });
 }
+
+/// DPT's GroupNorm over groups of 73,728 values (the first stage at 384x384) on wgpu against
+/// flex: Burn's own single reduction is wrong there on lavapipe, the model's two-stage one is
+/// not. Cheap enough for CI, unlike a full-size wgpu forward.
+#[cfg(all(feature = "wgpu", feature = "flex"))]
+#[test]
+fn wgpu_group_norm_over_large_groups() {
+    use burn::nn::GroupNormConfig;
+    use burn::prelude::*;
+    use burn::tensor::TensorData;
+    let wgpu = Backend::init(BackendKind::Wgpu)
+        .expect("backend starts")
+        .device;
+    let shape = [1, 256, 96, 96];
+    let values = synthetic::uniform("group-norm", shape.iter().product());
+    let run = |device: &Device| {
+        let norm = GroupNormConfig::new(32, 256).init(device);
+        let input = Tensor::<4>::from_data(TensorData::new(values.clone(), shape), device);
+        midas_serve::model::group_norm(&norm, input)
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap()
+    };
+    let diff = max_abs_diff(&run(&wgpu), &run(&Device::flex()));
+    println!("group norm over 73,728 values: wgpu vs flex max |diff| {diff:.3e}");
+    assert!(diff <= 1e-4, "wgpu group norm differs by {diff}");
+}

@@ -11,7 +11,7 @@ use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 
-use super::scratch::Scratch;
+use super::buffers::WorkBuffer;
 use super::{Activation, Bands, FeatureMap, SharedOut, same, tensor_values};
 
 /// Input and output bytes per band of pixels of a 1x1 convolution: a core's L2 cache.
@@ -304,7 +304,7 @@ pub fn conv_same(input: &FeatureMap, conv: &PackedConv, activation: Activation) 
     let (out_width, _) = same(input.width, conv.kernel, conv.stride);
     let plane = out_height * out_width;
     let out_len = conv.out_channels * plane;
-    let mut col = Scratch::take(conv.depth() * plane);
+    let mut col = WorkBuffer::take(conv.depth() * plane);
     // SAFETY: every image's GEMM writes all its output planes.
     unsafe {
         FeatureMap::filled_by(

@@ -9,8 +9,8 @@ use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 
+use super::buffers::WorkBuffer;
 use super::conv::fold_batch_norm;
-use super::scratch::Scratch;
 use super::{Activation, FeatureMap, SharedOut, same, tensor_values};
 
 /// A depthwise convolution and its BatchNorm, packed.
@@ -86,7 +86,7 @@ pub fn depthwise(input: &FeatureMap, conv: &PackedDepthwise, activation: Activat
         let channel = index % channels;
         let plane = &input.data[index * height * width..(index + 1) * height * width];
         let split = (stride > 1).then(|| {
-            let mut split = Scratch::take(stride * height * phase_width);
+            let mut split = WorkBuffer::take(stride * height * phase_width);
             for (phase, rows) in split.chunks_exact_mut(height * phase_width).enumerate() {
                 let rows = rows.chunks_exact_mut(phase_width);
                 for (target, row) in rows.zip(plane.chunks_exact(width)) {

@@ -11,11 +11,11 @@
 //! [`CpuEncoder`] and [`CpuDecoder`] run MiDaS on these kernels; the Burn modules stay the
 //! network's definition, what the weights load into, and the path used on GPUs.
 
+mod buffers;
 mod conv;
 mod decoder;
 mod depthwise;
 mod encoder;
-mod scratch;
 mod upsample;
 mod winograd;
 

@@ -12,8 +12,8 @@
 use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 
+use super::buffers::WorkBuffer;
 use super::conv::gemm;
-use super::scratch::Scratch;
 use super::{Activation, Bands, FeatureMap, SharedOut, tensor_values};
 
 /// Positions in a transformed 4x4 tile: one GEMM each.
@@ -132,8 +132,8 @@ fn transform_inputs(image: &[f32], band: Band, relu: bool, v: &mut [f32], parall
     let split = tiles_x + 1;
     let channel = |(source, v): (&[f32], &mut [f32])| {
         // Rows 0..4 even columns, rows 0..4 odd columns; then the same after Bᵀ.
-        let mut columns = Scratch::take(8 * split);
-        let mut mixed = Scratch::take(8 * split);
+        let mut columns = WorkBuffer::take(8 * split);
+        let mut mixed = WorkBuffer::take(8 * split);
         for tile_row in band.rows.0..band.rows.1 {
             let (evens, odds) = columns.split_at_mut(4 * split);
             for r in 0..4 {
@@ -222,8 +222,8 @@ fn transform_outputs(m: &[f32], band: Band, epilogue: &Epilogue, parallel: bool)
     let plane = height * width;
     let channel = |(out_channel, m): (usize, &[f32])| {
         // Even and odd columns of the tile row's two output rows, then one interleaved row.
-        let mut halves = Scratch::take(4 * tiles_x);
-        let mut row = Scratch::take(2 * tiles_x);
+        let mut halves = WorkBuffer::take(4 * tiles_x);
+        let mut row = WorkBuffer::take(2 * tiles_x);
         let bias = epilogue.bias[out_channel];
         for tile_row in band.rows.0..band.rows.1 {
             let first_tile = (tile_row - band.rows.0) * tiles_x;
@@ -335,10 +335,10 @@ pub fn winograd3x3(
         };
         let tiles = band.tiles();
         let source = &input.data[image * input.image_len()..(image + 1) * input.image_len()];
-        let mut v = Scratch::take(channels * POSITIONS * tiles);
+        let mut v = WorkBuffer::take(channels * POSITIONS * tiles);
         transform_inputs(source, band, relu_in, &mut v, parallel_inside);
 
-        let mut m = Scratch::take(out_channels * POSITIONS * tiles);
+        let mut m = WorkBuffer::take(out_channels * POSITIONS * tiles);
         let products = SharedOut(m.as_mut_ptr());
         let multiply = |position: usize| {
             let u = &conv.weights[position * out_channels * channels..][..out_channels * channels];

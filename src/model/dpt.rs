@@ -76,41 +76,4 @@ impl DptHybrid {
     pub fn into_parts(self) -> (DptEncoder, Scratch) {
         (self.pretrained, self.scratch)
     }
-
-    /// Replaces every ResNet convolution's weights by their standardisation (timm's
-    /// `StdConv2dSame`, eps 1e-8, biased variance), which upstream recomputes on every forward
-    /// from constant weights. Done once, after weights in upstream's form are loaded.
-    pub fn standardise_backbone(&mut self) {
-        for conv in self.pretrained.model.patch_embed.backbone.convs_mut() {
-            let weight = conv.weight.val();
-            let shape = weight.dims();
-            // Parameters are float32 (the loader casts them), so the conversion cannot fail.
-            let values = weight.into_data().try_into_vec::<f32>().unwrap_or_default();
-            let per_channel = shape[1] * shape[2] * shape[3];
-            let mut out = Vec::with_capacity(values.len());
-            for channel in values.chunks(per_channel.max(1)) {
-                let n = channel.len() as f64;
-                let mean = channel.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-                let var = channel
-                    .iter()
-                    .map(|&v| (f64::from(v) - mean).powi(2))
-                    .sum::<f64>()
-                    / n;
-                let scale = 1.0 / (var + STD_CONV_EPSILON).sqrt();
-                out.extend(
-                    channel
-                        .iter()
-                        .map(|&v| ((f64::from(v) - mean) * scale) as f32),
-                );
-            }
-            let device = conv.weight.val().device();
-            let standardised =
-                Tensor::<4>::from_data(burn::tensor::TensorData::new(out, shape), &device);
-            conv.weight = conv.weight.clone().map(|_| standardised);
-        }
-    }
 }
-
-/// The weight standardisation's epsilon in DPT-Hybrid (`partial(StdConv2dSame, eps=1e-8)` in
-/// timm's `vision_transformer_hybrid`; the class default of 1e-6 would be wrong).
-const STD_CONV_EPSILON: f64 = 1e-8;

@@ -72,7 +72,7 @@ impl ModelKind {
     /// Multiply-accumulates of one forward at the net size, in billions.
     pub fn gmac(self) -> f64 {
         match self {
-            Self::MidasV21Small256 => 3.9,
+            Self::MidasV21Small256 => 4.6,
             Self::DptHybrid384 => 127.6,
         }
     }

@@ -23,6 +23,7 @@ pub use efficientnet::{DepthwiseSeparableConv, EfficientNetLite3, InvertedResidu
 pub use fusion::{DecoderConfig, FeatureFusionBlock, OutputHead, ResidualConvUnit, Scratch};
 pub use kind::ModelKind;
 pub use midas::MidasSmall;
+pub use resnet::group_norm;
 
 use burn::nn::Initializer;
 use burn::nn::PaddingConfig2d;

@@ -28,7 +28,7 @@ const STEM_CHANNELS: usize = 64;
 /// Blocks per stage and the bottleneck width of each; the output is four times the width.
 const STAGES: [(usize, usize); 3] = [(3, 64), (4, 128), (9, 256)];
 
-fn group_norm(device: &Device, channels: usize) -> GroupNorm {
+fn new_group_norm(device: &Device, channels: usize) -> GroupNorm {
     GroupNormConfig::new(GROUPS, channels)
         .with_epsilon(GN_EPSILON)
         .init(device)
@@ -62,7 +62,31 @@ pub struct ConvNorm {
 
 impl ConvNorm {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.norm.forward(self.conv.forward(x))
+        group_norm(&self.norm, self.conv.forward(x))
+    }
+}
+
+/// GroupNorm with its statistics reduced in two stages (over each row, then over the rows of a
+/// group) instead of Burn's one reduction over the whole group. The two give the same mean and
+/// biased variance, but on wgpu (lavapipe seen, Burn 0.22) a single reduction over 65,536 or
+/// more values goes wrong (a 45 % variance error at 73,728), and a group of DPT-Hybrid's first
+/// stage holds 8 x 96 x 96 = 73,728 values at 384x384; a row is at most as long as the input's
+/// width over 2.
+pub fn group_norm(norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
+    let [batch, channels, height, width] = x.dims();
+    let groups = norm.num_groups;
+    let grouped = x.reshape([batch, groups, channels / groups * height, width]);
+    let mean = grouped.clone().mean_dim(3).mean_dim(2);
+    let centred = grouped - mean;
+    let variance = centred.clone().square().mean_dim(3).mean_dim(2);
+    let normalised = (centred / variance.add_scalar(norm.epsilon).sqrt())
+        .reshape([batch, channels, height, width]);
+    match (&norm.gamma, &norm.beta) {
+        (Some(gamma), Some(beta)) => {
+            normalised * gamma.val().reshape([1, channels, 1, 1])
+                + beta.val().reshape([1, channels, 1, 1])
+        }
+        _ => normalised,
     }
 }
 
@@ -85,16 +109,16 @@ impl Bottleneck {
         let out_channels = 4 * width;
         let downsample = (in_channels != out_channels || stride != 1).then(|| ConvNorm {
             conv: std_conv(device, [in_channels, out_channels], 1, stride),
-            norm: group_norm(device, out_channels),
+            norm: new_group_norm(device, out_channels),
         });
         Self {
             downsample,
             conv1: std_conv(device, [in_channels, width], 1, 1),
-            norm1: group_norm(device, width),
+            norm1: new_group_norm(device, width),
             conv2: std_conv(device, [width, width], 3, stride),
-            norm2: group_norm(device, width),
+            norm2: new_group_norm(device, width),
             conv3: std_conv(device, [width, out_channels], 1, 1),
-            norm3: group_norm(device, out_channels),
+            norm3: new_group_norm(device, out_channels),
         }
     }
 
@@ -103,9 +127,9 @@ impl Bottleneck {
             Some(downsample) => downsample.forward(x.clone()),
             None => x.clone(),
         };
-        let y = relu(self.norm1.forward(self.conv1.forward(x)));
-        let y = relu(self.norm2.forward(self.conv2.forward(y)));
-        let y = self.norm3.forward(self.conv3.forward(y));
+        let y = relu(group_norm(&self.norm1, self.conv1.forward(x)));
+        let y = relu(group_norm(&self.norm2, self.conv2.forward(y)));
+        let y = group_norm(&self.norm3, self.conv3.forward(y));
         relu(y + shortcut)
     }
 
@@ -160,7 +184,7 @@ impl ResNetV2 {
         Self {
             stem: ConvNorm {
                 conv: std_conv(device, [3, STEM_CHANNELS], 7, 2),
-                norm: group_norm(device, STEM_CHANNELS),
+                norm: new_group_norm(device, STEM_CHANNELS),
             },
             stages,
         }

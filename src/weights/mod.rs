@@ -12,6 +12,7 @@
 
 mod fetch;
 pub mod layout;
+mod standardise;
 pub mod synthetic;
 
 use std::fmt;
@@ -445,7 +446,7 @@ fn apply_upstream(network: &mut Network, tensors: Vec<PackTensor>) -> ApplyResul
         Network::MidasSmall(model) => model.apply(tensors, None, adapter(), true),
         Network::DptHybrid(model) => {
             let result = model.apply(tensors, None, adapter(), true);
-            model.standardise_backbone();
+            standardise::standardise_backbone(model);
             result
         }
     }

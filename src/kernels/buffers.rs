@@ -13,12 +13,12 @@ thread_local! {
 
 /// A working buffer of `len` values whose contents are left over from earlier use: every value
 /// must be written before it is read.
-pub(super) struct Scratch {
+pub(super) struct WorkBuffer {
     values: Vec<f32>,
     len: usize,
 }
 
-impl Scratch {
+impl WorkBuffer {
     /// Takes a buffer from this thread's free list (or a new one), at least `len` long.
     pub(super) fn take(len: usize) -> Self {
         let mut values = FREE
@@ -31,7 +31,7 @@ impl Scratch {
     }
 }
 
-impl Deref for Scratch {
+impl Deref for WorkBuffer {
     type Target = [f32];
 
     fn deref(&self) -> &[f32] {
@@ -39,13 +39,13 @@ impl Deref for Scratch {
     }
 }
 
-impl DerefMut for Scratch {
+impl DerefMut for WorkBuffer {
     fn deref_mut(&mut self) -> &mut [f32] {
         &mut self.values[..self.len]
     }
 }
 
-impl Drop for Scratch {
+impl Drop for WorkBuffer {
     fn drop(&mut self) {
         let values = std::mem::take(&mut self.values);
         // During thread teardown the list may already be gone; the buffer is then just freed.
