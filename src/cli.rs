@@ -65,7 +65,10 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
     let pipeline = lifecycle::load(&args.model, Transform::Upstream).await?;
     let multiple = pipeline.model.kind().input_multiple();
     ensure!(
-        height >= multiple && width >= multiple && height % multiple == 0 && width % multiple == 0,
+        height >= multiple
+            && width >= multiple
+            && height.is_multiple_of(multiple)
+            && width.is_multiple_of(multiple),
         "{}: H and W must be positive multiples of {multiple} for {}, found {height}x{width}",
         args.input.display(),
         pipeline.model.kind()

@@ -127,7 +127,7 @@ fn wgpu_group_norm_over_large_groups() {
         let input = Tensor::<4>::from_data(TensorData::new(values.clone(), shape), device);
         midas_serve::model::group_norm(&norm, input)
             .into_data()
-            .to_vec::<f32>()
+            .try_to_vec::<f32>()
             .unwrap()
     };
     let diff = max_abs_diff(&run(&wgpu), &run(&Device::flex()));

@@ -94,7 +94,11 @@ impl DepthModel {
         width: usize,
     ) -> Result<Vec<f32>, InferenceError> {
         let multiple = self.kind.input_multiple();
-        if height == 0 || width == 0 || height % multiple != 0 || width % multiple != 0 {
+        if height == 0
+            || width == 0
+            || !height.is_multiple_of(multiple)
+            || !width.is_multiple_of(multiple)
+        {
             return Err(InferenceError(format!(
                 "{} needs input sides that are positive multiples of {multiple}, got {width}x{height}",
                 self.kind
