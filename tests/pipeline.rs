@@ -69,6 +69,36 @@ fn size_rule_matches_upstream() {
     );
 }
 
+/// DPT-Hybrid's `minimal` size rule against upstream's `Resize.get_size`
+/// (`scripts/reference/dpt_transform.py`): the side whose scale is nearer to 1 sets the scale,
+/// NumPy's half-to-even rounding to multiples of 32, no upper bound upstream.
+#[test]
+fn dpt_size_rule_matches_upstream() {
+    let dpt = midas_serve::model::ModelKind::DptHybrid384;
+    let table = std::fs::read_to_string(fixture("dpt_size_rule.tsv")).unwrap();
+    let (mut checked, mut capped) = (0, 0);
+    for line in table.lines() {
+        let v: Vec<u32> = line.split('\t').map(|x| x.parse().unwrap()).collect();
+        let (width, height, expected_w, expected_h) = (v[0], v[1], v[2] as usize, v[3] as usize);
+        let (w, h) = pipeline::target_size(dpt, width, height);
+        if expected_w.max(expected_h) > 1536 {
+            // Beyond 4:1 upstream's input grows without bound; here the longer side is 1536.
+            assert_eq!(w.max(h), 1536, "{width}x{height}");
+            capped += 1;
+            continue;
+        }
+        // Upstream gives a side of 0 (and then fails in OpenCV) for very elongated images;
+        // here that side gets one 32-pixel block.
+        assert_eq!(w, expected_w.max(32), "{width}x{height}");
+        assert_eq!(h, expected_h.max(32), "{width}x{height}");
+        checked += 1;
+    }
+    assert!(
+        checked > 200 && capped > 10,
+        "{checked} checked, {capped} capped"
+    );
+}
+
 #[test]
 fn preprocessing_matches_opencv_cubic_and_normalisation() {
     for stem in ["camera_odd", "chelsea_small"] {

@@ -7,7 +7,9 @@ mod checkpoints;
 use std::process::Command;
 
 use burn::prelude::*;
-use checkpoints::{as_dict, synthetic_state_dict, write_pt, write_safetensors};
+use checkpoints::{
+    Value, as_dict, synthetic_dpt_state_dict, synthetic_state_dict, write_pt, write_safetensors,
+};
 use midas_serve::weights::{self, WeightsFormat};
 
 fn import(args: &[&str]) -> std::process::Output {
@@ -74,6 +76,69 @@ fn converts_pt_and_safetensors_to_a_verified_burnpack() {
         assert!(!again.status.success());
         assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
     }
+}
+
+/// A DPT-Hybrid checkpoint in PyTorch Lightning's layout becomes a burnpack of the used weights
+/// only, standardised, that predicts what the checkpoint predicts; `--model` must agree.
+#[test]
+fn converts_a_dpt_lightning_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("dpt.ckpt");
+    write_pt(
+        &checkpoint,
+        Value::Dict(vec![
+            ("epoch".into(), Value::Int(0)),
+            (
+                "state_dict".into(),
+                as_dict(synthetic_dpt_state_dict("model.")),
+            ),
+            ("lr_schedulers".into(), Value::Dict(vec![])),
+        ]),
+    );
+    let output = dir.path().join("dpt.bpk");
+    let refused = import(&[
+        checkpoint.to_str().unwrap(),
+        "-o",
+        output.to_str().unwrap(),
+        "--model",
+        "midas_v21_small_256",
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("dpt_hybrid_384"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(!output.exists());
+
+    let result = import(&[checkpoint.to_str().unwrap(), "-o", output.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    for line in [
+        "model            dpt_hybrid_384",
+        "prefix stripped  state_dict.model.",
+        "ignored keys     8 unused upstream",
+        "verified",
+    ] {
+        assert!(stdout.contains(line), "{line} missing: {stdout}");
+    }
+    // The burnpack holds the 121.2 M used weights, not the checkpoint's 123.1 M.
+    let size = std::fs::metadata(&output).unwrap().len();
+    assert!((484_000_000..487_000_000).contains(&size), "{size} bytes");
+    let (model, report) = weights::load_file(&output, None, None, &Device::flex()).unwrap();
+    assert_eq!(report.model, midas_serve::model::ModelKind::DptHybrid384);
+    let (untrained, _) =
+        weights::untrained(midas_serve::model::ModelKind::DptHybrid384, &Device::flex());
+    let probe = |m| {
+        midas_serve::pipeline::DepthModel::new(m, Device::flex())
+            .forward(weights::synthetic::network_input(64, 64), 1, 64, 64)
+            .unwrap()
+    };
+    assert_eq!(probe(model), probe(untrained));
 }
 
 #[test]
