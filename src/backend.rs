@@ -91,7 +91,7 @@ pub struct Backend {
 }
 
 /// Why a backend could not be started.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum BackendError {
     /// The binary was built without this backend's Cargo feature.
     #[error(
@@ -146,8 +146,16 @@ impl Backend {
     }
 }
 
+/// wgpu's runtime can be registered once per process, so the first start's outcome is kept and
+/// handed to every later caller (tests and benchmarks start backends repeatedly).
 #[cfg(feature = "wgpu")]
 fn init_wgpu() -> Result<Backend, BackendError> {
+    static STARTED: std::sync::OnceLock<Result<Backend, BackendError>> = std::sync::OnceLock::new();
+    STARTED.get_or_init(start_wgpu).clone()
+}
+
+#[cfg(feature = "wgpu")]
+fn start_wgpu() -> Result<Backend, BackendError> {
     let (device, setup) = Device::wgpu_options()
         .init_with_setup()
         .map_err(|e| BackendError::NoAdapter(e.to_string()))?;
