@@ -12,37 +12,19 @@ use midas_serve::backend::{Backend, BackendKind};
 use midas_serve::model::ModelKind;
 use midas_serve::pipeline::DepthModel;
 use midas_serve::weights::{self, synthetic};
-use support::{fixture, max_abs_diff, read_npy, value_range};
+use support::max_abs_diff;
 
 /// (width, height) of every fixture.
 const SIZES: [(usize, usize); 5] = [(64, 64), (80, 48), (384, 384), (576, 384), (384, 256)];
 
 fn check(kind: BackendKind, sizes: &[(usize, usize)], relative_tolerance: f32) {
-    let backend = Backend::init(kind).expect("backend starts");
-    let (network, _) = weights::untrained(ModelKind::DptHybrid384, &backend.device);
-    let model = DepthModel::new(network, backend.device.clone());
-    for &(width, height) in sizes {
-        let (shape, expected) = read_npy(&fixture(&format!(
-            "forward/dpt_hybrid_{width}x{height}.npy"
-        )));
-        assert_eq!(shape, vec![1, height, width]);
-        let started = std::time::Instant::now();
-        let output = model
-            .forward(synthetic::network_input(width, height), 1, height, width)
-            .unwrap();
-        let range = value_range(&expected);
-        let diff = max_abs_diff(&output, &expected);
-        println!(
-            "{kind} dpt {width}x{height}: max |diff| {diff:.3e}, range {range:.3}, ratio {:.3e}, {:.0} ms",
-            diff / range,
-            started.elapsed().as_secs_f64() * 1000.0
-        );
-        assert!(range > 1.0, "reference output is degenerate");
-        assert!(
-            diff <= relative_tolerance * range,
-            "{kind} dpt {width}x{height}: max |diff| {diff} > {relative_tolerance} x {range}"
-        );
-    }
+    support::assert_parity(
+        kind,
+        ModelKind::DptHybrid384,
+        "dpt_hybrid_",
+        sizes,
+        relative_tolerance,
+    );
 }
 
 #[cfg(feature = "flex")]

@@ -3,36 +3,19 @@
 
 mod support;
 
-use midas_serve::backend::{Backend, BackendKind};
+use midas_serve::backend::BackendKind;
 use midas_serve::model::ModelKind;
-use midas_serve::pipeline::DepthModel;
-use midas_serve::weights::{self, synthetic};
-use support::{fixture, max_abs_diff, read_npy, value_range};
 
 const SIZES: [(usize, usize); 3] = [(256, 256), (256, 192), (256, 128)];
 
 fn check_backend(kind: BackendKind, relative_tolerance: f32) {
-    let backend = Backend::init(kind).expect("backend starts");
-    let (model, _) = weights::untrained(ModelKind::MidasV21Small256, &backend.device);
-    let model = DepthModel::new(model, backend.device.clone());
-    for (width, height) in SIZES {
-        let (shape, expected) = read_npy(&fixture(&format!("forward/{width}x{height}.npy")));
-        assert_eq!(shape, vec![1, height, width]);
-        let output = model
-            .forward(synthetic::network_input(width, height), 1, height, width)
-            .unwrap();
-        let range = value_range(&expected);
-        let diff = max_abs_diff(&output, &expected);
-        println!(
-            "{kind} {width}x{height}: max |diff| {diff:.3e}, range {range:.3}, ratio {:.3e}",
-            diff / range
-        );
-        assert!(range > 1.0, "reference output is degenerate");
-        assert!(
-            diff <= relative_tolerance * range,
-            "{kind} {width}x{height}: max |diff| {diff} > {relative_tolerance} x {range}"
-        );
-    }
+    support::assert_parity(
+        kind,
+        ModelKind::MidasV21Small256,
+        "",
+        &SIZES,
+        relative_tolerance,
+    );
 }
 
 #[cfg(feature = "flex")]

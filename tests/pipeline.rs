@@ -7,6 +7,15 @@ mod support;
 use midas_serve::pipeline::{self, Colormap, DecodeLimits, DepthMap, OutputFormat, RenderOptions};
 use support::{fixture, max_abs_diff, read_npy};
 
+/// Every test image, one of each format and mode.
+const IMAGES: [&str; 5] = [
+    "camera_odd.png",
+    "chelsea.webp",
+    "chelsea_small.png",
+    "horse_rgba.png",
+    "rocket.jpg",
+];
+
 const LIMITS: DecodeLimits = DecodeLimits {
     max_pixels: 50_000_000,
     max_aspect_ratio: 0,
@@ -196,13 +205,7 @@ fn squash_reproduces_the_replaced_service() {
         colormap: Colormap::Viridis,
         ..RenderOptions::default()
     };
-    for name in [
-        "camera_odd.png",
-        "chelsea.webp",
-        "chelsea_small.png",
-        "horse_rgba.png",
-        "rocket.jpg",
-    ] {
+    for name in IMAGES {
         let stem = name.split('.').next().unwrap();
         let bytes = std::fs::read(fixture(&format!("images/{name}"))).unwrap();
         let png: Vec<u8> = pipeline
@@ -238,13 +241,7 @@ fn squash_reproduces_the_replaced_service() {
 #[test]
 fn end_to_end_matches_the_reference() {
     let pipeline = untrained_pipeline(pipeline::Transform::Upstream);
-    for name in [
-        "camera_odd.png",
-        "chelsea.webp",
-        "chelsea_small.png",
-        "horse_rgba.png",
-        "rocket.jpg",
-    ] {
+    for name in IMAGES {
         let stem = name.split('.').next().unwrap();
         let bytes = std::fs::read(fixture(&format!("images/{name}"))).unwrap();
         let chunks = pipeline

@@ -71,3 +71,40 @@ pub fn stored_files(dir: &Path) -> Vec<PathBuf> {
     }
     files
 }
+
+/// The network of `model` with the synthetic weights on `backend` against the PyTorch outputs
+/// in `tests/fixtures/forward/{prefix}WxH.npy` at each `(width, height)`: max |diff| at most
+/// `relative_tolerance` times the reference's range (a NaN fails).
+pub fn assert_parity(
+    backend: midas_serve::backend::BackendKind,
+    model: midas_serve::model::ModelKind,
+    prefix: &str,
+    sizes: &[(usize, usize)],
+    relative_tolerance: f32,
+) {
+    use midas_serve::weights::{self, synthetic};
+    let started = midas_serve::backend::Backend::init(backend).expect("backend starts");
+    let (network, _) = weights::untrained(model, &started.device);
+    let network = midas_serve::pipeline::DepthModel::new(network, started.device.clone());
+    for &(width, height) in sizes {
+        let (shape, expected) =
+            read_npy(&fixture(&format!("forward/{prefix}{width}x{height}.npy")));
+        assert_eq!(shape, vec![1, height, width]);
+        let timer = std::time::Instant::now();
+        let output = network
+            .forward(synthetic::network_input(width, height), 1, height, width)
+            .unwrap();
+        let range = value_range(&expected);
+        let diff = max_abs_diff(&output, &expected);
+        println!(
+            "{backend} {model} {width}x{height}: max |diff| {diff:.3e}, range {range:.3}, ratio {:.3e}, {:.0} ms",
+            diff / range,
+            timer.elapsed().as_secs_f64() * 1000.0
+        );
+        assert!(range > 1.0, "reference output is degenerate");
+        assert!(
+            diff <= relative_tolerance * range,
+            "{backend} {model} {width}x{height}: max |diff| {diff} > {relative_tolerance} x {range}"
+        );
+    }
+}
