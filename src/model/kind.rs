@@ -68,14 +68,6 @@ impl ModelKind {
             Self::DptHybrid384 => 1400,
         }
     }
-
-    /// Multiply-accumulates of one forward at the net size, in billions.
-    pub fn gmac(self) -> f64 {
-        match self {
-            Self::MidasV21Small256 => 4.6,
-            Self::DptHybrid384 => 127.6,
-        }
-    }
 }
 
 impl fmt::Display for ModelKind {

@@ -19,9 +19,7 @@ pub use infer::{DepthModel, InferenceError};
 pub use postprocess::{
     BandResizer, DepthMap, ResizeError, colour_indices, colourise, depth16, resize_rgb,
 };
-pub use preprocess::{
-    NET_SIZE, NetInput, Transform, input_size, max_input_pixels, preprocess, target_size,
-};
+pub use preprocess::{NET_SIZE, NetInput, Transform, max_input_pixels, preprocess, target_size};
 pub use probe::{HeaderProbe, probe};
 
 use bytes::Bytes;

@@ -113,19 +113,6 @@ pub fn target_size(kind: ModelKind, width: u32, height: u32) -> (usize, usize) {
     }
 }
 
-/// The network input size a transform gives an image.
-pub fn input_size(
-    kind: ModelKind,
-    transform: Transform,
-    width: u32,
-    height: u32,
-) -> (usize, usize) {
-    match transform {
-        Transform::Upstream => target_size(kind, width, height),
-        Transform::Squash => (kind.net_size() as usize, kind.net_size() as usize),
-    }
-}
-
 /// The most pixels a network input can have under `transform`: what sizes the forward pass's
 /// memory. MiDaS small's upstream inputs fit in 256x256; DPT's are 384 on one side and at most
 /// [`MINIMAL_CAP`] times that on the other.
