@@ -22,7 +22,7 @@ COPY . .
 RUN cargo chef prepare --recipe-path recipe.json
 
 FROM chef AS builder
-ARG FEATURES="flex ndarray"
+ARG FEATURES="flex ndarray avx512"
 COPY --from=planner /src/recipe.json recipe.json
 RUN cargo chef cook --profile dist --no-default-features --features "$FEATURES" \
       --recipe-path recipe.json -p midas-serve -p model-import

@@ -1,20 +1,23 @@
 //! The CPU kernels against Burn's own operations on the same values: every fused variant of the
 //! Winograd 3x3 convolution (ReLU before, ReLU after, residual additions, a batch, bands of tile
 //! rows, odd sizes), the 1x1 convolution, the strided stem, depthwise convolutions, both
-//! upsampling rules, and the whole network on kernels against the whole network on Burn's ops.
+//! upsampling rules, GroupNorm with its fused tails, and both whole networks on kernels against
+//! the same networks on Burn's ops.
 
+use burn::module::Param;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{BatchNorm, BatchNormConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, GroupNormConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::relu;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use midas_serve::kernels::{
-    Activation, FeatureMap, PackedConv, PackedDepthwise, WinogradConv, conv_same, conv1x1,
-    depthwise, upsample2x, winograd3x3,
+    Activation, FeatureMap, PackedConv, PackedDepthwise, PackedGroupNorm, WinogradConv, conv_same,
+    conv1x1, depthwise, group_norm, upsample2x, winograd3x3,
 };
+use midas_serve::model::ModelKind;
 use midas_serve::pipeline::DepthModel;
 use midas_serve::weights::{self, synthetic};
 
@@ -291,10 +294,67 @@ fn upsampling_matches_burn_with_and_without_aligned_corners() {
     }
 }
 
+/// GroupNorm with every fused tail (none, ReLU, a residual then ReLU), on an odd-sized map
+/// whose values sit far from zero (a one-pass variance would lose them), against Burn's
+/// GroupNorm followed by the same operations.
 #[test]
-fn whole_network_is_the_same_on_kernels_and_on_burn_ops() {
-    let (model, _) = weights::untrained(midas_serve::model::ModelKind::MidasV21Small256, &device());
-    let (height, width) = (96, 64);
+fn group_norm_matches_burn_with_its_fused_residual_and_relu() {
+    let channels = 64;
+    let mut norm = GroupNormConfig::new(32, channels).init(&device());
+    let values = |low: f64, high: f64| {
+        Param::from_tensor(Tensor::<1>::random(
+            [channels],
+            Distribution::Uniform(low, high),
+            &device(),
+        ))
+    };
+    norm.gamma = Some(values(0.5, 1.5));
+    norm.beta = Some(values(-0.5, 0.5));
+    let input = random([2, channels, 13, 11]).add_scalar(20.0);
+    let residual = random([2, channels, 13, 11]);
+    let packed = PackedGroupNorm::pack(norm.clone());
+    let normed = norm.forward(input.clone());
+    for (with_residual, with_relu) in [(false, false), (false, true), (true, true)] {
+        let mut reference = normed.clone();
+        if with_residual {
+            reference = reference + residual.clone();
+        }
+        if with_relu {
+            reference = relu(reference);
+        }
+        let residual_map = FeatureMap::from_tensor(residual.clone());
+        let ours = group_norm(
+            FeatureMap::from_tensor(input.clone()),
+            &packed,
+            with_residual.then_some(&residual_map),
+            with_relu,
+        );
+        assert_close(
+            ours,
+            reference,
+            &format!("residual {with_residual}, relu {with_relu}"),
+        );
+    }
+}
+
+/// Both networks on the kernels against the same networks on Burn's operations: a batch of two
+/// different inputs, at a size that is a multiple of 16 but not of 32 for DPT-Hybrid.
+#[test]
+fn whole_networks_are_the_same_on_kernels_and_on_burn_ops() {
+    for (kind, height, width) in [
+        (ModelKind::MidasV21Small256, 96, 64),
+        (ModelKind::DptHybrid384, 48, 80),
+    ] {
+        whole_network_is_the_same_on_kernels_and_on_burn_ops(kind, height, width);
+    }
+}
+
+fn whole_network_is_the_same_on_kernels_and_on_burn_ops(
+    kind: ModelKind,
+    height: usize,
+    width: usize,
+) {
+    let (model, _) = weights::untrained(kind, &device());
     let one = synthetic::network_input(width, height);
     let input = [one.clone(), one.iter().map(|v| -v).collect()].concat();
     let kernels = DepthModel::new(model.clone(), device())
@@ -306,13 +366,19 @@ fn whole_network_is_the_same_on_kernels_and_on_burn_ops() {
     assert_eq!(kernels.len(), 2 * height * width);
     let range =
         burn.iter().fold(0.0f32, |m, v| m.max(*v)) - burn.iter().fold(f32::MAX, |m, v| m.min(*v));
-    assert!(range > 0.0, "the synthetic model gives a varied output");
+    assert!(
+        range > 0.0,
+        "{kind}: the synthetic model gives a varied output"
+    );
     let worst = kernels
         .iter()
         .zip(&burn)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, nan_max);
-    assert!(worst <= 1e-4 * range, "max |diff| {worst}, range {range}");
+    assert!(
+        worst <= 1e-4 * range,
+        "{kind}: max |diff| {worst}, range {range}"
+    );
 }
 
 /// The public entry points check their preconditions in release builds too: a map whose data

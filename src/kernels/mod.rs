@@ -8,14 +8,20 @@
 //! residual additions and activations are fused into the kernel that produces them, outputs are
 //! written without a zeroing pass, working buffers are reused, and the products run as
 //! cache-sized bands over the `gemm` crate (the same GEMM Burn's `flex` backend uses).
-//! [`CpuEncoder`] and [`CpuDecoder`] run MiDaS on these kernels; the Burn modules stay the
-//! network's definition, what the weights load into, and the path used on GPUs.
+//! [`CpuEncoder`] and [`CpuDecoder`] run MiDaS small on these kernels; [`CpuResNet`],
+//! [`CpuTransformer`] and [`CpuDecoder`] run DPT-Hybrid but for its token embedding and
+//! reassembly (3 % of its work); the Burn modules stay the network's definition, what the
+//! weights load into, and the path used on GPUs.
 
 mod buffers;
 mod conv;
 mod decoder;
 mod depthwise;
 mod encoder;
+mod group_norm;
+mod resnet;
+pub mod simd;
+mod transformer;
 mod upsample;
 mod winograd;
 
@@ -23,6 +29,9 @@ pub use conv::{PackedConv, conv_same, conv1x1};
 pub use decoder::CpuDecoder;
 pub use depthwise::{PackedDepthwise, depthwise};
 pub use encoder::CpuEncoder;
+pub use group_norm::{PackedGroupNorm, group_norm};
+pub use resnet::CpuResNet;
+pub use transformer::CpuTransformer;
 pub use upsample::{upsample, upsample2x};
 pub use winograd::{WinogradConv, winograd3x3};
 

@@ -3,7 +3,8 @@
 
 use burn::prelude::*;
 
-use super::vit::{EMBED_DIM, HybridVit, Reassemble};
+use super::resnet::ResNetV2;
+use super::vit::{EMBED_DIM, HybridVit, Reassemble, TransformerBlock};
 use super::{DecoderConfig, Scratch};
 
 /// `pretrained`: the hybrid ViT and the reassembly of its two hooked token sets.
@@ -27,15 +28,38 @@ impl DptEncoder {
     /// (H and W multiples of 16): 256, 512, 768 and 768 channels. Computed per call and
     /// returned, never kept anywhere shared.
     pub fn forward(&self, input: Tensor<4>) -> [Tensor<4>; 4] {
-        let features = self.model.forward(input);
-        let [layer1, layer2] = features.backbone;
-        let [tokens3, tokens4] = features.tokens;
+        self.forward_with(
+            input,
+            |x| self.model.backbone().forward(x),
+            |tokens| self.model.blocks(tokens),
+        )
+    }
+
+    /// [`DptEncoder::forward`] with the ResNet run by `backbone` (the input to its three
+    /// stages' outputs) and the transformer blocks by `blocks` (the embedded tokens to the
+    /// outputs of the hooked blocks).
+    pub fn forward_with(
+        &self,
+        input: Tensor<4>,
+        backbone: impl FnOnce(Tensor<4>) -> [Tensor<4>; 3],
+        blocks: impl FnOnce(Tensor<3>) -> [Tensor<3>; 2],
+    ) -> [Tensor<4>; 4] {
+        let embedded = self.model.embed(input, backbone);
+        let [layer1, layer2] = embedded.backbone;
+        let [tokens3, tokens4] = blocks(embedded.tokens);
         [
             layer1,
             layer2,
-            self.reassemble3.forward(tokens3, features.grid),
-            self.reassemble4.forward(tokens4, features.grid),
+            self.reassemble3.forward(tokens3, embedded.grid),
+            self.reassemble4.forward(tokens4, embedded.grid),
         ]
+    }
+
+    /// Takes the ResNet's stages and the transformer blocks out, to run them elsewhere (see
+    /// [`HybridVit::take_heavy_parts`]): the encoder then runs through
+    /// [`DptEncoder::forward_with`] only.
+    pub fn take_heavy_parts(&mut self) -> (ResNetV2, Vec<TransformerBlock>) {
+        self.model.take_heavy_parts()
     }
 }
 

@@ -23,7 +23,8 @@ pub use efficientnet::{DepthwiseSeparableConv, EfficientNetLite3, InvertedResidu
 pub use fusion::{DecoderConfig, FeatureFusionBlock, OutputHead, ResidualConvUnit, Scratch};
 pub use kind::ModelKind;
 pub use midas::MidasSmall;
-pub use resnet::group_norm;
+pub use resnet::{Bottleneck, ConvNorm, ResNetV2, group_norm};
+pub use vit::{EMBED_DIM, HEADS, HOOKS, LN_EPSILON, TransformerBlock};
 
 use burn::nn::Initializer;
 use burn::nn::PaddingConfig2d;

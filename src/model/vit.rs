@@ -17,7 +17,7 @@ use super::resnet::ResNetV2;
 pub const EMBED_DIM: usize = 768;
 
 /// Attention heads (64 features each).
-const HEADS: usize = 12;
+pub const HEADS: usize = 12;
 
 /// Transformer blocks.
 const DEPTH: usize = 12;
@@ -32,11 +32,11 @@ pub const POS_GRID: usize = 24;
 const BACKBONE_CHANNELS: usize = 1024;
 
 /// timm's ViT LayerNorm epsilon (`partial(nn.LayerNorm, eps=1e-6)`; PyTorch's default is 1e-5).
-const LN_EPSILON: f64 = 1e-6;
+pub const LN_EPSILON: f64 = 1e-6;
 
 /// The blocks whose outputs MiDaS takes (`hooks=[0, 1, 8, 11]`; the first two are the ResNet's
 /// in the hybrid).
-const HOOKS: [usize; 2] = [8, 11];
+pub const HOOKS: [usize; 2] = [8, 11];
 
 fn linear(device: &Device, d_input: usize, d_output: usize) -> Linear {
     LinearConfig::new(d_input, d_output)
@@ -91,14 +91,14 @@ pub struct Mlp {
 
 /// A pre-norm transformer block (no LayerScale, dropout is identity at inference).
 #[derive(Module, Debug)]
-pub struct Block {
+pub struct TransformerBlock {
     pub(crate) norm1: LayerNorm,
     pub(crate) attn: Attention,
     pub(crate) norm2: LayerNorm,
     pub(crate) mlp: Mlp,
 }
 
-impl Block {
+impl TransformerBlock {
     fn new(device: &Device) -> Self {
         Self {
             norm1: layer_norm(device),
@@ -114,7 +114,7 @@ impl Block {
         }
     }
 
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    pub(crate) fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let x = x.clone() + self.attn.forward(self.norm1.forward(x));
         let hidden = gelu(self.mlp.fc1.forward(self.norm2.forward(x.clone())));
         x + self.mlp.fc2.forward(hidden)
@@ -136,15 +136,15 @@ pub struct HybridVit {
     pub(crate) patch_embed: HybridEmbed,
     pub(crate) cls_token: Param<Tensor<3>>,
     pub(crate) pos_embed: Param<Tensor<3>>,
-    pub(crate) blocks: Vec<Block>,
+    pub(crate) blocks: Vec<TransformerBlock>,
 }
 
-/// The tokens of the hooked blocks, and the ResNet features they came with.
-pub struct VitFeatures {
+/// The token sequence the blocks start from, and the ResNet features it came with.
+pub struct Embedded {
     /// ResNet stage outputs at 1/4 and 1/8 resolution.
     pub backbone: [Tensor<4>; 2],
-    /// Outputs of blocks 8 and 11, `[batch, 1 + h * w, 768]`.
-    pub tokens: [Tensor<3>; 2],
+    /// Class token then one token per grid cell, position embedding added: `[batch, 1 + h * w, 768]`.
+    pub tokens: Tensor<3>,
     /// The token grid `(h, w)` = input size / 16.
     pub grid: (usize, usize),
 }
@@ -168,7 +168,7 @@ impl HybridVit {
             },
             cls_token: zeros([1, 1, EMBED_DIM]),
             pos_embed: zeros([1, 1 + POS_GRID * POS_GRID, EMBED_DIM]),
-            blocks: (0..DEPTH).map(|_| Block::new(device)).collect(),
+            blocks: (0..DEPTH).map(|_| TransformerBlock::new(device)).collect(),
         }
     }
 
@@ -193,14 +193,27 @@ impl HybridVit {
         Tensor::cat(vec![cls, grid], 1)
     }
 
-    /// Runs the backbone and the transformer on a `[batch, 3, H, W]` input.
-    pub fn forward(&self, x: Tensor<4>) -> VitFeatures {
-        let [quarter, eighth, sixteenth] = self.patch_embed.backbone.forward(x);
+    /// Runs `backbone` (this network's ResNet, or what it was packed into) on a
+    /// `[batch, 3, H, W]` input and makes the tokens of its features.
+    pub fn embed(
+        &self,
+        x: Tensor<4>,
+        backbone: impl FnOnce(Tensor<4>) -> [Tensor<4>; 3],
+    ) -> Embedded {
+        let [quarter, eighth, sixteenth] = backbone(x);
         let embedded = self.patch_embed.proj.forward(sixteenth);
         let [batch, _, h, w] = embedded.dims();
         let tokens = embedded.flatten::<3>(2, 3).swap_dims(1, 2);
         let cls = self.cls_token.val().expand([batch, 1, EMBED_DIM]);
-        let mut x = Tensor::cat(vec![cls, tokens], 1) + self.position_embedding((h, w));
+        Embedded {
+            backbone: [quarter, eighth],
+            tokens: Tensor::cat(vec![cls, tokens], 1) + self.position_embedding((h, w)),
+            grid: (h, w),
+        }
+    }
+
+    /// Runs the blocks on the embedded tokens: the outputs of the blocks in [`HOOKS`].
+    pub fn blocks(&self, mut x: Tensor<3>) -> [Tensor<3>; 2] {
         let mut hooked = Vec::with_capacity(HOOKS.len());
         for (index, block) in self.blocks.iter().enumerate() {
             x = block.forward(x);
@@ -208,13 +221,24 @@ impl HybridVit {
                 hooked.push(x.clone());
             }
         }
-        let last = hooked.pop().unwrap_or_else(|| x.clone());
-        let first = hooked.pop().unwrap_or_else(|| x.clone());
-        VitFeatures {
-            backbone: [quarter, eighth],
-            tokens: [first, last],
-            grid: (h, w),
-        }
+        hooked
+            .try_into()
+            .expect("both hooks name one of the blocks")
+    }
+
+    /// The ResNet backbone.
+    pub fn backbone(&self) -> &ResNetV2 {
+        &self.patch_embed.backbone
+    }
+
+    /// Takes the backbone's stages and the blocks out, to run them elsewhere (the CPU
+    /// kernels): this network then runs only through [`HybridVit::embed`] with another
+    /// backbone, and has no blocks for [`HybridVit::blocks`].
+    pub fn take_heavy_parts(&mut self) -> (ResNetV2, Vec<TransformerBlock>) {
+        (
+            self.patch_embed.backbone.take(),
+            std::mem::take(&mut self.blocks),
+        )
     }
 }
 

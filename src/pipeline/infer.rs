@@ -5,7 +5,7 @@ use burn::tensor::TensorData;
 
 use super::{DepthMap, NetInput};
 use crate::backend;
-use crate::kernels::{CpuDecoder, CpuEncoder, FeatureMap};
+use crate::kernels::{CpuDecoder, CpuEncoder, CpuResNet, CpuTransformer, FeatureMap};
 use crate::model::{DptEncoder, ModelKind, Network};
 
 /// Why a forward pass failed (a device error, never bad input: sizes come from preprocessing).
@@ -27,9 +27,20 @@ enum Engine {
     Burn(Box<Network>),
     /// MiDaS small on [`crate::kernels`], with the weights packed for them: CPU backends only.
     SmallKernels(Box<(CpuEncoder, CpuDecoder)>),
-    /// DPT-Hybrid's encoder on Burn's CPU operations, its decoder (45 % of the work, nearly
-    /// all 3x3 convolutions) on the Winograd kernels.
-    DptKernels(Box<(DptEncoder, CpuDecoder)>),
+    /// DPT-Hybrid on [`crate::kernels`]: its ResNet ([`CpuResNet`]), transformer blocks
+    /// ([`CpuTransformer`], 40 % of the work) and decoder (45 %, nearly all 3x3 convolutions);
+    /// the token embedding and reassembly between them on Burn's CPU operations.
+    DptKernels(Box<DptKernels>),
+}
+
+/// DPT-Hybrid packed for the CPU kernels.
+#[derive(Debug)]
+struct DptKernels {
+    backbone: CpuResNet,
+    blocks: CpuTransformer,
+    /// The encoder without its ResNet stages and blocks: embedding and reassembly.
+    rest: DptEncoder,
+    decoder: CpuDecoder,
 }
 
 /// The network on its device.
@@ -57,8 +68,14 @@ impl DepthModel {
                     )))
                 }
                 Network::DptHybrid(model) => {
-                    let (encoder, decoder) = model.into_parts();
-                    Engine::DptKernels(Box::new((encoder, CpuDecoder::pack(decoder))))
+                    let (mut encoder, decoder) = model.into_parts();
+                    let (backbone, blocks) = encoder.take_heavy_parts();
+                    Engine::DptKernels(Box::new(DptKernels {
+                        backbone: CpuResNet::pack(backbone),
+                        blocks: CpuTransformer::pack(blocks),
+                        rest: encoder,
+                        decoder: CpuDecoder::pack(decoder),
+                    }))
                 }
             }
         };
@@ -126,9 +143,15 @@ impl DepthModel {
                 Ok(decoder.forward(encoder.forward(input)).data)
             }
             Engine::DptKernels(parts) => {
-                let (encoder, decoder) = parts.as_ref();
-                let features = encoder.forward(input).map(FeatureMap::from_tensor);
-                Ok(decoder.forward(features).data)
+                let features = parts
+                    .rest
+                    .forward_with(
+                        input,
+                        |x| parts.backbone.forward(x),
+                        |tokens| parts.blocks.forward(tokens),
+                    )
+                    .map(FeatureMap::from_tensor);
+                Ok(parts.decoder.forward(features).data)
             }
         }
     }

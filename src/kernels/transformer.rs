@@ -1,0 +1,398 @@
+//! DPT-Hybrid's twelve ViT-B blocks on the CPU: the token sequence stays one row-major
+//! `[tokens, 768]` buffer per image from the first block to the last, and each step is a GEMM
+//! or one vectorised pass over rows.
+//!
+//! On Burn's operations a block is 19 kernels with a copy for every reshape and permute of the
+//! attention, and GELU and softmax call libm's scalar `erf` and `exp`. Here the linears run
+//! on the `gemm` crate with their bias added in the pass that next touches the output (GELU
+//! after `fc1`) or before the GEMM accumulates onto the residual stream (`proj`, `fc2`, which
+//! thereby need no separate residual addition); attention reads `q`, `k` and `v` in place from
+//! the `qkv` output through strides, one head per task, and `1/sqrt(64)` is folded into the
+//! `q` weights at packing (a power of two: exact).
+
+use burn::nn::{LayerNorm, Linear};
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use rayon::prelude::*;
+
+use super::buffers::WorkBuffer;
+use super::conv::gemm;
+use super::{SharedOut, simd, tensor_values};
+use crate::model::{EMBED_DIM, HEADS, HOOKS, LN_EPSILON, TransformerBlock};
+
+/// Rows per task of the row-wise passes (LayerNorm, bias, GELU).
+const ROWS_PER_TASK: usize = 32;
+
+/// Features per head.
+const HEAD_DIM: usize = EMBED_DIM / HEADS;
+
+/// A linear layer's parameters: `weights` `[inputs, outputs]` row-major, as Burn keeps them.
+#[derive(Debug)]
+struct PackedLinear {
+    weights: Vec<f32>,
+    bias: Vec<f32>,
+    inputs: usize,
+    outputs: usize,
+}
+
+impl PackedLinear {
+    fn pack(linear: Linear) -> Self {
+        let [inputs, outputs] = linear.weight.dims();
+        let bias = match linear.bias {
+            Some(bias) => tensor_values(bias.into_value()),
+            None => vec![0.0; outputs],
+        };
+        Self {
+            weights: tensor_values(linear.weight.into_value()),
+            bias,
+            inputs,
+            outputs,
+        }
+    }
+
+    /// `out (+)= input @ weights` over `rows` rows, without the bias; `accumulate` adds to what
+    /// `out` holds.
+    fn product(&self, input: &[f32], rows: usize, out: &mut [f32], accumulate: bool) {
+        assert_eq!(input.len(), rows * self.inputs);
+        assert_eq!(out.len(), rows * self.outputs);
+        // SAFETY: `out` holds rows x outputs values at row stride `outputs` (checked above).
+        unsafe {
+            gemm(
+                rows,
+                self.outputs,
+                self.inputs,
+                out.as_mut_ptr(),
+                self.outputs,
+                input,
+                &self.weights,
+                self.outputs,
+                accumulate,
+                true,
+            );
+        }
+    }
+}
+
+/// LayerNorm's parameters.
+#[derive(Debug)]
+struct PackedNorm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    epsilon: f32,
+}
+
+impl PackedNorm {
+    fn pack(norm: LayerNorm) -> Self {
+        let gamma = tensor_values(norm.gamma.into_value());
+        let beta = match norm.beta {
+            Some(beta) => tensor_values(beta.into_value()),
+            None => vec![0.0; gamma.len()],
+        };
+        Self {
+            gamma,
+            beta,
+            // Burn keeps the epsilon private; it is timm's for every ViT LayerNorm.
+            epsilon: LN_EPSILON as f32,
+        }
+    }
+
+    /// `output = LayerNorm(input)` row by row, rows in parallel.
+    fn apply(&self, input: &[f32], output: &mut [f32]) {
+        let chunk = ROWS_PER_TASK * self.gamma.len();
+        input
+            .par_chunks(chunk)
+            .zip(output.par_chunks_mut(chunk))
+            .for_each(|(input, output)| {
+                simd::layer_norm(input, output, &self.gamma, &self.beta, self.epsilon)
+            });
+    }
+}
+
+/// One pre-norm block, packed.
+#[derive(Debug)]
+struct PackedBlock {
+    norm1: PackedNorm,
+    qkv: PackedLinear,
+    proj: PackedLinear,
+    norm2: PackedNorm,
+    fc1: PackedLinear,
+    fc2: PackedLinear,
+}
+
+impl PackedBlock {
+    fn pack(block: TransformerBlock) -> Self {
+        let mut qkv = PackedLinear::pack(block.attn.qkv);
+        let scale = (HEAD_DIM as f32).powf(-0.5);
+        for row in qkv.weights.chunks_exact_mut(qkv.outputs) {
+            row[..EMBED_DIM].iter_mut().for_each(|w| *w *= scale);
+        }
+        qkv.bias[..EMBED_DIM].iter_mut().for_each(|b| *b *= scale);
+        Self {
+            norm1: PackedNorm::pack(block.norm1),
+            qkv,
+            proj: PackedLinear::pack(block.attn.proj),
+            norm2: PackedNorm::pack(block.norm2),
+            fc1: PackedLinear::pack(block.mlp.fc1),
+            fc2: PackedLinear::pack(block.mlp.fc2),
+        }
+    }
+
+    /// Runs the block on `x`, `[images * tokens, 768]`, in place.
+    fn forward(&self, x: &mut [f32], tokens: usize, buffers: &mut Buffers) {
+        let rows = x.len() / EMBED_DIM;
+        self.norm1.apply(x, &mut buffers.normed);
+        self.qkv
+            .product(&buffers.normed, rows, &mut buffers.qkv, false);
+        for_row_chunks(&mut buffers.qkv, self.qkv.outputs, |chunk| {
+            simd::add_bias(chunk, &self.qkv.bias)
+        });
+        attention(&buffers.qkv, tokens, &mut buffers.attended);
+        for_row_chunks(x, EMBED_DIM, |chunk| simd::add_bias(chunk, &self.proj.bias));
+        self.proj.product(&buffers.attended, rows, x, true);
+
+        self.norm2.apply(x, &mut buffers.normed);
+        self.fc1
+            .product(&buffers.normed, rows, &mut buffers.hidden, false);
+        for_row_chunks(&mut buffers.hidden, self.fc1.outputs, |chunk| {
+            simd::bias_gelu(chunk, &self.fc1.bias)
+        });
+        for_row_chunks(x, EMBED_DIM, |chunk| simd::add_bias(chunk, &self.fc2.bias));
+        self.fc2.product(&buffers.hidden, rows, x, true);
+    }
+}
+
+/// Runs `pass` on chunks of whole rows of `width` values, in parallel.
+fn for_row_chunks(values: &mut [f32], width: usize, pass: impl Fn(&mut [f32]) + Send + Sync) {
+    values.par_chunks_mut(ROWS_PER_TASK * width).for_each(pass);
+}
+
+/// A forward's intermediate values, allocated once for all blocks.
+struct Buffers {
+    normed: Vec<f32>,
+    qkv: Vec<f32>,
+    attended: Vec<f32>,
+    hidden: Vec<f32>,
+}
+
+/// Multi-head self-attention over `qkv` (`[images * tokens, 3 * 768]`, columns `[q | k | v]`,
+/// heads of 64 columns in each), into `out` (`[images * tokens, 768]`, heads side by side):
+/// `softmax(q kᵀ) v` per image and head, one task each.
+fn attention(qkv: &[f32], tokens: usize, out: &mut [f32]) {
+    let stride = 3 * EMBED_DIM;
+    let images = qkv.len() / (tokens * stride);
+    assert_eq!(qkv.len(), images * tokens * stride);
+    assert_eq!(out.len(), images * tokens * EMBED_DIM);
+    let target = SharedOut(out.as_mut_ptr());
+    (0..images * HEADS).into_par_iter().for_each(|task| {
+        let (image, head) = (task / HEADS, task % HEADS);
+        let base = image * tokens * stride + head * HEAD_DIM;
+        let q = qkv[base..].as_ptr();
+        let k = qkv[base + EMBED_DIM..].as_ptr();
+        let v = qkv[base + 2 * EMBED_DIM..].as_ptr();
+        let mut scores = WorkBuffer::take(tokens * tokens);
+        // SAFETY: q, k and v index `tokens` rows of 64 values at row stride `stride` inside
+        // `qkv` (its length is checked above); `scores` holds tokens x tokens values; this task
+        // alone writes its head's 64 columns of its image's rows of `out`.
+        unsafe {
+            strided_gemm(
+                (tokens, tokens, HEAD_DIM),
+                scores.as_mut_ptr(),
+                tokens,
+                (q, stride, 1),
+                (k, 1, stride),
+            );
+            simd::softmax(&mut scores, tokens);
+            strided_gemm(
+                (tokens, HEAD_DIM, tokens),
+                target
+                    .get()
+                    .add(image * tokens * EMBED_DIM + head * HEAD_DIM),
+                EMBED_DIM,
+                (scores.as_ptr(), tokens, 1),
+                (v, stride, 1),
+            );
+        }
+    });
+}
+
+/// `dst = lhs @ rhs` for `(m, n, k)` on one thread, each operand `(pointer, row stride,
+/// column stride)`, `dst` row-major at row stride `dst_rs`.
+///
+/// # Safety
+/// Every index the shapes and strides reach must be inside its buffer, and `dst`'s this
+/// caller's alone.
+unsafe fn strided_gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            lhs.0,
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0,
+            rhs.2 as isize,
+            rhs.1 as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// The transformer blocks with their weights packed; built once after the weights load.
+#[derive(Debug)]
+pub struct CpuTransformer {
+    blocks: Vec<PackedBlock>,
+}
+
+impl CpuTransformer {
+    /// Packs loaded blocks, taking their parameters over.
+    pub fn pack(blocks: Vec<TransformerBlock>) -> Self {
+        Self {
+            blocks: blocks.into_iter().map(PackedBlock::pack).collect(),
+        }
+    }
+
+    /// Runs the blocks on the embedded tokens, `[batch, tokens, 768]`: the outputs of the
+    /// blocks in [`HOOKS`], as [`crate::model::DptEncoder::forward_with`] takes them.
+    pub fn forward(&self, tokens: Tensor<3>) -> [Tensor<3>; 2] {
+        let device = tokens.device();
+        let shape = tokens.dims();
+        self.run(tensor_values(tokens), shape[1], HOOKS)
+            .map(|values| Tensor::from_data(TensorData::new(values, shape), &device))
+    }
+
+    /// Runs every block on `x`, `[images, tokens, 768]` row-major, and returns the outputs of
+    /// the blocks `hooks` names (indices from 0, ascending).
+    fn run<const N: usize>(
+        &self,
+        mut x: Vec<f32>,
+        tokens: usize,
+        hooks: [usize; N],
+    ) -> [Vec<f32>; N] {
+        assert!(tokens > 0 && x.len().is_multiple_of(tokens * EMBED_DIM));
+        let rows = x.len() / EMBED_DIM;
+        let mut buffers = Buffers {
+            normed: vec![0.0; rows * EMBED_DIM],
+            qkv: vec![0.0; rows * 3 * EMBED_DIM],
+            attended: vec![0.0; rows * EMBED_DIM],
+            hidden: vec![0.0; rows * 4 * EMBED_DIM],
+        };
+        let mut hooked = Vec::with_capacity(N);
+        let last = hooks.iter().max().copied().unwrap_or(0);
+        for (index, block) in self.blocks.iter().enumerate().take(last + 1) {
+            block.forward(&mut x, tokens, &mut buffers);
+            if hooks.contains(&index) {
+                hooked.push(if index == last {
+                    std::mem::take(&mut x)
+                } else {
+                    x.clone()
+                });
+            }
+        }
+        hooked
+            .try_into()
+            .unwrap_or_else(|_| panic!("hooks {hooks:?} name blocks that do not exist"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::module::Param;
+    use burn::nn::LayerNormConfig;
+    use burn::tensor::Distribution;
+
+    use super::*;
+    use crate::model::DptHybrid;
+
+    fn device() -> Device {
+        Device::flex()
+    }
+
+    fn random<const D: usize>(shape: [usize; D], spread: f64) -> Param<Tensor<D>> {
+        Param::from_tensor(Tensor::random(
+            shape,
+            Distribution::Uniform(-spread, spread),
+            &device(),
+        ))
+    }
+
+    fn randomise_linear(linear: &mut Linear) {
+        let [inputs, outputs] = linear.weight.dims();
+        linear.weight = random([inputs, outputs], (inputs as f64).powf(-0.5));
+        linear.bias = Some(random([outputs], 0.2));
+    }
+
+    fn randomise_norm(norm: &mut LayerNorm) {
+        *norm = LayerNormConfig::new(EMBED_DIM)
+            .with_epsilon(1e-6)
+            .init(&device());
+        norm.gamma = Param::from_tensor(norm.gamma.val() + random([EMBED_DIM], 0.5).val());
+        norm.beta = Some(random([EMBED_DIM], 0.5));
+    }
+
+    /// Blocks of the real network's shapes with random parameters (the zero-initialised ones
+    /// would test nothing).
+    fn random_blocks(count: usize) -> Vec<TransformerBlock> {
+        let mut encoder = DptHybrid::new(&device()).into_parts().0;
+        let mut blocks = encoder.take_heavy_parts().1;
+        blocks.truncate(count);
+        for block in &mut blocks {
+            randomise_norm(&mut block.norm1);
+            randomise_norm(&mut block.norm2);
+            randomise_linear(&mut block.attn.qkv);
+            randomise_linear(&mut block.attn.proj);
+            randomise_linear(&mut block.mlp.fc1);
+            randomise_linear(&mut block.mlp.fc2);
+        }
+        blocks
+    }
+
+    /// Two images of an odd token count (not a multiple of any vector width or GEMM tile) and
+    /// three blocks, hooks on the second and third, against Burn's operations on the same
+    /// blocks; NaN fails.
+    #[test]
+    fn blocks_match_burn() {
+        let blocks = random_blocks(3);
+        let (images, tokens) = (2, 37);
+        let x: Tensor<3> = random([images, tokens, EMBED_DIM], 2.0).val();
+        let mut expected = Vec::new();
+        let mut reference = x.clone();
+        for block in &blocks {
+            reference = block.forward(reference);
+            expected.push(tensor_values(reference.clone()));
+        }
+        let ours = CpuTransformer::pack(blocks).run(tensor_values(x), tokens, [1, 2]);
+        for (got, want) in ours.iter().zip(&expected[1..]) {
+            let range = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            assert!(range > 1.0, "the blocks change their input");
+            let worst = got
+                .iter()
+                .zip(want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, |m, d| {
+                    if d.is_nan() || m.is_nan() {
+                        f32::NAN
+                    } else {
+                        m.max(d)
+                    }
+                });
+            assert!(worst <= 1e-5 * range, "max |diff| {worst}, range {range}");
+        }
+    }
+}
