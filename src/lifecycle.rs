@@ -68,6 +68,7 @@ pub async fn load(args: &ModelArgs, transform: Transform) -> Result<Pipeline, Lo
     tracing::info!(
         model = %model.kind(),
         transform = transform.name(),
+        cpu_path = crate::kernels::simd::Isa::detected().name(),
         packing_ms = packing.elapsed().as_millis() as u64,
         total_ms = started.elapsed().as_millis() as u64,
         "model ready (on CPU: BatchNorm folded, filters packed for the kernels)"

@@ -435,3 +435,31 @@ fn kernel_entry_points_refuse_inconsistent_maps() {
         upsample2x(&short, false);
     });
 }
+
+/// Every test above again in a child process on each narrower instruction-set path this CPU
+/// has (`MIDAS_SIMD` caps the kernels' dispatch): the vectorised loops are compiled once per
+/// path, and each must agree with Burn.
+#[test]
+fn every_kernel_test_passes_on_the_narrower_instruction_sets() {
+    if std::env::var_os("MIDAS_SIMD").is_some() {
+        return;
+    }
+    for path in ["avx2", "baseline"] {
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .env("MIDAS_SIMD", path)
+            .args(["--skip", "narrower_instruction_sets", "--test-threads", "1"])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "MIDAS_SIMD={path}:\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let summary = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            summary.contains("test result: ok") && !summary.contains(" 0 passed"),
+            "MIDAS_SIMD={path} ran no test:\n{summary}"
+        );
+    }
+}

@@ -12,7 +12,7 @@ use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 
 use super::buffers::WorkBuffer;
-use super::{Activation, Bands, FeatureMap, SharedOut, same, tensor_values};
+use super::{Activation, Bands, FeatureMap, SharedOut, same, simd, tensor_values};
 
 /// Input and output bytes per band of pixels of a 1x1 convolution: a core's L2 cache.
 const BAND_BYTES: usize = 1 << 20;
@@ -88,32 +88,37 @@ impl PackedConv {
         range: (usize, usize),
         activation: Activation,
     ) {
-        let len = range.1 - range.0;
-        for (channel, &bias) in self.bias.iter().enumerate() {
-            let start = channel * plane + range.0;
-            // SAFETY: inside the planes, written, and this caller's part alone (the contract).
-            let target = unsafe { out.slice(start, len) };
-            match residuals {
-                [] => target
-                    .iter_mut()
-                    .for_each(|v| *v = activation.of(*v + bias)),
-                [residual] => {
-                    let residual = &residual[start..start + len];
-                    for (v, r) in target.iter_mut().zip(residual) {
-                        *v = activation.of(*v + bias + r);
+        simd::vectorised(
+            #[inline(always)]
+            || {
+                let len = range.1 - range.0;
+                for (channel, &bias) in self.bias.iter().enumerate() {
+                    let start = channel * plane + range.0;
+                    // SAFETY: inside the planes, written, and this caller's part alone (the contract).
+                    let target = unsafe { out.slice(start, len) };
+                    match residuals {
+                        [] => target
+                            .iter_mut()
+                            .for_each(|v| *v = activation.of(*v + bias)),
+                        [residual] => {
+                            let residual = &residual[start..start + len];
+                            for (v, r) in target.iter_mut().zip(residual) {
+                                *v = activation.of(*v + bias + r);
+                            }
+                        }
+                        _ => {
+                            for residual in residuals {
+                                let residual = &residual[start..start + len];
+                                target.iter_mut().zip(residual).for_each(|(v, r)| *v += r);
+                            }
+                            target
+                                .iter_mut()
+                                .for_each(|v| *v = activation.of(*v + bias));
+                        }
                     }
                 }
-                _ => {
-                    for residual in residuals {
-                        let residual = &residual[start..start + len];
-                        target.iter_mut().zip(residual).for_each(|(v, r)| *v += r);
-                    }
-                    target
-                        .iter_mut()
-                        .for_each(|v| *v = activation.of(*v + bias));
-                }
-            }
-        }
+            },
+        )
     }
 }
 

@@ -52,16 +52,6 @@ pub enum Activation {
 }
 
 impl Activation {
-    /// Applies the activation in place.
-    #[inline(always)]
-    fn apply(self, values: &mut [f32]) {
-        match self {
-            Self::Identity => {}
-            Self::Relu => values.iter_mut().for_each(|v| *v = v.max(0.0)),
-            Self::Relu6 => values.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)),
-        }
-    }
-
     /// The activation of one value.
     #[inline(always)]
     fn of(self, value: f32) -> f32 {
@@ -212,20 +202,6 @@ impl SharedOut {
     unsafe fn uninit<'a>(self, offset: usize, len: usize) -> &'a mut [MaybeUninit<f32>] {
         // SAFETY: the caller's contract; MaybeUninit<f32> has f32's layout.
         unsafe { std::slice::from_raw_parts_mut(self.0.add(offset).cast(), len) }
-    }
-
-    /// `len` values from `offset` on, first set to `value`.
-    ///
-    /// # Safety
-    /// As [`SharedOut::uninit`].
-    unsafe fn filled<'a>(self, offset: usize, len: usize, value: f32) -> &'a mut [f32] {
-        // SAFETY: the caller's contract.
-        let values = unsafe { self.uninit(offset, len) };
-        values.iter_mut().for_each(|v| {
-            v.write(value);
-        });
-        // SAFETY: every value was just written.
-        unsafe { self.slice(offset, len) }
     }
 }
 

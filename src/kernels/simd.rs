@@ -25,24 +25,36 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// What this CPU offers, detected once.
+    /// What this CPU offers, detected once, capped by the `MIDAS_SIMD` environment variable
+    /// when it names a narrower path (`avx2` or `baseline`: to compare the paths, or to test
+    /// the narrower ones on a wider CPU).
     pub fn detected() -> Self {
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[cfg(feature = "avx512")]
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    return Isa::Avx512;
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    return Isa::Avx2;
-                }
+            let widest = Self::widest();
+            match std::env::var("MIDAS_SIMD").as_deref() {
+                Ok("baseline") => Isa::Baseline,
+                Ok("avx2") if widest == Isa::Avx512 => Isa::Avx2,
+                _ => widest,
             }
-            Isa::Baseline
         })
+    }
+
+    /// The widest path this CPU and build support.
+    fn widest() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[cfg(feature = "avx512")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Baseline
     }
 
     /// The name used in logs and benchmark reports.
@@ -55,32 +67,37 @@ impl Isa {
     }
 }
 
-/// Runs `$body` (an `#[inline(always)]` function) compiled for the widest instruction set the
-/// CPU has. `$isa` picks it, so that tests can run every path the machine supports.
-macro_rules! dispatch {
-    ($isa:expr, $body:ident($($arg:ident: $ty:ty),*)) => {{
-        match $isa {
-            #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
-            Isa::Avx512 => {
-                #[target_feature(enable = "avx512f,avx2,fma")]
-                unsafe fn wide($($arg: $ty),*) {
-                    $body($($arg),*)
-                }
-                // SAFETY: `Isa::detected` found AVX-512F (and the tests only pass paths it found).
-                unsafe { wide($($arg),*) }
+/// Runs `work` compiled for the widest instruction set the CPU has: the closure, and all it
+/// inlines, is vectorised for it. Mark the closure `#[inline(always)]`, as its callees.
+#[inline(always)]
+pub fn vectorised<R>(work: impl FnOnce() -> R) -> R {
+    vectorised_on(Isa::detected(), work)
+}
+
+/// [`vectorised`] on a chosen path: tests run every path the machine supports.
+#[inline(always)]
+fn vectorised_on<R>(isa: Isa, work: impl FnOnce() -> R) -> R {
+    match isa {
+        #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+        Isa::Avx512 => {
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            unsafe fn wide<R>(work: impl FnOnce() -> R) -> R {
+                work()
             }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn wide($($arg: $ty),*) {
-                    $body($($arg),*)
-                }
-                // SAFETY: `Isa::detected` found AVX2 and FMA.
-                unsafe { wide($($arg),*) }
-            }
-            _ => $body($($arg),*),
+            // SAFETY: `Isa::detected` found AVX-512F (and the tests only pass paths it found).
+            unsafe { wide(work) }
         }
-    }};
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn wide<R>(work: impl FnOnce() -> R) -> R {
+                work()
+            }
+            // SAFETY: `Isa::detected` found AVX2 and FMA.
+            unsafe { wide(work) }
+        }
+        _ => work(),
+    }
 }
 
 /// Lanes of the accumulators in reductions: enough for one AVX-512 register, or two AVX2 ones.
@@ -150,7 +167,11 @@ pub fn bias_gelu(rows: &mut [f32], bias: &[f32]) {
 
 fn bias_gelu_on(isa: Isa, rows: &mut [f32], bias: &[f32]) {
     assert!(!bias.is_empty() && rows.len().is_multiple_of(bias.len()));
-    dispatch!(isa, bias_gelu_body(rows: &mut [f32], bias: &[f32]))
+    vectorised_on(
+        isa,
+        #[inline(always)]
+        || bias_gelu_body(rows, bias),
+    )
 }
 
 #[inline(always)]
@@ -167,7 +188,11 @@ pub fn add_bias(rows: &mut [f32], bias: &[f32]) {
 
 fn add_bias_on(isa: Isa, rows: &mut [f32], bias: &[f32]) {
     assert!(!bias.is_empty() && rows.len().is_multiple_of(bias.len()));
-    dispatch!(isa, add_bias_body(rows: &mut [f32], bias: &[f32]))
+    vectorised_on(
+        isa,
+        #[inline(always)]
+        || add_bias_body(rows, bias),
+    )
 }
 
 /// The largest value, over lanes so that it vectorises (`-inf` for an empty row).
@@ -217,7 +242,11 @@ pub fn softmax(rows: &mut [f32], width: usize) {
 
 fn softmax_on(isa: Isa, rows: &mut [f32], width: usize) {
     assert!(width > 0 && rows.len().is_multiple_of(width));
-    dispatch!(isa, softmax_body(rows: &mut [f32], width: usize))
+    vectorised_on(
+        isa,
+        #[inline(always)]
+        || softmax_body(rows, width),
+    )
 }
 
 /// The sum, over lanes so that it vectorises.
@@ -267,15 +296,10 @@ fn layer_norm_on(
     let width = gamma.len();
     assert!(width > 0 && beta.len() == width && input.len().is_multiple_of(width));
     assert_eq!(input.len(), output.len());
-    dispatch!(
+    vectorised_on(
         isa,
-        layer_norm_body(
-            input: &[f32],
-            output: &mut [f32],
-            gamma: &[f32],
-            beta: &[f32],
-            epsilon: f32
-        )
+        #[inline(always)]
+        || layer_norm_body(input, output, gamma, beta, epsilon),
     )
 }
 
@@ -314,7 +338,11 @@ pub fn mean_and_squares(values: &[f32]) -> (f64, f64) {
 fn mean_and_squares_on(isa: Isa, values: &[f32]) -> (f64, f64) {
     assert!(!values.is_empty());
     let out = &mut [0.0; 2];
-    dispatch!(isa, sums_body(values: &[f32], out: &mut [f64; 2]));
+    vectorised_on(
+        isa,
+        #[inline(always)]
+        || sums_body(values, out),
+    );
     (out[0], out[1])
 }
 
@@ -340,10 +368,98 @@ pub fn affine(values: &mut [f32], scale: f32, shift: f32, residual: &[f32], relu
 
 fn affine_on(isa: Isa, values: &mut [f32], scale: f32, shift: f32, residual: &[f32], relu: bool) {
     assert!(residual.is_empty() || residual.len() == values.len());
-    dispatch!(
+    vectorised_on(
         isa,
-        affine_body(values: &mut [f32], scale: f32, shift: f32, residual: &[f32], relu: bool)
+        #[inline(always)]
+        || affine_body(values, scale, shift, residual, relu),
     )
+}
+
+/// Source positions and weights of a linear interpolation along a row: output `x` blends
+/// `source[first[x]]` and `source[first[x] + 1]`, the second by `weight[x]`. Built once per
+/// resize; the check that every position is inside the source is made here, not per row.
+#[derive(Clone, Debug)]
+pub struct RowTaps {
+    first: Vec<i32>,
+    weight: Vec<f32>,
+    /// The source length the positions need: the largest `first` plus 2.
+    source_len: usize,
+}
+
+impl RowTaps {
+    /// Taps from `(first, weight)` pairs.
+    pub fn new(taps: impl IntoIterator<Item = (usize, f32)>) -> Self {
+        let (first, weight): (Vec<usize>, Vec<f32>) = taps.into_iter().unzip();
+        let source_len = first.iter().max().map_or(0, |&max| max + 2);
+        let first = first
+            .into_iter()
+            .map(|f| i32::try_from(f).expect("row positions fit in 32 bits"))
+            .collect();
+        Self {
+            first,
+            weight,
+            source_len,
+        }
+    }
+
+    /// `out[x] = a + weight[x] * (b - a)` with `a, b = source[first[x]], source[first[x] + 1]`.
+    pub fn apply(&self, source: &[f32], out: &mut [f32]) {
+        assert!(
+            source.len() >= self.source_len,
+            "the source row is too short"
+        );
+        assert_eq!(out.len(), self.first.len(), "one output per tap");
+        match Isa::detected() {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 | Isa::Avx2 => {
+                // SAFETY: AVX2 was detected; every position + 1 is inside `source` (checked).
+                unsafe { self.apply_avx2(source, out) }
+            }
+            _ => self.apply_from(0, source, out),
+        }
+    }
+
+    /// The scalar loop from output `start` on.
+    #[inline(always)]
+    fn apply_from(&self, start: usize, source: &[f32], out: &mut [f32]) {
+        for ((value, &first), &t) in out[start..]
+            .iter_mut()
+            .zip(&self.first[start..])
+            .zip(&self.weight[start..])
+        {
+            let (a, b) = (source[first as usize], source[first as usize + 1]);
+            *value = a + t * (b - a);
+        }
+    }
+
+    /// Eight outputs per step through AVX2's gather (the compiler does not vectorise the
+    /// indexed loads itself); the same arithmetic as the scalar loop, so the same values.
+    ///
+    /// # Safety
+    /// AVX2 must be present, and `source` at least `source_len` long.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn apply_avx2(&self, source: &[f32], out: &mut [f32]) {
+        use std::arch::x86_64::{
+            __m256i, _mm256_add_ps, _mm256_i32gather_ps, _mm256_loadu_ps, _mm256_loadu_si256,
+            _mm256_mul_ps, _mm256_storeu_ps, _mm256_sub_ps,
+        };
+        const STEP: usize = 8;
+        let whole = out.len() / STEP * STEP;
+        for x in (0..whole).step_by(STEP) {
+            // SAFETY: x + 8 <= out.len() = first.len() = weight.len(); the gathered positions
+            // and the ones after them are inside `source` (the caller's contract).
+            unsafe {
+                let first = _mm256_loadu_si256(self.first.as_ptr().add(x).cast::<__m256i>());
+                let a = _mm256_i32gather_ps::<4>(source.as_ptr(), first);
+                let b = _mm256_i32gather_ps::<4>(source.as_ptr().add(1), first);
+                let t = _mm256_loadu_ps(self.weight.as_ptr().add(x));
+                let value = _mm256_add_ps(a, _mm256_mul_ps(t, _mm256_sub_ps(b, a)));
+                _mm256_storeu_ps(out.as_mut_ptr().add(x), value);
+            }
+        }
+        self.apply_from(whole, source, out);
+    }
 }
 
 #[cfg(test)]
@@ -353,10 +469,10 @@ mod tests {
     /// Every path this machine can run, widest first.
     fn paths() -> Vec<Isa> {
         let mut paths = vec![Isa::Baseline];
-        if Isa::detected() != Isa::Baseline {
+        if Isa::widest() != Isa::Baseline {
             paths.push(Isa::Avx2);
         }
-        if Isa::detected() == Isa::Avx512 {
+        if Isa::widest() == Isa::Avx512 {
             paths.push(Isa::Avx512);
         }
         paths
@@ -478,6 +594,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn row_taps_blend_the_two_sources_of_every_output() {
+        let source = values(23, 5.0);
+        for outputs in [1, 7, 8, 9, 45] {
+            let taps: Vec<(usize, f32)> = (0..outputs)
+                .map(|x| (x * 21 / outputs.max(2), (x as f32 * 0.37).fract()))
+                .collect();
+            let row_taps = RowTaps::new(taps.iter().copied());
+            let mut out = vec![f32::NAN; outputs];
+            row_taps.apply(&source, &mut out);
+            for (x, &(first, t)) in taps.iter().enumerate() {
+                let (a, b) = (source[first], source[first + 1]);
+                assert_eq!(out[x], a + t * (b - a), "output {x} of {outputs}");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "too short")]
+    fn row_taps_refuse_a_short_source() {
+        RowTaps::new([(0, 0.5), (9, 0.5)]).apply(&[0.0; 10], &mut [0.0; 2]);
     }
 
     #[test]

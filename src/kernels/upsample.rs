@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::{FeatureMap, SharedOut};
+use super::{FeatureMap, SharedOut, simd};
 
 /// For one axis of `length` inputs and `outputs` outputs: each output's two source indices and
 /// the weight of the second. PyTorch's rules: with aligned corners the ends map onto the ends
@@ -50,22 +50,31 @@ pub fn upsample(
     let row_taps = taps(height, out_height, align_corners);
     let column_taps = taps(width, out_width, align_corners);
     let out_plane = out_height * out_width;
-    let plane_task = |out: SharedOut, wide: &mut Vec<f32>, index: usize| {
-        let plane = &input.data[index * height * width..(index + 1) * height * width];
-        for (source_row, wide_row) in plane.chunks(width).zip(wide.chunks_mut(out_width)) {
-            for (value, &(a, b, t)) in wide_row.iter_mut().zip(&column_taps) {
-                *value = source_row[a] + t * (source_row[b] - source_row[a]);
-            }
-        }
-        // SAFETY: plane `index` of the output is this task's alone.
-        let out_rows = unsafe { out.uninit(index * out_plane, out_plane) };
-        for (out_row, &(a, b, t)) in out_rows.chunks_mut(out_width).zip(&row_taps) {
-            let first = &wide[a * out_width..(a + 1) * out_width];
-            let second = &wide[b * out_width..(b + 1) * out_width];
-            for ((value, x), y) in out_row.iter_mut().zip(first).zip(second) {
-                value.write(x + t * (y - x));
-            }
-        }
+    let columns = simd::RowTaps::new(column_taps.into_iter().map(|(a, _, t)| (a, t)));
+    let plane_task = |out: SharedOut, buffers: &mut (Vec<f32>, Vec<f32>), index: usize| {
+        simd::vectorised(
+            #[inline(always)]
+            || {
+                let (wide, padded) = buffers;
+                let plane = &input.data[index * height * width..(index + 1) * height * width];
+                for (source_row, wide_row) in plane.chunks(width).zip(wide.chunks_mut(out_width)) {
+                    // The row and its last value again, so that every tap's second source is
+                    // the one after its first, and no index needs a bounds test.
+                    padded[..width].copy_from_slice(source_row);
+                    padded[width] = source_row[width - 1];
+                    columns.apply(padded, wide_row);
+                }
+                // SAFETY: plane `index` of the output is this task's alone.
+                let out_rows = unsafe { out.uninit(index * out_plane, out_plane) };
+                for (out_row, &(a, b, t)) in out_rows.chunks_mut(out_width).zip(&row_taps) {
+                    let first = &wide[a * out_width..(a + 1) * out_width];
+                    let second = &wide[b * out_width..(b + 1) * out_width];
+                    for ((value, x), y) in out_row.iter_mut().zip(first).zip(second) {
+                        value.write(x + t * (y - x));
+                    }
+                }
+            },
+        )
     };
     // SAFETY: one task per plane, each writing every row of it.
     unsafe {
@@ -73,8 +82,8 @@ pub fn upsample(
             (0..input.batch * input.channels)
                 .into_par_iter()
                 .for_each_init(
-                    || vec![0.0f32; height * out_width],
-                    |wide, index| plane_task(out, wide, index),
+                    || (vec![0.0f32; height * out_width], vec![0.0f32; width + 1]),
+                    |buffers, index| plane_task(out, buffers, index),
                 );
         })
     }

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::buffers::WorkBuffer;
 use super::conv::gemm;
-use super::{Activation, Bands, FeatureMap, SharedOut, tensor_values};
+use super::{Activation, Bands, FeatureMap, SharedOut, simd, tensor_values};
 
 /// Positions in a transformed 4x4 tile: one GEMM each.
 const POSITIONS: usize = 16;
@@ -131,63 +131,70 @@ fn transform_inputs(image: &[f32], band: Band, relu: bool, v: &mut [f32], parall
     let tiles = band.tiles();
     let split = tiles_x + 1;
     let channel = |(source, v): (&[f32], &mut [f32])| {
-        // Rows 0..4 even columns, rows 0..4 odd columns; then the same after Bᵀ.
-        let mut columns = WorkBuffer::take(8 * split);
-        let mut mixed = WorkBuffer::take(8 * split);
-        for tile_row in band.rows.0..band.rows.1 {
-            let (evens, odds) = columns.split_at_mut(4 * split);
-            for r in 0..4 {
-                let even = &mut evens[r * split..(r + 1) * split];
-                let odd = &mut odds[r * split..(r + 1) * split];
-                even.fill(0.0);
-                odd.fill(0.0);
-                let y = (2 * tile_row + r).wrapping_sub(1);
-                if y < height {
-                    // Padded column 2i is input column 2i - 1, padded column 2i + 1 is 2i.
-                    let pairs = source[y * width..(y + 1) * width].chunks_exact(2);
-                    if let [last] = pairs.remainder() {
-                        odd[width / 2] = *last;
+        simd::vectorised(
+            #[inline(always)]
+            || {
+                // Rows 0..4 even columns, rows 0..4 odd columns; then the same after Bᵀ.
+                let mut columns = WorkBuffer::take(8 * split);
+                let mut mixed = WorkBuffer::take(8 * split);
+                for tile_row in band.rows.0..band.rows.1 {
+                    let (evens, odds) = columns.split_at_mut(4 * split);
+                    for r in 0..4 {
+                        let even = &mut evens[r * split..(r + 1) * split];
+                        let odd = &mut odds[r * split..(r + 1) * split];
+                        even.fill(0.0);
+                        odd.fill(0.0);
+                        let y = (2 * tile_row + r).wrapping_sub(1);
+                        if y < height {
+                            // Padded column 2i is input column 2i - 1, padded column 2i + 1 is 2i.
+                            let pairs = source[y * width..(y + 1) * width].chunks_exact(2);
+                            if let [last] = pairs.remainder() {
+                                odd[width / 2] = *last;
+                            }
+                            for (pair, (o, e)) in pairs.zip(odd.iter_mut().zip(&mut even[1..])) {
+                                *o = pair[0];
+                                *e = pair[1];
+                            }
+                        }
                     }
-                    for (pair, (o, e)) in pairs.zip(odd.iter_mut().zip(&mut even[1..])) {
-                        *o = pair[0];
-                        *e = pair[1];
+                    if relu {
+                        columns.iter_mut().for_each(|value| *value = value.max(0.0));
+                    }
+                    // Bᵀ d: down the columns.
+                    for (input, output) in columns
+                        .chunks_exact(4 * split)
+                        .zip(mixed.chunks_exact_mut(4 * split))
+                    {
+                        let (p0, rest) = input.split_at(split);
+                        let (p1, rest) = rest.split_at(split);
+                        let (p2, p3) = rest.split_at(split);
+                        let (m0, rest) = output.split_at_mut(split);
+                        let (m1, rest) = rest.split_at_mut(split);
+                        let (m2, m3) = rest.split_at_mut(split);
+                        for x in 0..split {
+                            [m0[x], m1[x], m2[x], m3[x]] =
+                                input_transform(p0[x], p1[x], p2[x], p3[x]);
+                        }
+                    }
+                    // (Bᵀ d) B: along the rows.
+                    let first_tile = (tile_row - band.rows.0) * tiles_x;
+                    let (evens, odds) = mixed.split_at(4 * split);
+                    let mut positions = v.chunks_exact_mut(tiles);
+                    for r in 0..4 {
+                        let even = &evens[r * split..(r + 1) * split];
+                        let odd = &odds[r * split..(r + 1) * split];
+                        let mut next = || {
+                            &mut positions.next().expect("16 positions")[first_tile..][..tiles_x]
+                        };
+                        let (v0, v1, v2, v3) = (next(), next(), next(), next());
+                        for x in 0..tiles_x {
+                            [v0[x], v1[x], v2[x], v3[x]] =
+                                input_transform(even[x], odd[x], even[x + 1], odd[x + 1]);
+                        }
                     }
                 }
-            }
-            if relu {
-                columns.iter_mut().for_each(|value| *value = value.max(0.0));
-            }
-            // Bᵀ d: down the columns.
-            for (input, output) in columns
-                .chunks_exact(4 * split)
-                .zip(mixed.chunks_exact_mut(4 * split))
-            {
-                let (p0, rest) = input.split_at(split);
-                let (p1, rest) = rest.split_at(split);
-                let (p2, p3) = rest.split_at(split);
-                let (m0, rest) = output.split_at_mut(split);
-                let (m1, rest) = rest.split_at_mut(split);
-                let (m2, m3) = rest.split_at_mut(split);
-                for x in 0..split {
-                    [m0[x], m1[x], m2[x], m3[x]] = input_transform(p0[x], p1[x], p2[x], p3[x]);
-                }
-            }
-            // (Bᵀ d) B: along the rows.
-            let first_tile = (tile_row - band.rows.0) * tiles_x;
-            let (evens, odds) = mixed.split_at(4 * split);
-            let mut positions = v.chunks_exact_mut(tiles);
-            for r in 0..4 {
-                let even = &evens[r * split..(r + 1) * split];
-                let odd = &odds[r * split..(r + 1) * split];
-                let mut next =
-                    || &mut positions.next().expect("16 positions")[first_tile..][..tiles_x];
-                let (v0, v1, v2, v3) = (next(), next(), next(), next());
-                for x in 0..tiles_x {
-                    [v0[x], v1[x], v2[x], v3[x]] =
-                        input_transform(even[x], odd[x], even[x + 1], odd[x + 1]);
-                }
-            }
-        }
+            },
+        )
     };
     let plane = height * width;
     if parallel {
@@ -221,65 +228,72 @@ fn transform_outputs(m: &[f32], band: Band, epilogue: &Epilogue, parallel: bool)
     let tiles = band.tiles();
     let plane = height * width;
     let channel = |(out_channel, m): (usize, &[f32])| {
-        // Even and odd columns of the tile row's two output rows, then one interleaved row.
-        let mut halves = WorkBuffer::take(4 * tiles_x);
-        let mut row = WorkBuffer::take(2 * tiles_x);
-        let bias = epilogue.bias[out_channel];
-        for tile_row in band.rows.0..band.rows.1 {
-            let first_tile = (tile_row - band.rows.0) * tiles_x;
-            let p: [&[f32]; POSITIONS] =
-                std::array::from_fn(|position| &m[position * tiles + first_tile..][..tiles_x]);
-            let (even0, rest) = halves.split_at_mut(tiles_x);
-            let (odd0, rest) = rest.split_at_mut(tiles_x);
-            let (even1, odd1) = rest.split_at_mut(tiles_x);
-            for x in 0..tiles_x {
-                // Aᵀ M down the columns, then along the rows.
-                let [a0, a1] = output_transform(p[0][x], p[4][x], p[8][x], p[12][x]);
-                let [b0, b1] = output_transform(p[1][x], p[5][x], p[9][x], p[13][x]);
-                let [c0, c1] = output_transform(p[2][x], p[6][x], p[10][x], p[14][x]);
-                let [d0, d1] = output_transform(p[3][x], p[7][x], p[11][x], p[15][x]);
-                [even0[x], odd0[x]] = output_transform(a0, b0, c0, d0);
-                [even1[x], odd1[x]] = output_transform(a1, b1, c1, d1);
-            }
-            for (i, (even, odd)) in [(&*even0, &*odd0), (&*even1, &*odd1)]
-                .into_iter()
-                .enumerate()
-            {
-                let y = 2 * tile_row + i;
-                if y >= height {
-                    break;
-                }
-                for (pair, (e, o)) in row.chunks_exact_mut(2).zip(even.iter().zip(odd)) {
-                    pair[0] = *e;
-                    pair[1] = *o;
-                }
-                let values = &row[..width];
-                let start = out_channel * plane + y * width;
-                // SAFETY: row `y` of plane `out_channel` is inside the image, and only this
-                // channel's task writes it.
-                let target = unsafe { epilogue.out.uninit(start, width) };
-                let activation = epilogue.activation;
-                match epilogue.residuals.as_slice() {
-                    [] => {
-                        for (t, v) in target.iter_mut().zip(values) {
-                            t.write(activation.of(v + bias));
+        simd::vectorised(
+            #[inline(always)]
+            || {
+                // Even and odd columns of the tile row's two output rows, then one interleaved row.
+                let mut halves = WorkBuffer::take(4 * tiles_x);
+                let mut row = WorkBuffer::take(2 * tiles_x);
+                let bias = epilogue.bias[out_channel];
+                for tile_row in band.rows.0..band.rows.1 {
+                    let first_tile = (tile_row - band.rows.0) * tiles_x;
+                    let p: [&[f32]; POSITIONS] = std::array::from_fn(|position| {
+                        &m[position * tiles + first_tile..][..tiles_x]
+                    });
+                    let (even0, rest) = halves.split_at_mut(tiles_x);
+                    let (odd0, rest) = rest.split_at_mut(tiles_x);
+                    let (even1, odd1) = rest.split_at_mut(tiles_x);
+                    for x in 0..tiles_x {
+                        // Aᵀ M down the columns, then along the rows.
+                        let [a0, a1] = output_transform(p[0][x], p[4][x], p[8][x], p[12][x]);
+                        let [b0, b1] = output_transform(p[1][x], p[5][x], p[9][x], p[13][x]);
+                        let [c0, c1] = output_transform(p[2][x], p[6][x], p[10][x], p[14][x]);
+                        let [d0, d1] = output_transform(p[3][x], p[7][x], p[11][x], p[15][x]);
+                        [even0[x], odd0[x]] = output_transform(a0, b0, c0, d0);
+                        [even1[x], odd1[x]] = output_transform(a1, b1, c1, d1);
+                    }
+                    for (i, (even, odd)) in [(&*even0, &*odd0), (&*even1, &*odd1)]
+                        .into_iter()
+                        .enumerate()
+                    {
+                        let y = 2 * tile_row + i;
+                        if y >= height {
+                            break;
+                        }
+                        for (pair, (e, o)) in row.chunks_exact_mut(2).zip(even.iter().zip(odd)) {
+                            pair[0] = *e;
+                            pair[1] = *o;
+                        }
+                        let values = &row[..width];
+                        let start = out_channel * plane + y * width;
+                        // SAFETY: row `y` of plane `out_channel` is inside the image, and only this
+                        // channel's task writes it.
+                        let target = unsafe { epilogue.out.uninit(start, width) };
+                        let activation = epilogue.activation;
+                        match epilogue.residuals.as_slice() {
+                            [] => {
+                                for (t, v) in target.iter_mut().zip(values) {
+                                    t.write(activation.of(v + bias));
+                                }
+                            }
+                            [a] => {
+                                let a = &a[start..start + width];
+                                for ((t, v), a) in target.iter_mut().zip(values).zip(a) {
+                                    t.write(activation.of(v + bias + a));
+                                }
+                            }
+                            [a, b, ..] => {
+                                let (a, b) = (&a[start..start + width], &b[start..start + width]);
+                                for (((t, v), a), b) in target.iter_mut().zip(values).zip(a).zip(b)
+                                {
+                                    t.write(activation.of(v + bias + a + b));
+                                }
+                            }
                         }
                     }
-                    [a] => {
-                        let a = &a[start..start + width];
-                        for ((t, v), a) in target.iter_mut().zip(values).zip(a) {
-                            t.write(activation.of(v + bias + a));
-                        }
-                    }
-                    [a, b, ..] => {
-                        let (a, b) = (&a[start..start + width], &b[start..start + width]);
-                        for (((t, v), a), b) in target.iter_mut().zip(values).zip(a).zip(b) {
-                            t.write(activation.of(v + bias + a + b));
-                        }
-                    }
                 }
-            }
-        }
+            },
+        )
     };
     let per_channel = POSITIONS * tiles;
     if parallel {
