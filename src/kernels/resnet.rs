@@ -172,12 +172,17 @@ impl CpuResNet {
         let mut x = max_pool(&stem);
         drop(stem);
         let mut outputs = Vec::with_capacity(self.stages.len());
-        for stage in &self.stages {
+        for (index, stage) in self.stages.iter().enumerate() {
             for block in stage {
                 x = block.forward(x);
             }
-            outputs.push(x.clone());
+            // Each stage's output is a feature and the next stage's input; the last is only
+            // the former.
+            if index + 1 < self.stages.len() {
+                outputs.push(x.clone());
+            }
         }
+        outputs.push(x);
         outputs
             .into_iter()
             .map(|map| map.into_tensor(&device))

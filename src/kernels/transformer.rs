@@ -291,7 +291,7 @@ impl CpuTransformer {
             normed: vec![0.0; rows * EMBED_DIM],
             qkv: vec![0.0; rows * 3 * EMBED_DIM],
             attended: vec![0.0; rows * EMBED_DIM],
-            hidden: vec![0.0; rows * 4 * EMBED_DIM],
+            hidden: vec![0.0; rows * self.blocks.first().map_or(0, |b| b.fc1.outputs)],
         };
         let mut hooked = Vec::with_capacity(N);
         let last = hooks.iter().max().copied().unwrap_or(0);
