@@ -1,11 +1,14 @@
-//! Row-wise maths vectorised for the CPU the process runs on: GELU, softmax and LayerNorm.
+//! Code vectorised for the CPU the process runs on: [`vectorised`], which every kernel's hot
+//! loops run through, and the row-wise maths DPT-Hybrid needs (GELU, softmax, LayerNorm, the
+//! GroupNorm statistics) and upsampling's indexed blends ([`RowTaps`]).
 //!
 //! The crate is built for the x86-64 baseline (SSE2), so a plain loop would use 4 lanes
-//! wherever it runs. Each function here is compiled up to three times, for AVX-512, for
-//! AVX2 + FMA and for the baseline, from one `#[inline(always)]` body that the compiler
-//! vectorises for each; the first call picks the widest the CPU has. The transcendental
-//! functions are polynomials (libm's scalar `erf` and `exp` were 8 % of a DPT-Hybrid forward),
-//! written branch-free so that they vectorise:
+//! wherever it runs. [`vectorised`] compiles the closure it is given up to three times, for
+//! AVX-512, for AVX2 + FMA and for the baseline, and runs the widest the CPU has ([`Isa`],
+//! detected once). The compiler vectorises each copy itself; only the indexed loads of
+//! [`RowTaps`], which it does not vectorise, are written with AVX2 intrinsics. The
+//! transcendental functions are polynomials (libm's scalar `erf` and `exp` were 8 % of a
+//! DPT-Hybrid forward), written branch-free so that they vectorise:
 //! - `erf`: the rational minimax approximation Eigen and XLA use for float32 (inputs clamped to
 //!   ±4, where erf is ±1 in float32), within 5e-7 of the exact value;
 //! - `exp`: Cephes' `expf` (range reduction by `ln 2` in two parts, a degree-6 polynomial, the

@@ -56,7 +56,7 @@ impl DptEncoder {
     }
 
     /// Takes the ResNet's stages and the transformer blocks out, to run them elsewhere (see
-    /// [`HybridVit::take_heavy_parts`]): the encoder then runs through
+    /// `HybridVit::take_heavy_parts`): the encoder then runs through
     /// [`DptEncoder::forward_with`] only.
     pub fn take_heavy_parts(&mut self) -> (ResNetV2, Vec<TransformerBlock>) {
         self.model.take_heavy_parts()
