@@ -161,13 +161,43 @@ pub(super) unsafe fn gemm(
     accumulate: bool,
     parallel: bool,
 ) {
+    // SAFETY: lhs holds m*k values at row stride k and rhs k rows at stride rhs_rs (checked by
+    // the callers' shapes); dst is the caller's contract.
+    unsafe {
+        strided_gemm(
+            (m, n, k),
+            dst,
+            dst_rs,
+            (lhs.as_ptr(), k, 1),
+            (rhs.as_ptr(), rhs_rs, 1),
+            accumulate,
+            parallel,
+        )
+    }
+}
+
+/// `dst (+)= lhs @ rhs` for `(m, n, k)`, each operand `(pointer, row stride, column stride)`
+/// (so either may be read transposed), `dst` row-major at row stride `dst_rs`; added to `dst`
+/// when `accumulate`; on the thread pool when `parallel`.
+///
+/// # Safety
+/// Every index the shapes and strides reach must be inside its buffer (`dst` initialised when
+/// `accumulate`), and `dst`'s values this caller's alone during the call.
+pub(super) unsafe fn strided_gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    accumulate: bool,
+    parallel: bool,
+) {
     let parallelism = if parallel {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: lhs holds m*k values at row stride k and rhs k rows at stride rhs_rs (checked by
-    // the callers' shapes); dst is the caller's contract.
+    // SAFETY: the caller's contract.
     unsafe {
         gemm::gemm(
             m,
@@ -177,12 +207,12 @@ pub(super) unsafe fn gemm(
             1,
             dst_rs as isize,
             accumulate,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            1,
-            rhs_rs as isize,
+            lhs.0,
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0,
+            rhs.2 as isize,
+            rhs.1 as isize,
             1.0,
             1.0,
             false,

@@ -16,7 +16,7 @@ use burn::tensor::TensorData;
 use rayon::prelude::*;
 
 use super::buffers::WorkBuffer;
-use super::conv::gemm;
+use super::conv::{gemm, strided_gemm};
 use super::{SharedOut, simd, tensor_values};
 use crate::model::{EMBED_DIM, HEADS, HOOKS, LN_EPSILON, TransformerBlock};
 
@@ -200,6 +200,8 @@ fn attention(qkv: &[f32], tokens: usize, out: &mut [f32]) {
                 tokens,
                 (q, stride, 1),
                 (k, 1, stride),
+                false,
+                false,
             );
             simd::softmax(&mut scores, tokens);
             strided_gemm(
@@ -210,48 +212,11 @@ fn attention(qkv: &[f32], tokens: usize, out: &mut [f32]) {
                 EMBED_DIM,
                 (scores.as_ptr(), tokens, 1),
                 (v, stride, 1),
+                false,
+                false,
             );
         }
     });
-}
-
-/// `dst = lhs @ rhs` for `(m, n, k)` on one thread, each operand `(pointer, row stride,
-/// column stride)`, `dst` row-major at row stride `dst_rs`.
-///
-/// # Safety
-/// Every index the shapes and strides reach must be inside its buffer, and `dst`'s this
-/// caller's alone.
-unsafe fn strided_gemm(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: (*const f32, usize, usize),
-    rhs: (*const f32, usize, usize),
-) {
-    // SAFETY: the caller's contract.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            false,
-            lhs.0,
-            lhs.2 as isize,
-            lhs.1 as isize,
-            rhs.0,
-            rhs.2 as isize,
-            rhs.1 as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
 }
 
 /// The transformer blocks with their weights packed; built once after the weights load.
