@@ -1,8 +1,10 @@
-//! Real HTTP clients driving the real server: `clients` threads post an upload back to back.
+//! Real HTTP clients driving the real server: `clients` threads post an upload back to back, in
+//! the form field `image` as the replaced service's clients send it (so the same clients drive
+//! that service too).
 
 use std::time::{Duration, Instant};
 
-use super::server::{Server, predict};
+use super::server::{Server, post_multipart};
 
 /// The `p` quantile (0..=1) of sorted values.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -35,7 +37,7 @@ pub fn run(server: &Server, upload: &[u8], clients: usize, seconds: f64) -> Run 
                     let mut own = Vec::new();
                     while Instant::now() < deadline {
                         let start = Instant::now();
-                        let response = predict(server, "photo.jpg", upload, "");
+                        let response = post_multipart(server, "image", Some("photo.jpg"), upload);
                         assert_eq!(
                             response.status,
                             201,

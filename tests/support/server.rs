@@ -75,6 +75,27 @@ impl Server {
         }
     }
 
+    /// Wraps another server's process (the replaced Python service, for comparisons) once it
+    /// accepts connections on `addr`.
+    pub fn adopt(mut child: Child, addr: String) -> Self {
+        let started = Instant::now();
+        while TcpStream::connect(&addr).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the server on {addr} exited before listening: {status}");
+            }
+            assert!(
+                started.elapsed() < STARTUP,
+                "nothing listens on {addr} after {STARTUP:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self {
+            child,
+            addr,
+            logs: Arc::default(),
+        }
+    }
+
     /// `http://127.0.0.1:PORT{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
