@@ -15,4 +15,5 @@ pub mod model;
 pub mod pipeline;
 pub mod server;
 pub mod storage;
+pub mod tls;
 pub mod weights;

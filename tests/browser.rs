@@ -51,7 +51,10 @@ impl Driver {
         let driver = Self {
             child,
             base: format!("http://127.0.0.1:{port}"),
-            client: reqwest::blocking::Client::new(),
+            client: {
+                midas_serve::tls::install_crypto_provider();
+                reqwest::blocking::Client::new()
+            },
         };
         let started = Instant::now();
         while driver

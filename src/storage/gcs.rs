@@ -69,6 +69,7 @@ impl Client {
     /// A client for the emulator named by `STORAGE_EMULATOR_HOST`, or for Cloud Storage with
     /// Application Default Credentials; every call gives up after `timeout`.
     pub async fn from_env(timeout: Duration) -> Result<Self, StoreError> {
+        crate::tls::install_crypto_provider();
         let backoff = ExponentialBackoffBuilder::new()
             .with_initial_delay(Duration::from_millis(100))
             .with_maximum_delay(Duration::from_secs(2))

@@ -225,6 +225,7 @@ async fn download(location: &WeightsLocation, target: &Path) -> Result<String, S
     };
     match location {
         WeightsLocation::Url(url) => {
+            crate::tls::install_crypto_provider();
             let client = reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(10))
                 .read_timeout(STALL_TIMEOUT)
