@@ -51,10 +51,7 @@ impl Driver {
         let driver = Self {
             child,
             base: format!("http://127.0.0.1:{port}"),
-            client: {
-                midas_serve::tls::install_crypto_provider();
-                reqwest::blocking::Client::new()
-            },
+            client: support::client(),
         };
         let started = Instant::now();
         while driver

@@ -72,7 +72,7 @@ fn the_replaced_services_suite_and_streamlit_client_pass() {
         assert!(!input.contains("src"), "{input}");
         assert!(store.path().join(input).is_file());
         let location = answer["location"].as_str().unwrap();
-        let fetched = reqwest::blocking::get(server.url(location)).unwrap();
+        let fetched = support::get(server.url(location)).unwrap();
         assert_eq!(fetched.status(), 200);
         let stored =
             std::fs::read(store.path().join(answer["output_object"].as_str().unwrap())).unwrap();
@@ -85,7 +85,7 @@ fn predictions_are_fetched_again_by_id() {
     let store = tempfile::tempdir().unwrap();
     let server = Server::start(&["--store", store.path().to_str().unwrap()], &[]);
     let photo = std::fs::read(fixture("images/rocket.jpg")).unwrap();
-    let client = reqwest::blocking::Client::new();
+    let client = support::client();
     for (query, content_type) in [("", "image/png"), ("?format=npy", "application/x-npy")] {
         let (form_type, body) = multipart("file", Some("rocket.jpg"), &photo);
         let answer = request(

@@ -366,8 +366,7 @@ fn multipart_front_end() {
             other => panic!("unexpected status {other}"),
         }
     });
-    midas_serve::tls::install_crypto_provider();
-    let health = reqwest::blocking::get(server.url("/healthz")).unwrap();
+    let health = support::get(server.url("/healthz")).unwrap();
     assert_eq!(health.status(), 200);
     let peak_mib = server.memory_kib("VmHWM") / 1024;
     println!("server peak RSS {peak_mib} MiB");

@@ -22,10 +22,7 @@ fn uploads_and_predictions_land_in_the_bucket_byte_for_byte() {
         &["--store", "gs://depth/service"],
         &[("STORAGE_EMULATOR_HOST", &gcs.host)],
     );
-    let ready: serde_json::Value = reqwest::blocking::get(server.url("/readyz"))
-        .unwrap()
-        .json()
-        .unwrap();
+    let ready: serde_json::Value = support::get(server.url("/readyz")).unwrap().json().unwrap();
     assert_eq!(ready["ready"], true);
     for name in ["rocket.jpg", "chelsea.webp"] {
         let upload = image(name);
@@ -46,7 +43,7 @@ fn uploads_and_predictions_land_in_the_bucket_byte_for_byte() {
         assert_eq!(gcs.get("depth", output), response.body);
         // The prediction streams back from the bucket by its id.
         let location = response.header("location").unwrap();
-        let fetched = reqwest::blocking::get(server.url(location)).unwrap();
+        let fetched = support::get(server.url(location)).unwrap();
         assert_eq!(fetched.status(), 200);
         assert_eq!(fetched.bytes().unwrap().to_vec(), response.body);
     }
@@ -84,7 +81,7 @@ fn an_emulator_killed_mid_upload_gives_a_5xx_and_no_object() {
         response.status
     );
     assert_eq!(response.json()["error"], "store_unavailable");
-    let metrics = reqwest::blocking::get(server.url("/metrics"))
+    let metrics = support::get(server.url("/metrics"))
         .unwrap()
         .text()
         .unwrap();
@@ -93,12 +90,7 @@ fn an_emulator_killed_mid_upload_gives_a_5xx_and_no_object() {
         "{metrics}"
     );
     // The server itself is still healthy.
-    assert_eq!(
-        reqwest::blocking::get(server.url("/healthz"))
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(support::get(server.url("/healthz")).unwrap().status(), 200);
 }
 
 #[test]
@@ -141,19 +133,13 @@ fn weights_load_from_a_gs_url() {
         ],
         &[("STORAGE_EMULATOR_HOST", &gcs.host)],
     );
-    let ready: serde_json::Value = reqwest::blocking::get(server.url("/readyz"))
-        .unwrap()
-        .json()
-        .unwrap();
+    let ready: serde_json::Value = support::get(server.url("/readyz")).unwrap().json().unwrap();
     assert_eq!(ready["untrained"], false);
     assert_eq!(ready["weights"], "gs://models/midas/v1.pt");
     let response = predict(&server, "rocket.jpg", &image("rocket.jpg"), "");
     assert_eq!(response.status, 201);
     assert!(response.header("x-model-warning").is_none());
-    let page = reqwest::blocking::get(server.url("/"))
-        .unwrap()
-        .text()
-        .unwrap();
+    let page = support::get(server.url("/")).unwrap().text().unwrap();
     assert!(page.contains("gs://models/midas/v1.pt") && !page.contains("id=\"untrained\""));
     assert!(page.contains(&midas_serve::weights::sha256_file(&weights).unwrap()));
     assert_eq!(

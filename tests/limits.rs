@@ -44,7 +44,7 @@ fn start(store: &std::path::Path, extra: &[&str]) -> Server {
 }
 
 fn metric(server: &Server, name: &str) -> f64 {
-    let text = reqwest::blocking::get(server.url("/metrics"))
+    let text = support::get(server.url("/metrics"))
         .unwrap()
         .text()
         .unwrap();

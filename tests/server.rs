@@ -191,7 +191,7 @@ fn concurrent_clients_all_get_their_own_answer() {
             handle.join().unwrap();
         }
     });
-    let metrics = reqwest::blocking::get(server.url("/metrics"))
+    let metrics = support::get(server.url("/metrics"))
         .unwrap()
         .text()
         .unwrap();
@@ -249,7 +249,7 @@ fn a_full_queue_answers_503_at_once() {
 fn pages_health_readiness_and_metrics() {
     let store = tempfile::tempdir().unwrap();
     let server = start(store.path(), &[]);
-    let page = reqwest::blocking::get(server.url("/")).unwrap();
+    let page = support::get(server.url("/")).unwrap();
     assert_eq!(page.status(), 200);
     assert!(
         page.headers()["content-type"]
@@ -265,12 +265,9 @@ fn pages_health_readiness_and_metrics() {
     assert!(html.contains("<form") && html.contains("/predict"));
     assert!(html.contains(&store.path().display().to_string()));
 
-    let health = reqwest::blocking::get(server.url("/healthz")).unwrap();
+    let health = support::get(server.url("/healthz")).unwrap();
     assert_eq!(health.status(), 200);
-    let ready: serde_json::Value = reqwest::blocking::get(server.url("/readyz"))
-        .unwrap()
-        .json()
-        .unwrap();
+    let ready: serde_json::Value = support::get(server.url("/readyz")).unwrap().json().unwrap();
     assert_eq!(ready["ready"], true);
     assert_eq!(ready["backend"], "flex");
     assert_eq!(ready["untrained"], true);
@@ -279,7 +276,7 @@ fn pages_health_readiness_and_metrics() {
         predict(&server, "rocket.jpg", &image("rocket.jpg"), "").status,
         201
     );
-    let metrics = reqwest::blocking::get(server.url("/metrics"))
+    let metrics = support::get(server.url("/metrics"))
         .unwrap()
         .text()
         .unwrap();
@@ -322,22 +319,16 @@ fn dpt_hybrid_with_the_replaced_service_defaults() {
     let mut flags = model.to_vec();
     flags.extend(["--default-colormap", "viridis"]);
     let server = start(store.path(), &flags);
-    let html = reqwest::blocking::get(server.url("/"))
-        .unwrap()
-        .text()
-        .unwrap();
+    let html = support::get(server.url("/")).unwrap().text().unwrap();
     assert!(
         html.contains("dpt_hybrid_384: MiDaS v3.0 DPT-Hybrid"),
         "{html}"
     );
     assert!(html.contains("<option selected>viridis</option>"), "{html}");
-    let ready: serde_json::Value = reqwest::blocking::get(server.url("/readyz"))
-        .unwrap()
-        .json()
-        .unwrap();
+    let ready: serde_json::Value = support::get(server.url("/readyz")).unwrap().json().unwrap();
     assert_eq!(ready["model"], "dpt_hybrid_384");
     assert_eq!(ready["transform"], "squash");
-    let metrics = reqwest::blocking::get(server.url("/metrics"))
+    let metrics = support::get(server.url("/metrics"))
         .unwrap()
         .text()
         .unwrap();

@@ -476,14 +476,8 @@ fn a_signed_weights_url_is_never_shown() {
         &[],
     );
     assert_eq!(hits.load(Ordering::SeqCst), 1);
-    let page = reqwest::blocking::get(server.url("/"))
-        .unwrap()
-        .text()
-        .unwrap();
-    let ready = reqwest::blocking::get(server.url("/readyz"))
-        .unwrap()
-        .text()
-        .unwrap();
+    let page = support::get(server.url("/")).unwrap().text().unwrap();
+    let ready = support::get(server.url("/readyz")).unwrap().text().unwrap();
     let logs = server.logs().join("\n");
     assert!(ready.contains("/weights/w.pt?<redacted>"), "{ready}");
     for (what, text) in [("/", &page), ("/readyz", &ready), ("logs", &logs)] {

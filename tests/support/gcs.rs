@@ -85,7 +85,7 @@ impl FakeGcs {
 
     /// Creates a bucket through the emulator's JSON API.
     pub fn create_bucket(&self, name: &str) {
-        let response = reqwest::blocking::Client::new()
+        let response = super::client()
             .post(self.url("/storage/v1/b"))
             .json(&serde_json::json!({ "name": name }))
             .send()
@@ -95,7 +95,7 @@ impl FakeGcs {
 
     /// Uploads an object (simple media upload).
     pub fn put(&self, bucket: &str, name: &str, data: Vec<u8>) {
-        let response = reqwest::blocking::Client::new()
+        let response = super::client()
             .post(self.url(&format!("/upload/storage/v1/b/{bucket}/o")))
             .query(&[("uploadType", "media"), ("name", name)])
             .body(data)
@@ -106,11 +106,10 @@ impl FakeGcs {
 
     /// Names of the objects in a bucket.
     pub fn list(&self, bucket: &str) -> Vec<String> {
-        let listing: serde_json::Value =
-            reqwest::blocking::get(self.url(&format!("/storage/v1/b/{bucket}/o")))
-                .unwrap()
-                .json()
-                .unwrap();
+        let listing: serde_json::Value = super::get(self.url(&format!("/storage/v1/b/{bucket}/o")))
+            .unwrap()
+            .json()
+            .unwrap();
         let mut names: Vec<String> = listing["items"]
             .as_array()
             .into_iter()
@@ -127,7 +126,7 @@ impl FakeGcs {
             "/storage/v1/b/{bucket}/o/{}",
             name.replace('/', "%2F")
         ));
-        let response = reqwest::blocking::Client::new()
+        let response = super::client()
             .get(url)
             .query(&[("alt", "media")])
             .send()

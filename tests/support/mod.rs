@@ -7,6 +7,18 @@ pub mod checkpoints;
 pub mod gcs;
 pub mod server;
 
+/// A blocking HTTP client for the tests' own requests. reqwest refuses to build one before the
+/// process has a TLS provider, so this installs the one the crate uses (`midas_serve::tls`).
+pub fn client() -> reqwest::blocking::Client {
+    midas_serve::tls::install_crypto_provider();
+    reqwest::blocking::Client::new()
+}
+
+/// `GET url` with [`client`].
+pub fn get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::blocking::Response> {
+    client().get(url).send()
+}
+
 /// `tests/fixtures/<relative>` of the workspace (also from `model-import`'s tests).
 pub fn fixture(relative: &str) -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
