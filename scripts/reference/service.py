@@ -8,7 +8,7 @@ colours it with matplotlib's table, resizes it back to the input's size, stores 
 returns it with `201`. The weights are `synthetic.state_dict`, the same ones midas-serve serves
 when it is given none, so both sides compute the same network on the same numbers.
 
-    /tmp/midas-ref/bin/pip install -r scripts/reference/requirements.txt flask gunicorn
+    /tmp/midas-ref/bin/pip install -r scripts/reference/requirements.txt
     cd scripts/reference && MIDAS_SRC=/tmp/MiDaS REFERENCE_STORE=/tmp/reference-store \\
         /tmp/midas-ref/bin/gunicorn --workers 1 --threads 8 --preload --timeout 120 \\
         --bind 127.0.0.1:8090 service:app
