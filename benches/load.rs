@@ -22,19 +22,17 @@ mod clients;
 use std::time::Instant;
 
 use clients::{percentile, run};
+use midas_serve::backend::{Backend, BackendKind};
 use server::Server;
 
 /// Time from spawning the server to its "listening" line, with weights in `.bpk` form.
 fn time_to_ready(backend: &str) -> f64 {
     let dir = tempfile::tempdir().unwrap();
-    let device = match backend {
-        "ndarray" =>
-        {
-            #[allow(deprecated)]
-            burn::prelude::Device::ndarray()
-        }
-        _ => burn::prelude::Device::flex(),
-    };
+    let kind = <BackendKind as clap::ValueEnum>::from_str(backend, true)
+        .unwrap_or_else(|_| panic!("unknown backend {backend}"));
+    let device = Backend::init(kind)
+        .unwrap_or_else(|error| panic!("{error}"))
+        .device;
     let (model, _) =
         midas_serve::weights::untrained(midas_serve::model::ModelKind::MidasV21Small256, &device);
     let weights = dir.path().join("midas.bpk");
