@@ -26,9 +26,9 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from flask import Flask, jsonify, request, send_file
-from matplotlib import colormaps
 from PIL import Image
 
+import make_fixtures
 import synthetic
 import upstream
 
@@ -57,24 +57,9 @@ def load_model():
 
 
 MODEL, TRANSFORMS = load_model()
-COLOURS = colormaps["inferno"](np.arange(256), bytes=True)[:, :3]
+TRANSFORM = make_fixtures.upstream_transform(TRANSFORMS)
 app = Flask(__name__)
 
-
-def transform(rgb):
-    import cv2
-
-    steps = [
-        TRANSFORMS.Resize(256, 256, resize_target=None, keep_aspect_ratio=True,
-                          ensure_multiple_of=32, resize_method="upper_bound",
-                          image_interpolation_method=cv2.INTER_CUBIC),
-        TRANSFORMS.NormalizeImage(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-        TRANSFORMS.PrepareForNet(),
-    ]
-    sample = {"image": rgb}
-    for step in steps:
-        sample = step(sample)
-    return sample["image"]
 
 
 @app.get("/")
@@ -98,13 +83,11 @@ def predict():
     (STORE / "inputs" / f"{name}{pathlib.Path(upload.filename).suffix}").write_bytes(data)
 
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(transform(rgb))[None]
+    tensor = torch.from_numpy(TRANSFORM({"image": rgb})["image"])[None]
     with torch.no_grad():
         depth = MODEL(tensor)[0].numpy()
-    peak = depth.max()
-    scaled = depth / peak if peak > 0 else np.zeros_like(depth)
-    index = np.clip((scaled * 256.0).astype(np.int64), 0, 255)
-    coloured = Image.fromarray(COLOURS[index]).resize((image.width, image.height), Image.BICUBIC)
+    coloured = Image.fromarray(make_fixtures.colourise(depth, "inferno"))
+    coloured = coloured.resize((image.width, image.height), Image.BICUBIC)
 
     out = io.BytesIO()
     coloured.save(out, format="PNG")
