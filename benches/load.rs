@@ -137,14 +137,9 @@ fn reference_worker_peak(server: &Server) -> f64 {
     let worker = children
         .split_whitespace()
         .next()
+        .and_then(|pid| pid.parse().ok())
         .expect("gunicorn has a worker");
-    let status = std::fs::read_to_string(format!("/proc/{worker}/status")).unwrap();
-    let kib: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kib / 1024.0
+    server::process_memory_kib(worker, "VmHWM") as f64 / 1024.0
 }
 
 fn main() {
