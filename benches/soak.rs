@@ -1,6 +1,9 @@
-//! Soak benchmark: the real server under 8 real clients for 30 minutes, two requests in three
-//! good (640x480 JPEG, a PNG) and the rest hostile (truncated, corrupt, oversized, malformed,
-//! huge headers, uploads abandoned midway). Every answer must be the one intended for its
+//! Soak benchmark: the real server under 8 real HTTP/1.1 clients for 30 minutes, two requests in
+//! three good (640x480 JPEG, a PNG) and the rest hostile (truncated, corrupt, oversized,
+//! malformed, huge headers, uploads abandoned midway), beside an HTTP/2 mix from `h2load` (a
+//! real HTTP/2 load generator, Debian's `nghttp2-client`, which `scripts/test-deps.sh`
+//! installs): uploads on two connections, four streams each, and page, health and readiness
+//! requests on two more, eight streams each. Every answer must be the one intended for its
 //! request, and the server's RSS after warm-up must not drift by 5 % or more.
 //!
 //! `cargo bench --bench soak` (30 minutes), or `SOAK_SECONDS=300 SOAK_CLIENTS=8 cargo bench
@@ -15,6 +18,7 @@ mod photo;
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -153,6 +157,7 @@ fn main() {
         ],
         &[],
     );
+    let http2 = http2_mix(&server, seconds);
     let kinds = kinds();
     let total_weight: usize = kinds.iter().map(|k| k.weight).sum();
     let counts: Mutex<BTreeMap<&str, (usize, usize)>> = Mutex::new(BTreeMap::new());
@@ -246,7 +251,22 @@ fn main() {
         last / 1024,
         peak / 1024
     );
-    let unexpected = unexpected.into_inner().unwrap();
+    let mut unexpected = unexpected.into_inner().unwrap();
+    println!(
+        "\n| HTTP/2 (h2load) | requests | 2xx | 4xx | 5xx | failed |\n|---|---|---|---|---|---|"
+    );
+    for (name, child) in http2 {
+        let output = child.wait_with_output().unwrap();
+        let report = String::from_utf8_lossy(&output.stdout);
+        let [total, done, failed] =
+            h2load_figures(&report, "requests:", ["total", "done", "failed"]);
+        let [ok, client_errors, server_errors] =
+            h2load_figures(&report, "status codes:", ["2xx", "4xx", "5xx"]);
+        println!("| {name} | {total} | {ok} | {client_errors} | {server_errors} | {failed} |");
+        if !output.status.success() || done == 0 || ok != done || failed > 0 {
+            unexpected.push(format!("HTTP/2 {name}: {report}"));
+        }
+    }
     for line in unexpected.iter().take(20) {
         println!("unintended: {line}");
     }
@@ -256,4 +276,65 @@ fn main() {
         unexpected.len()
     );
     assert!(drift.abs() < 5.0, "RSS drifted {drift:+.2} %");
+}
+
+/// Starts the HTTP/2 half of the load: `h2load` processes that run for `seconds` over HTTP/2
+/// with prior knowledge, each named for the summary.
+fn http2_mix(server: &Server, seconds: u64) -> Vec<(&'static str, Child)> {
+    let (content_type, body) = multipart("image", Some("photo.jpg"), &photo::jpeg(640, 480));
+    let upload = std::env::temp_dir().join(format!("soak-h2-upload-{}", std::process::id()));
+    std::fs::write(&upload, body).unwrap();
+    let duration = seconds.to_string();
+    let h2load = |args: &[&str]| {
+        Command::new("h2load")
+            .args(["-D", &duration, "-t", "1"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("h2load runs (Debian's nghttp2-client; scripts/test-deps.sh installs it)")
+    };
+    let content_type = format!("content-type: {content_type}");
+    vec![
+        (
+            "uploads, 2 connections x 4 streams",
+            h2load(&[
+                "-c",
+                "2",
+                "-m",
+                "4",
+                "-d",
+                upload.to_str().unwrap(),
+                "-H",
+                &content_type,
+                &server.url("/predict"),
+            ]),
+        ),
+        (
+            "page, health, readiness, 2 x 8 streams",
+            h2load(&[
+                "-c",
+                "2",
+                "-m",
+                "8",
+                &server.url("/"),
+                &server.url("/healthz"),
+                &server.url("/readyz"),
+            ]),
+        ),
+    ]
+}
+
+/// The numbers `h2load` reports after `label` for each of `names` (`requests: 10 total, ...`).
+fn h2load_figures<const N: usize>(report: &str, label: &str, names: [&str; N]) -> [u64; N] {
+    let line = report
+        .lines()
+        .find_map(|line| line.trim().strip_prefix(label))
+        .unwrap_or_else(|| panic!("h2load printed no {label:?} line:\n{report}"));
+    names.map(|name| {
+        line.split(',')
+            .find_map(|part| part.trim().strip_suffix(name))
+            .and_then(|number| number.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+    })
 }

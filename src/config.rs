@@ -229,12 +229,25 @@ pub struct ServeArgs {
     /// Most inputs run through the network together when requests queue up (1 disables batching).
     #[arg(long, env = "MIDAS_MAX_BATCH", default_value_t = 1)]
     pub max_batch: usize,
-    /// Most simultaneous connections; further ones wait in the kernel's accept queue.
+    /// Most simultaneous connections; further ones wait in the kernel's accept queue, and
+    /// connections with no request in flight are asked to close to make room for them.
     #[arg(long, env = "MIDAS_MAX_CONNECTIONS", default_value_t = 512)]
     pub max_connections: usize,
-    /// Seconds a client may take to send its request headers.
+    /// Seconds a client may take to send its request headers; also how long a new connection
+    /// (HTTP/1.1 or HTTP/2) may stay without a request before it is closed.
     #[arg(long, env = "MIDAS_HEADER_TIMEOUT_SECS", default_value_t = 10)]
     pub header_timeout_secs: u64,
+    /// Seconds a connection that has served requests may stay without one in flight before it
+    /// is closed (HTTP/1.1 keep-alive and HTTP/2 alike).
+    #[arg(long, env = "MIDAS_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub idle_timeout_secs: u64,
+    /// Most HTTP/2 streams one connection may have open at once.
+    #[arg(long, env = "MIDAS_MAX_STREAMS_PER_CONNECTION", default_value_t = 32)]
+    pub max_streams_per_connection: u32,
+    /// Most uploads (`POST /predict`) one connection may have in flight at once; more are
+    /// refused with 429, so one HTTP/2 connection cannot take the whole memory budget.
+    #[arg(long, env = "MIDAS_MAX_UPLOADS_PER_CONNECTION", default_value_t = 4)]
+    pub max_uploads_per_connection: usize,
     /// Seconds a whole request may take, upload included (408 or 504 after).
     #[arg(long, env = "MIDAS_REQUEST_TIMEOUT_SECS", default_value_t = 60)]
     pub request_timeout_secs: u64,
@@ -276,6 +289,11 @@ impl ServeArgs {
     /// `--header-timeout-secs` as a duration.
     pub fn header_timeout(&self) -> Duration {
         Duration::from_secs(self.header_timeout_secs)
+    }
+
+    /// `--idle-timeout-secs` as a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
     }
 
     /// `--request-timeout-secs` as a duration.

@@ -549,3 +549,104 @@ fn a_store_that_goes_away_fails_the_task_and_claims_nothing_it_did_not_store() {
     );
     assert_same(&outputs(&bucket_objects(&gcs, "data", "out")), &expected);
 }
+
+/// `midas-serve batch` over `input` into `output`, as a process that cannot read what its
+/// permissions forbid even when the tests run as root (which bypasses them): started through
+/// `setpriv` without the capabilities that override file permissions.
+fn unprivileged_task(input: &Path, output: &Path) -> Child {
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut command = if root {
+        let mut command = Command::new("setpriv");
+        command.args(["--bounding-set=-dac_override,-dac_read_search", "--"]);
+        command.arg(env!("CARGO_BIN_EXE_midas-serve"));
+        command
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_midas-serve"))
+    };
+    command
+        .args(["batch", "--input"])
+        .arg(input)
+        .arg("--output")
+        .arg(output)
+        .env("MIDAS_LOG_FORMAT", "json")
+        .env_remove("STORAGE_EMULATOR_HOST")
+        .env_remove("CLOUD_RUN_TASK_INDEX")
+        .env_remove("CLOUD_RUN_TASK_COUNT")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts")
+}
+
+#[test]
+fn every_entry_of_an_untidy_tree_is_recorded_and_the_task_finishes() {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{PermissionsExt, symlink};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in"), dir.path().join("out"));
+    let outside = dir.path().join("outside.jpg");
+    write(&outside, &image("rocket.jpg"));
+    write(&input.join("good.png"), &image("camera_odd.png"));
+    write(&input.join("unreadable.png"), &image("camera_odd.png"));
+    std::fs::set_permissions(
+        input.join("unreadable.png"),
+        PermissionsExt::from_mode(0o000),
+    )
+    .unwrap();
+    let mkfifo = Command::new("mkfifo")
+        .arg(input.join("pipe.jpg"))
+        .status()
+        .unwrap();
+    assert!(mkfifo.success());
+    symlink("loop.jpg", input.join("loop.jpg")).unwrap();
+    symlink("/dev/null", input.join("device.png")).unwrap();
+    symlink(&outside, input.join("linked.jpg")).unwrap();
+    let raw_name = std::ffi::OsStr::from_bytes(b"caf\xe9.png");
+    write(&input.join(raw_name), &image("camera_odd.png"));
+    write(&input.join("locked/inside.png"), &image("camera_odd.png"));
+    std::fs::set_permissions(input.join("locked"), PermissionsExt::from_mode(0o000)).unwrap();
+
+    let task = unprivileged_task(&input, &output);
+    let started = Instant::now();
+    let finished = task.wait_with_output().unwrap();
+    let summary = summary(&finished, true);
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "the task hung on a special file"
+    );
+    std::fs::set_permissions(input.join("locked"), PermissionsExt::from_mode(0o755)).unwrap();
+    assert_eq!(summary["done"], 2, "{summary}");
+    assert_eq!(summary["failed"], 6, "{summary}");
+
+    let objects = files(&output);
+    let (records, _) = manifests(&objects);
+    let codes: BTreeMap<String, String> = records
+        .iter()
+        .map(|record| {
+            let input = record["input"].as_str().unwrap().to_string();
+            let code = record["error"]
+                .as_str()
+                .unwrap_or(record["status"].as_str().unwrap());
+            (input, code.to_string())
+        })
+        .collect();
+    let expected: BTreeMap<String, String> = [
+        ("caf\u{fffd}.png", "non_utf8_name"),
+        ("device.png", "not_regular_file"),
+        ("good.png", "done"),
+        ("linked.jpg", "done"),
+        ("locked", "unreadable_directory"),
+        ("loop.jpg", "symlink_loop"),
+        ("pipe.jpg", "not_regular_file"),
+        ("unreadable.png", "permission_denied"),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(codes, expected);
+    // A link to a file outside the tree is followed: its output is written like any other.
+    let outputs = outputs(&objects);
+    let written: Vec<&str> = outputs.keys().map(String::as_str).collect();
+    assert_eq!(written, ["good.png", "linked.png"]);
+}

@@ -105,6 +105,29 @@ fn cloudbuild_builds_pushes_and_deploys_one_image() {
     ] {
         assert!(deploy.contains(flag), "deploy lacks {flag}");
     }
+    // Traffic waits for readiness; a dead inference thread gets the instance replaced.
+    let probe = |flag: &str| {
+        deploy
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix(flag))
+            .unwrap_or_else(|| panic!("deploy lacks {flag}"))
+            .split(',')
+            .map(|pair| pair.split_once('=').expect("KEY=VALUE"))
+            .map(|(key, value)| (key.to_string(), value.to_string()))
+            .collect::<std::collections::BTreeMap<String, String>>()
+    };
+    let startup = probe("--startup-probe=");
+    assert_eq!(startup["httpGet.path"], "/readyz");
+    let window: u64 = startup["periodSeconds"].parse::<u64>().unwrap()
+        * startup["failureThreshold"].parse::<u64>().unwrap();
+    assert!(
+        window <= 240,
+        "Cloud Run allows a start-up window of 240 s, not {window}"
+    );
+    let liveness = probe("--liveness-probe=");
+    assert_eq!(liveness["httpGet.path"], "/healthz");
+    // HTTP probes need HTTP/1.1 between Cloud Run and the container.
+    assert!(!deploy.contains("--use-http2"), "{deploy}");
 
     // The batch job: the same image, `midas-serve batch` as its command, every knob a
     // substitution.

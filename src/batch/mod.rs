@@ -422,6 +422,7 @@ impl Stages {
         let (status, code) = match &error {
             StoreError::TooLarge { .. } => (Status::Failed, "too_large"),
             StoreError::NotFound(_) => (Status::Failed, "not_found"),
+            StoreError::Unreadable { code, .. } => (Status::Failed, *code),
             StoreError::Timeout(_) => (Status::Transient, "store_timeout"),
             _ => (Status::Transient, "store_unavailable"),
         };

@@ -31,7 +31,8 @@ pub struct Plan {
     pub work: Vec<Work>,
     /// Inputs settled from the listings (output present already, or refused by name).
     pub settled: Vec<Record>,
-    /// Images in the whole input, across every task.
+    /// Images in the whole input, across every task, with the entries that could not be read
+    /// (each recorded as failed by one task).
     pub images: usize,
     /// Listed files that are not images (by extension), across every task.
     pub ignored: usize,
@@ -72,6 +73,24 @@ impl Plan {
         };
         for listed in inputs {
             if excluded(&listed.name) {
+                continue;
+            }
+            if let Some((code, reason)) = &listed.unreadable {
+                // Whatever its name, an entry that cannot be read is reported by the one task
+                // that owns its position, so it never vanishes from the manifests.
+                let ordinal = plan.images;
+                plan.images += 1;
+                if ordinal % task.count == task.index {
+                    let position = plan.work.len() + plan.settled.len();
+                    plan.settled.push(Record::settled(
+                        position,
+                        &listed.name,
+                        "",
+                        0,
+                        Status::Failed,
+                        Some((code, reason.clone())),
+                    ));
+                }
                 continue;
             }
             let Some((stem, input_extension)) = listed.name.rsplit_once('.') else {
@@ -161,6 +180,7 @@ mod tests {
             .map(|name| Listed {
                 name: name.to_string(),
                 size: 10,
+                unreadable: None,
             })
             .collect();
         listed.sort_by(|a, b| a.name.cmp(&b.name));
@@ -223,6 +243,32 @@ mod tests {
                 ("a.png", Status::Failed, Some("output_collision")),
                 ("b.jpg", Status::Skipped, None)
             ]
+        );
+    }
+
+    #[test]
+    fn unreadable_entries_are_recorded_once_whatever_their_name() {
+        let mut inputs = listed(&["a.jpg", "b.jpg"]);
+        inputs.push(Listed {
+            name: "fifo".to_string(),
+            size: 0,
+            unreadable: Some(("not_regular_file", "it is a FIFO".to_string())),
+        });
+        let mut recorded = Vec::new();
+        for index in 0..2 {
+            let plan = Plan::new(
+                &inputs,
+                None,
+                "png",
+                &HashSet::new(),
+                Task { index, count: 2 },
+            );
+            assert_eq!(plan.images, 3);
+            recorded.extend(plan.settled.into_iter().map(|r| (r.input, r.error)));
+        }
+        assert_eq!(
+            recorded,
+            [("fifo".to_string(), Some("not_regular_file".to_string()))]
         );
     }
 

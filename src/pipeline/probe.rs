@@ -153,6 +153,9 @@ fn jpeg_segment(bytes: &[u8], offset: &mut usize) -> Step<Segment> {
         at += 1;
     }
     let Some(&code) = bytes.get(at) else {
+        // Resume at the run's last fill byte: a run arriving in small pieces is read once,
+        // not again from its start with every piece.
+        *offset = at - 1;
         return Ok(None);
     };
     at += 1;
@@ -348,6 +351,23 @@ mod tests {
             probe(&scan_first, false),
             Err(DecodeError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn a_run_of_fill_bytes_is_read_once() {
+        // A start marker then 0xFF fill arriving in small pieces: each call resumes at the end
+        // of what it has seen (the last fill byte), so the whole walk costs the run's length.
+        let mut jpeg = vec![0xFF, 0xD8];
+        jpeg.extend(std::iter::repeat_n(0xFF, 1 << 16));
+        let mut probe_state = HeaderProbe::new();
+        for end in (3..=jpeg.len()).step_by(7) {
+            assert_eq!(probe_state.advance(&jpeg[..end], false).unwrap(), None);
+            assert_eq!(probe_state.offset, end - 1, "resumed behind the bytes seen");
+        }
+        // The run may still end in a real marker: the frame header is found after it.
+        jpeg.extend_from_slice(&[0xC0, 0, 11, 8, 0, 20, 0, 30, 1, 1, 0x11, 0]);
+        let header = probe_state.advance(&jpeg, false).unwrap().unwrap();
+        assert_eq!((header.width, header.height), (30, 20));
     }
 
     #[test]

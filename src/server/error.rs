@@ -68,6 +68,11 @@ pub enum ApiError {
     /// The client took longer than the request timeout.
     #[error("the request was not completed within {0:?}")]
     Timeout(Duration),
+    /// The connection already has as many uploads in flight as it may.
+    #[error(
+        "this connection already has {0} uploads in flight; wait for one to finish or open another connection"
+    )]
+    TooManyUploads(usize),
     /// The inference queue is full.
     #[error("the model is busy: the queue of {0} requests is full; retry shortly")]
     Overloaded(usize),
@@ -138,6 +143,7 @@ impl ApiError {
             Self::BadQuery(_) => (StatusCode::BAD_REQUEST, "bad_query"),
             Self::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             Self::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+            Self::TooManyUploads(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_uploads"),
             Self::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             Self::ModelUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "model_unavailable"),
             Self::MemoryBusy(_) => (StatusCode::SERVICE_UNAVAILABLE, "memory_busy"),
@@ -149,6 +155,9 @@ impl ApiError {
             Self::UnknownPrediction(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::Draining => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             Self::Store(StoreError::Timeout(_)) => (StatusCode::GATEWAY_TIMEOUT, "store_timeout"),
+            Self::Store(StoreError::Unreadable { .. }) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "store_unreadable")
+            }
             Self::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -166,7 +175,7 @@ impl ApiError {
         *response.status_mut() = status;
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response

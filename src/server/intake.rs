@@ -12,6 +12,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use multer::{Constraints, Field, Multipart, SizeLimit};
 
+use super::budget::BodyCharge;
 use super::error::ApiError;
 use super::{AppState, BoxError};
 use crate::pipeline::{self, HeaderProbe, ImageFormat, ImageHeader, OutputFormat, RenderOptions};
@@ -76,15 +77,31 @@ pub fn query_options(
         })
 }
 
-/// Reads the form `body` (of `content_type`, at most `limit` bytes) of request `request_id`.
+/// A `/predict` request's body, as it arrives.
+pub struct Form<'a> {
+    /// The body.
+    pub incoming: Incoming,
+    /// Its `Content-Type` (the boundary is in it).
+    pub content_type: &'a str,
+    /// The most bytes it may have.
+    pub limit: u64,
+    /// Its share of the memory budget, grown as the file arrives.
+    pub charge: &'a mut BodyCharge,
+}
+
+/// Reads the form of request `request_id`.
 pub async fn receive(
     state: &AppState,
-    body: Incoming,
-    content_type: &str,
-    limit: u64,
+    form: Form<'_>,
     request_id: &str,
     mut options: RenderOptions,
 ) -> Result<Received, ApiError> {
+    let Form {
+        incoming: body,
+        content_type,
+        limit,
+        charge,
+    } = form;
     let boundary = multer::parse_boundary(content_type).map_err(|_| {
         ApiError::NotMultipart(format!(
             "expected a multipart/form-data body with a boundary, got content type {content_type:?}"
@@ -104,12 +121,18 @@ pub async fn receive(
         .map_err(|e| multipart_error(e, limit))?
     {
         let name = field.name().unwrap_or_default().to_string();
-        match field.file_name().map(str::to_string) {
+        match file_name(&field) {
             // A file input left empty: browsers send the part with an empty name.
             Some(file_name) if file_name.is_empty() => drain(field, limit).await?,
             Some(_) if file.is_some() => return Err(ApiError::UnexpectedField(name)),
             Some(file_name) => {
-                file = Some(receive_file(state, field, &file_name, limit, request_id).await?);
+                let part = FilePart {
+                    field,
+                    file_name: &file_name,
+                    limit,
+                    charge: &mut *charge,
+                };
+                file = Some(receive_file(state, part, request_id).await?);
             }
             None => match name.as_str() {
                 "colormap" | "format" => {
@@ -129,14 +152,59 @@ pub async fn receive(
     })
 }
 
-/// Streams one file part into the store and a buffer, checking its header on the way.
+/// The part's file name: RFC 7578 allows a client to send it as `filename*` (RFC 5987:
+/// `charset'language'percent-encoded`), which is preferred when present; else `filename`.
+fn file_name(field: &Field<'static>) -> Option<String> {
+    let extended = field
+        .headers()
+        .get(hyper::header::CONTENT_DISPOSITION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(extended_file_name);
+    extended.or_else(|| field.file_name().map(str::to_string))
+}
+
+/// The value of a `filename*` parameter in a `Content-Disposition` header, decoded; `None`
+/// when there is none or it is malformed (an unknown charset, bad UTF-8).
+fn extended_file_name(disposition: &str) -> Option<String> {
+    let value = disposition.split(';').find_map(|parameter| {
+        let (name, value) = parameter.split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("filename*")
+            .then(|| value.trim().trim_matches('"'))
+    })?;
+    let mut parts = value.splitn(3, '\'');
+    let (charset, _language, encoded) = (parts.next()?, parts.next()?, parts.next()?);
+    let bytes: Vec<u8> = percent_encoding::percent_decode_str(encoded).collect();
+    if charset.eq_ignore_ascii_case("utf-8") {
+        String::from_utf8(bytes).ok()
+    } else if charset.eq_ignore_ascii_case("iso-8859-1") {
+        Some(bytes.into_iter().map(char::from).collect())
+    } else {
+        None
+    }
+}
+
+/// The form's file part, on its way in.
+struct FilePart<'a> {
+    field: Field<'static>,
+    file_name: &'a str,
+    limit: u64,
+    charge: &'a mut BodyCharge,
+}
+
+/// Streams one file part into the store and a buffer, checking its header on the way and
+/// charging its bytes to the budget as they arrive.
 async fn receive_file(
     state: &AppState,
-    mut field: Field<'static>,
-    file_name: &str,
-    limit: u64,
+    part: FilePart<'_>,
     request_id: &str,
 ) -> Result<(ImageHeader, Bytes, Upload), ApiError> {
+    let FilePart {
+        mut field,
+        file_name,
+        limit,
+        charge,
+    } = part;
     let extension = file_name
         .rsplit_once('.')
         .map(|(_, e)| e)
@@ -151,6 +219,7 @@ async fn receive_file(
     let mut header = None;
     while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, limit))? {
         buffer.extend_from_slice(&chunk);
+        charge.cover(buffer.len() as u64).await?;
         if header.is_none() {
             header = check_header(state, &mut probe, &buffer, false, declared)?;
         }
@@ -232,5 +301,29 @@ fn multipart_error(error: multer::Error, limit: u64) -> ApiError {
             ApiError::BodyTooLarge(limit)
         }
         _ => ApiError::BadMultipart(error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::extended_file_name;
+
+    #[test]
+    fn extended_file_names_are_decoded() {
+        let header = "form-data; name=\"image\"; filename*=UTF-8''caf%C3%A9%20photo.jpg";
+        assert_eq!(
+            extended_file_name(header).as_deref(),
+            Some("café photo.jpg")
+        );
+        let latin = "form-data; name=\"image\"; FILENAME*=iso-8859-1'en'caf%E9.png";
+        assert_eq!(extended_file_name(latin).as_deref(), Some("café.png"));
+        for bad in [
+            "form-data; name=\"image\"; filename=\"a.png\"",
+            "form-data; filename*=UTF-8''%FF.png",
+            "form-data; filename*=koi8-r''a.png",
+            "form-data; filename*=a.png",
+        ] {
+            assert_eq!(extended_file_name(bad), None, "{bad}");
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! and encoding run on blocking threads, the forward pass on the model's own thread.
 
 mod budget;
+mod connection;
 pub mod error;
 mod inference;
 mod intake;
@@ -12,11 +13,13 @@ mod io;
 mod metrics;
 mod output;
 mod page;
+mod pipe;
 mod predict;
 mod predictions;
 mod routes;
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -26,7 +29,6 @@ use http_body_util::combinators::BoxBody;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -295,28 +297,25 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A head above --max-header-bytes gets the router's JSON 431; one beyond hyper's own read
-    // buffer (about 400 KiB) is cut off by hyper with a bare 431.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(state.config.header_timeout());
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(state.config.max_header_bytes as u32);
+    let builder = protocols(&state.config);
     let send_timeout = state.config.send_timeout();
-    let graceful = GracefulShutdown::new();
-    let connections = Arc::new(Semaphore::new(state.config.max_connections.max(1)));
+    let deadlines = connection::Deadlines {
+        first_request: state.config.header_timeout(),
+        idle: state.config.idle_timeout(),
+        drain: state.config.grace_period(),
+    };
+    let (drain, draining) = tokio::sync::watch::channel(false);
+    let signals = connection::Signals {
+        draining,
+        reclaim: Arc::new(tokio::sync::Notify::new()),
+    };
+    let slots = Arc::new(Semaphore::new(state.config.max_connections.max(1)));
+    let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            () = &mut shutdown => break,
+        let Some(slot) = connection_slot(&slots, &signals, &mut connections, &mut shutdown).await
+        else {
+            break;
         };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -330,24 +329,27 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let state = state.clone();
-        let service = service_fn(move |request| {
-            let state = state.clone();
-            async move { Ok::<_, Infallible>(routes::handle(state, request, peer).await) }
-        });
-        let connection = graceful.watch(
-            builder
-                .serve_connection(
-                    TokioIo::new(io::ServerIo::new(stream, send_timeout)),
-                    service,
-                )
-                .into_owned(),
-        );
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
+        let activity = connection::Activity::new(state.config.max_uploads_per_connection);
+        let service = {
+            let (state, activity) = (state.clone(), activity.clone());
+            service_fn(move |request| {
+                let (state, activity) = (state.clone(), activity.clone());
+                let busy = activity.enter();
+                async move {
+                    let response = routes::handle(state, request, peer, &activity).await;
+                    Ok::<_, Infallible>(response.map(|body| busy.track(body)))
+                }
+            })
+        };
+        let io = TokioIo::new(io::ServerIo::new(stream, send_timeout));
+        let conn = builder.serve_connection(io, service).into_owned();
+        let signals = signals.clone();
+        connections.spawn(async move {
+            let close = |conn: Pin<&mut _>| auto::Connection::graceful_shutdown(conn);
+            if let Err(error) = connection::drive(conn, close, activity, deadlines, signals).await {
                 tracing::debug!(%peer, error = %error, "connection ended with an error");
             }
-            drop(permit);
+            drop(slot);
         });
     }
     state.ready.store(false, Ordering::SeqCst);
@@ -357,8 +359,69 @@ pub async fn serve(
         grace_secs = grace.as_secs(),
         "draining: no new connections, waiting for in-flight requests"
     );
-    match tokio::time::timeout(grace, graceful.shutdown()).await {
+    let _ = drain.send(true);
+    let drained = async { while connections.join_next().await.is_some() {} };
+    // Each connection closes itself within the grace period; the margin covers the last goodbye.
+    match tokio::time::timeout(grace + std::time::Duration::from_secs(1), drained).await {
         Ok(()) => tracing::info!("all connections closed; exiting"),
-        Err(_) => tracing::warn!("grace period over; closing the remaining connections"),
+        Err(_) => {
+            tracing::warn!("grace period over; closing the remaining connections");
+            connections.shutdown().await;
+        }
+    }
+}
+
+/// hyper's settings for both protocols. HTTP/1.1 heads are bounded in time by hyper; HTTP/2
+/// gets keep-alive pings (a peer that stops answering them is dropped), a cap on open streams
+/// and a small send buffer per stream. Connection deadlines common to both live in
+/// [`connection`].
+fn protocols(config: &ServeArgs) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A head above --max-header-bytes gets the router's JSON 431; one beyond hyper's own read
+    // buffer (about 400 KiB) is cut off by hyper, and answered in JSON by [`io::ServerIo`].
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_timeout());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(H2_PING_INTERVAL))
+        .keep_alive_timeout(H2_PING_TIMEOUT)
+        .max_concurrent_streams(config.max_streams_per_connection.max(1))
+        .max_send_buf_size(pipe::CHUNK_BYTES)
+        // Above our own limit, so the router answers an oversized head with its JSON 431;
+        // only a head beyond this gets h2's bare refusal.
+        .max_header_list_size(H2_MAX_HEADER_LIST);
+    builder
+}
+
+/// How often an HTTP/2 connection is pinged, and how long the answer may take.
+const H2_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
+const H2_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The largest HTTP/2 header list h2 decodes (the router refuses anything above
+/// `--max-header-bytes` with a JSON 431 first).
+const H2_MAX_HEADER_LIST: u32 = 256 * 1024;
+
+/// A free connection slot, reaping finished connections meanwhile; at the cap, idle
+/// connections are asked (every second while it lasts) to make room. `None` on shutdown.
+async fn connection_slot(
+    slots: &Arc<Semaphore>,
+    signals: &connection::Signals,
+    connections: &mut tokio::task::JoinSet<()>,
+    shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    loop {
+        while connections.try_join_next().is_some() {}
+        if let Ok(slot) = slots.clone().try_acquire_owned() {
+            return Some(slot);
+        }
+        signals.reclaim.notify_waiters();
+        tokio::select! {
+            slot = slots.clone().acquire_owned() => return slot.ok(),
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            () = shutdown.as_mut() => return None,
+        }
     }
 }

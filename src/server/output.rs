@@ -8,17 +8,16 @@
 //! that receives the whole image knows it is stored.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Frame;
 use hyper::header::{CONTENT_TYPE, HeaderValue, LOCATION};
 use hyper::{Response, StatusCode};
 use tokio::sync::mpsc;
 
 use super::budget::Share;
 use super::error::ApiError;
+use super::pipe::{PipeSender, pipe};
 use super::{AppState, Body, BoxError, Metrics};
 use crate::pipeline::{self, DepthMap, ImageHeader, RenderOptions};
 use crate::storage::{Upload, prediction_name};
@@ -114,7 +113,7 @@ pub async fn answer(
         .metrics
         .stage("postprocess", timings.postprocess / 1000.0);
 
-    let (sender, mut receiver) = mpsc::channel::<Result<Bytes, BoxError>>(RESPONSE_PIPE_DEPTH);
+    let (client, body) = pipe(RESPONSE_PIPE_DEPTH, state.config.send_timeout(), share);
     let store = &state.store;
     let headers = [
         (
@@ -127,10 +126,8 @@ pub async fn answer(
     ];
     let stream = OutputStream {
         upload: store.begin(&output_object),
-        client: sender,
-        send_timeout: state.config.send_timeout(),
+        client,
         metrics: state.metrics.clone(),
-        share,
         log: RequestLog {
             request_id: answer.request_id,
             peer: answer.peer,
@@ -143,12 +140,7 @@ pub async fn answer(
     };
     tokio::spawn(stream.run(chunks));
 
-    let body = async_stream::stream! {
-        while let Some(item) = receiver.recv().await {
-            yield item.map(Frame::data);
-        }
-    };
-    let mut response = Response::new(BodyExt::boxed(StreamBody::new(body)));
+    let mut response = Response::new(body);
     *response.status_mut() = StatusCode::CREATED;
     let map = response.headers_mut();
     map.insert(
@@ -177,11 +169,10 @@ struct RequestLog {
 /// The encoded output on its way to the client and the store.
 struct OutputStream {
     upload: Upload,
-    client: mpsc::Sender<Result<Bytes, BoxError>>,
-    send_timeout: Duration,
+    /// The response body's end; it holds the rendered image's share of the memory budget
+    /// until the client has the last chunk (or is given up on).
+    client: PipeSender,
     metrics: Metrics,
-    /// The rendered image's share of the memory budget, held until the last chunk is out.
-    share: Share,
     log: RequestLog,
 }
 
@@ -238,7 +229,7 @@ impl OutputStream {
                 if let Some(last) = held
                     && client_open
                 {
-                    client_open = send(&self.client, self.send_timeout, Ok(last)).await;
+                    client_open = self.client.send(Ok(last)).await && self.client.finish().await;
                 }
                 tracing::info!(
                     request_id = %log.request_id,
@@ -260,14 +251,13 @@ impl OutputStream {
             Err(error) => {
                 self.metrics.store_error("output");
                 tracing::error!(request_id = %log.request_id, %error, "storing the prediction failed; the response is cut short");
-                let _ = send(&self.client, self.send_timeout, Err(error.into())).await;
+                self.client.send(Err(error.into())).await;
             }
         }
-        drop(self.share);
     }
 
     async fn send(&self, item: Result<Bytes, BoxError>) -> bool {
-        let open = send(&self.client, self.send_timeout, item).await;
+        let open = self.client.send(item).await;
         if !open {
             tracing::info!(
                 request_id = %self.log.request_id,
@@ -276,17 +266,4 @@ impl OutputStream {
         }
         open
     }
-}
-
-/// Hands a chunk to the response body; false when the client is gone or has not taken a
-/// chunk for `timeout`.
-async fn send(
-    client: &mpsc::Sender<Result<Bytes, BoxError>>,
-    timeout: Duration,
-    item: Result<Bytes, BoxError>,
-) -> bool {
-    matches!(
-        tokio::time::timeout(timeout, client.send(item)).await,
-        Ok(Ok(()))
-    )
 }

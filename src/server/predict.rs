@@ -22,7 +22,8 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response};
 
-use super::budget::{DECODE_BYTES_PER_PIXEL, Share};
+use super::budget::{BodyCharge, DECODE_BYTES_PER_PIXEL};
+use super::connection::Activity;
 use super::error::ApiError;
 use super::inference::{Reply, SubmitError};
 use super::intake::{self, Received};
@@ -36,9 +37,11 @@ pub async fn handle(
     request: Request<Incoming>,
     request_id: &str,
     peer: SocketAddr,
+    connection: &Activity,
 ) -> Response<Body> {
     let timeout = state.config.request_timeout();
-    match tokio::time::timeout(timeout, respond(state, request, request_id, peer)).await {
+    let responding = respond(state, request, request_id, peer, connection);
+    match tokio::time::timeout(timeout, responding).await {
         Ok(Ok(response)) => response,
         Ok(Err(error)) => {
             tracing::debug!(request_id, %error, "refused");
@@ -53,10 +56,14 @@ async fn respond(
     request: Request<Incoming>,
     request_id: &str,
     peer: SocketAddr,
+    connection: &Activity,
 ) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let options = intake::query_options(request.uri().query(), state.default_options)?;
-    let body_share = admit(state, &request).await?;
+    let _slot = connection.upload_slot().ok_or(ApiError::TooManyUploads(
+        state.config.max_uploads_per_connection,
+    ))?;
+    let mut body_charge = admit(state, &request).await?;
     let content_type = request
         .headers()
         .get(CONTENT_TYPE)
@@ -66,9 +73,12 @@ async fn respond(
     let limit = state.config.max_body_bytes;
     let received = intake::receive(
         state,
-        request.into_body(),
-        &content_type,
-        limit,
+        intake::Form {
+            incoming: request.into_body(),
+            content_type: &content_type,
+            limit,
+            charge: &mut body_charge,
+        },
         request_id,
         options,
     )
@@ -81,7 +91,7 @@ async fn respond(
     let input_bytes = received.upload.bytes();
     let options = received.options;
     let header = received.header;
-    let (depth, input_object) = infer(state, received, body_share, &mut timings).await?;
+    let (depth, input_object) = infer(state, received, body_charge, &mut timings).await?;
     output::answer(
         state,
         Answer {
@@ -100,8 +110,9 @@ async fn respond(
 }
 
 /// Refuses at the edge, before the body is read, what would be refused after it; then takes
-/// the body's bytes from the memory budget (its declared length, or the limit when chunked).
-async fn admit(state: &AppState, request: &Request<Incoming>) -> Result<Share, ApiError> {
+/// the body's bytes from the memory budget: its declared length, or, for a body sent without
+/// one, a first step that grows as the bytes arrive ([`BodyCharge::cover`]).
+async fn admit(state: &AppState, request: &Request<Incoming>) -> Result<BodyCharge, ApiError> {
     state.queue.admits().map_err(|error| match error {
         SubmitError::Full { capacity } => ApiError::Overloaded(capacity),
         SubmitError::Stopped => ApiError::ModelUnavailable,
@@ -114,10 +125,7 @@ async fn admit(state: &AppState, request: &Request<Incoming>) -> Result<Share, A
     if declared.is_some_and(|length| length > limit) {
         return Err(ApiError::BodyTooLarge(limit));
     }
-    state
-        .budget
-        .reserve(declared.unwrap_or(limit), "request body")
-        .await
+    BodyCharge::new(&state.budget, declared).await
 }
 
 /// Decodes, then runs the model while the store commits the upload; returns the depth map
@@ -125,7 +133,7 @@ async fn admit(state: &AppState, request: &Request<Incoming>) -> Result<Share, A
 async fn infer(
     state: &AppState,
     received: Received,
-    body_share: Share,
+    body_charge: BodyCharge,
     timings: &mut Timings,
 ) -> Result<(pipeline::DepthMap, String), ApiError> {
     let Received {
@@ -137,7 +145,7 @@ async fn infer(
     // A file that does not decode is refused before its upload is committed (dropping the
     // upload aborts it), so it leaves nothing behind.
     let input = decode(state, bytes, header, timings).await?;
-    drop(body_share);
+    drop(body_charge);
     let reply = state.queue.submit(input).map_err(|error| match error {
         SubmitError::Full { capacity } => ApiError::Overloaded(capacity),
         SubmitError::Stopped => ApiError::ModelUnavailable,

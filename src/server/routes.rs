@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
+use super::connection::Activity;
 use super::error::ApiError;
 use super::metrics::{InFlight, RequestLabels, RouteLabels};
 use super::{AppState, Body, predict, predictions};
@@ -57,6 +58,7 @@ pub async fn handle(
     state: Arc<AppState>,
     request: Request<Incoming>,
     peer: SocketAddr,
+    connection: &Activity,
 ) -> Response<Body> {
     let started = Instant::now();
     let request_id = crate::storage::new_request_id(std::time::SystemTime::now());
@@ -93,7 +95,7 @@ pub async fn handle(
         }
         Some((label, _, _)) => {
             let response = match label {
-                "/predict" => predict::handle(&state, request, &request_id, peer).await,
+                "/predict" => predict::handle(&state, request, &request_id, peer, connection).await,
                 "/predictions" => predictions::handle(&state, &request)
                     .await
                     .unwrap_or_else(|error| error.into_response(&request_id)),

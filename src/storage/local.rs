@@ -60,14 +60,17 @@ impl LocalStore {
     }
 
     /// Every file below the root, recursively, as `/`-separated relative names in name order.
-    /// Temporary files, names that are not UTF-8 and symbolic links to directories (which could
-    /// loop) are left out.
+    /// Temporary files are left out. Entries that cannot be read as objects (a FIFO, a device,
+    /// a name that is not UTF-8, a link that loops or to a directory, an unreadable
+    /// subdirectory) are listed with [`Listed::unreadable`] set, so a caller reports them
+    /// instead of losing them; only an unreadable root fails the listing.
     pub async fn list(&self) -> Result<Vec<Listed>, StoreError> {
         let root = self.root.clone();
         tokio::task::spawn_blocking(move || {
             let mut found = Vec::new();
-            walk(&root, "", &mut found)
+            let entries = std::fs::read_dir(&root)
                 .map_err(|e| StoreError::Unavailable(format!("listing {}: {e}", root.display())))?;
+            walk(entries, "", &mut found);
             found.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(found)
         })
@@ -75,19 +78,16 @@ impl LocalStore {
         .map_err(|e| StoreError::Unavailable(e.to_string()))?
     }
 
-    /// Opens a file for reading in chunks.
+    /// Opens a file for reading in chunks. The open never blocks: it is non-blocking (a FIFO
+    /// opens at once instead of waiting for a writer) and anything but a regular file is then
+    /// refused as [`StoreError::Unreadable`].
     pub async fn open_object(&self, name: &str) -> Result<(tokio::fs::File, u64), StoreError> {
         let path = self.root.join(name);
-        let failed = |e: std::io::Error| match e.kind() {
-            std::io::ErrorKind::NotFound => StoreError::NotFound(name.to_string()),
-            _ => StoreError::Unavailable(format!("{}: {e}", path.display())),
-        };
-        let file = tokio::fs::File::open(&path).await.map_err(failed)?;
-        let metadata = file.metadata().await.map_err(failed)?;
-        if !metadata.is_file() {
-            return Err(StoreError::NotFound(name.to_string()));
-        }
-        Ok((file, metadata.len()))
+        let owned = name.to_string();
+        tokio::task::spawn_blocking(move || open_regular(&path, &owned))
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+            .map(|(file, size)| (tokio::fs::File::from_std(file), size))
     }
 
     /// Where `other` lies inside this directory, as a `/`-separated prefix, if it does.
@@ -157,37 +157,148 @@ fn partial_file(directory: &Path) -> std::io::Result<tempfile::NamedTempFile> {
         .tempfile_in(directory)
 }
 
-/// Appends the files below `dir` (named `prefix` relative to the root) to `found`.
-fn walk(dir: &Path, prefix: &str, found: &mut Vec<Listed>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let Some(file_name) = entry.file_name().to_str().map(str::to_string) else {
-            tracing::warn!(path = %entry.path().display(), "skipping a name that is not UTF-8");
-            continue;
+/// Opens `path` (object `name`) for reading if it is a regular file; see
+/// [`LocalStore::open_object`].
+fn open_regular(path: &Path, name: &str) -> Result<(std::fs::File, u64), StoreError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    let file = options.open(path).map_err(|e| open_error(name, &e))?;
+    let metadata = file.metadata().map_err(|e| open_error(name, &e))?;
+    if !metadata.is_file() {
+        return Err(StoreError::Unreadable {
+            name: name.to_string(),
+            code: "not_regular_file",
+            reason: format!("it is a {}", kind_name(metadata.file_type())),
+        });
+    }
+    Ok((file, metadata.len()))
+}
+
+/// What an error opening object `name` means: absent, the object's own failure, or the
+/// store's.
+fn open_error(name: &str, error: &std::io::Error) -> StoreError {
+    if error.kind() == std::io::ErrorKind::NotFound {
+        return StoreError::NotFound(name.to_string());
+    }
+    match unreadable_code(error) {
+        Some(code) => StoreError::Unreadable {
+            name: name.to_string(),
+            code,
+            reason: error.to_string(),
+        },
+        None => StoreError::Unavailable(format!("{name}: {error}")),
+    }
+}
+
+/// The code of an error that belongs to one entry rather than to the whole directory.
+fn unreadable_code(error: &std::io::Error) -> Option<&'static str> {
+    #[cfg(unix)]
+    if error.raw_os_error() == Some(libc::ELOOP) {
+        return Some("symlink_loop");
+    }
+    match error.kind() {
+        std::io::ErrorKind::PermissionDenied => Some("permission_denied"),
+        std::io::ErrorKind::NotFound => Some("dangling_symlink"),
+        _ => None,
+    }
+}
+
+/// A file type in words, for messages.
+fn kind_name(kind: std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if kind.is_fifo() {
+            return "FIFO";
+        }
+        if kind.is_socket() {
+            return "socket";
+        }
+        if kind.is_block_device() || kind.is_char_device() {
+            return "device";
+        }
+    }
+    if kind.is_dir() {
+        "directory"
+    } else {
+        "special file"
+    }
+}
+
+/// An entry listed so that it is reported: see [`Listed::unreadable`].
+fn unreadable(name: String, code: &'static str, reason: String) -> Listed {
+    Listed {
+        name,
+        size: 0,
+        unreadable: Some((code, reason)),
+    }
+}
+
+/// Appends the entries of `entries` (a directory named `prefix` relative to the root) and of
+/// its subdirectories to `found`. Links to files are followed, wherever they lead (the link's
+/// name is the object's); links to directories are not, as they could loop.
+fn walk(entries: std::fs::ReadDir, prefix: &str, found: &mut Vec<Listed>) {
+    for entry in entries {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(error) => {
+                let name = prefix.trim_end_matches('/').to_string();
+                found.push(unreadable(name, "unreadable_directory", error.to_string()));
+                return;
+            }
+        };
+        let file_name = match entry.file_name().into_string() {
+            Ok(file_name) => file_name,
+            Err(raw) => {
+                let name = format!("{prefix}{}", raw.to_string_lossy());
+                let reason = "the name is not UTF-8".to_string();
+                found.push(unreadable(name, "non_utf8_name", reason));
+                continue;
+            }
         };
         if file_name.starts_with(PARTIAL_PREFIX) {
             continue;
         }
         let name = format!("{prefix}{file_name}");
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            walk(&entry.path(), &format!("{name}/"), found)?;
-        } else if kind.is_symlink() {
-            // A link to a file is its target's data; a link to a directory is not followed.
-            if let Ok(metadata) = std::fs::metadata(entry.path())
-                && metadata.is_file()
-            {
-                found.push(Listed {
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(kind) if kind.is_dir() => match std::fs::read_dir(&path) {
+                Ok(children) => walk(children, &format!("{name}/"), found),
+                Err(error) => {
+                    found.push(unreadable(name, "unreadable_directory", error.to_string()))
+                }
+            },
+            Ok(kind) if kind.is_symlink() => match std::fs::metadata(&path) {
+                Ok(metadata) if metadata.is_file() => found.push(Listed {
                     name,
                     size: metadata.len(),
-                });
+                    unreadable: None,
+                }),
+                Ok(metadata) => {
+                    let what = kind_name(metadata.file_type());
+                    let reason = format!("a symbolic link to a {what}, which is not followed");
+                    found.push(unreadable(name, "not_regular_file", reason));
+                }
+                Err(error) => {
+                    let code = unreadable_code(&error).unwrap_or("unreadable");
+                    found.push(unreadable(name, code, error.to_string()));
+                }
+            },
+            Ok(kind) if kind.is_file() => match entry.metadata() {
+                Ok(metadata) => found.push(Listed {
+                    name,
+                    size: metadata.len(),
+                    unreadable: None,
+                }),
+                Err(error) => found.push(unreadable(name, "unreadable", error.to_string())),
+            },
+            Ok(kind) => {
+                let reason = format!("it is a {}", kind_name(kind));
+                found.push(unreadable(name, "not_regular_file", reason));
             }
-        } else if kind.is_file() {
-            found.push(Listed {
-                name,
-                size: entry.metadata()?.len(),
-            });
+            Err(error) => found.push(unreadable(name, "unreadable", error.to_string())),
         }
     }
-    Ok(())
 }

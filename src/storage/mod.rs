@@ -48,6 +48,18 @@ pub enum StoreError {
         /// The limit.
         limit: u64,
     },
+    /// The object is there but is not something to read: not a regular file (a FIFO, a
+    /// device, a socket), unreadable by this process, a symbolic link that loops or leads
+    /// nowhere, a name that is not UTF-8. It is that object's own failure, not the store's.
+    #[error("object {name} cannot be read ({code}): {reason}")]
+    Unreadable {
+        /// The object's name (lossy where it is not UTF-8).
+        name: String,
+        /// A machine-readable reason: `not_regular_file`, `permission_denied`, ...
+        code: &'static str,
+        /// What was found.
+        reason: String,
+    },
     /// The store specification is malformed.
     #[error("invalid store {0:?}: expected a directory or gs://BUCKET[/PREFIX]")]
     InvalidSpec(String),
@@ -106,6 +118,7 @@ impl Store {
                 .map(|o| Listed {
                     name: o.name,
                     size: o.size,
+                    unreadable: None,
                 })
                 .collect()),
         }
@@ -221,6 +234,9 @@ pub struct Listed {
     pub name: String,
     /// Its size in bytes.
     pub size: u64,
+    /// Set when the entry was found but cannot be read as an object (see
+    /// [`StoreError::Unreadable`]): listed so that it is reported, never silently left out.
+    pub unreadable: Option<(&'static str, String)>,
 }
 
 /// What flows from the writer of an object to the store.
@@ -331,8 +347,9 @@ enum Source {
     Gcs(Box<gcs::ObjectReader>),
 }
 
-/// Bytes read from a local file per chunk.
-const READ_CHUNK: usize = 256 * 1024;
+/// Bytes read from a local file per chunk: small, as a response streamed from it holds a few
+/// of them per client (64 KiB, the server's response chunk).
+const READ_CHUNK: usize = 64 * 1024;
 
 impl ObjectStream {
     /// The object's size in bytes, when the store said.
@@ -428,36 +445,35 @@ const MAX_NAME_CHARS: usize = 100;
 
 /// A client's file name made safe as the last part of an object name: only ASCII letters,
 /// digits, `.`, `-` and `_` (anything else becomes `_`), no leading dots (so no `..`), at most
-/// [`MAX_NAME_CHARS`] characters keeping the extension, never empty.
+/// [`MAX_NAME_CHARS`] characters keeping the extension, never empty. The extension is taken
+/// before the leading dots go, so `.png` and `..png` are stored as `upload.png`, not `png`.
 pub fn sanitise(file_name: &str) -> String {
     // Browsers may send a full path; only its last component is a name.
     let base = file_name.rsplit(['/', '\\']).next().unwrap_or_default();
-    let cleaned: String = base
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let cleaned = cleaned.trim_start_matches('.');
-    let cleaned = if cleaned.len() > MAX_NAME_CHARS {
-        let extension = cleaned
-            .rsplit_once('.')
-            .map(|(_, e)| e)
-            .filter(|e| e.len() < 10)
-            .unwrap_or("");
-        let keep = MAX_NAME_CHARS - extension.len() - 1;
-        format!("{}.{extension}", &cleaned[..keep])
-    } else {
-        cleaned.to_string()
+    let clean = |part: &str| -> String {
+        part.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
     };
-    if cleaned.is_empty() {
-        "upload".to_string()
+    let (stem, extension) = match base.rsplit_once('.') {
+        Some((stem, extension)) if extension.len() < 10 => (stem, clean(extension)),
+        _ => (base, String::new()),
+    };
+    let stem = clean(stem);
+    let stem = stem.trim_start_matches('.');
+    let stem = if stem.is_empty() { "upload" } else { stem };
+    let keep = MAX_NAME_CHARS.saturating_sub(extension.len() + 1);
+    let stem = &stem[..stem.len().min(keep)];
+    if extension.is_empty() {
+        stem.to_string()
     } else {
-        cleaned
+        format!("{stem}.{extension}")
     }
 }
 
@@ -477,6 +493,9 @@ mod tests {
         assert_eq!(sanitise("../../etc/passwd"), "passwd");
         assert_eq!(sanitise("..\\..\\x.png"), "x.png");
         assert_eq!(sanitise("..."), "upload");
+        assert_eq!(sanitise(".png"), "upload.png");
+        assert_eq!(sanitise("a/..png"), "upload.png");
+        assert_eq!(sanitise("photo"), "photo");
         assert_eq!(sanitise("a\nb\u{0}c é.png"), "a_b_c__.png");
         let long = format!("{}.jpeg", "x".repeat(500));
         let short = sanitise(&long);
