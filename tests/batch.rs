@@ -554,6 +554,7 @@ fn a_store_that_goes_away_fails_the_task_and_claims_nothing_it_did_not_store() {
 /// permissions forbid even when the tests run as root (which bypasses them): started through
 /// `setpriv` without the capabilities that override file permissions.
 fn unprivileged_task(input: &Path, output: &Path) -> Child {
+    // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     let mut command = if root {
         let mut command = Command::new("setpriv");

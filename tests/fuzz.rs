@@ -265,6 +265,22 @@ fn header_probe_is_linear_in_the_bytes_seen() {
         "{:?}",
         started.elapsed()
     );
+
+    // 200,000 fill bytes (0xFF) between two markers, arriving a byte at a time: the run is read
+    // once, not again from its start with each byte (2 x 10^10 steps).
+    let mut jpeg = vec![0xFF, 0xD8];
+    jpeg.extend(std::iter::repeat_n(0xFF, 200_000));
+    jpeg.extend_from_slice(&[0xC0, 0, 11, 8, 0, 10, 0, 20, 1, 1, 0x11, 0]);
+    let mut probe = HeaderProbe::new();
+    let started = Instant::now();
+    let found = (1..=jpeg.len()).find_map(|end| probe.advance(&jpeg[..end], false).unwrap());
+    let header = found.expect("the frame header after the fill is found");
+    assert_eq!((header.width, header.height), (20, 10));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[test]

@@ -313,10 +313,6 @@ pub async fn serve(
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
-        let Some(slot) = connection_slot(&slots, &signals, &mut connections, &mut shutdown).await
-        else {
-            break;
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -328,6 +324,10 @@ pub async fn serve(
                 }
             },
             () = &mut shutdown => break,
+        };
+        let Some(slot) = connection_slot(&slots, &signals, &mut connections, &mut shutdown).await
+        else {
+            break;
         };
         let activity = connection::Activity::new(state.config.max_uploads_per_connection);
         let service = {
@@ -404,8 +404,9 @@ const H2_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// `--max-header-bytes` with a JSON 431 first).
 const H2_MAX_HEADER_LIST: u32 = 256 * 1024;
 
-/// A free connection slot, reaping finished connections meanwhile; at the cap, idle
-/// connections are asked (every second while it lasts) to make room. `None` on shutdown.
+/// A free connection slot for a connection just accepted, reaping finished connections
+/// meanwhile; at the cap, idle connections are asked (every second while it lasts) to make
+/// room for it. `None` on shutdown.
 async fn connection_slot(
     slots: &Arc<Semaphore>,
     signals: &connection::Signals,
