@@ -3,7 +3,8 @@
 //! malformed, huge headers, uploads abandoned midway), beside an HTTP/2 mix from `h2load` (a
 //! real HTTP/2 load generator, Debian's `nghttp2-client`, which `scripts/test-deps.sh`
 //! installs): uploads on two connections, four streams each, and page, health and readiness
-//! requests on two more, eight streams each. Every answer must be the one intended for its
+//! requests on two more, eight streams each at 100 requests per second a connection (unpaced,
+//! they would take the CPU from everything else). Every answer must be the one intended for its
 //! request, and the server's RSS after warm-up must not drift by 5 % or more.
 //!
 //! `cargo bench --bench soak` (30 minutes), or `SOAK_SECONDS=300 SOAK_CLIENTS=8 cargo bench
@@ -317,6 +318,8 @@ fn http2_mix(server: &Server, seconds: u64) -> Vec<(&'static str, Child)> {
                 "2",
                 "-m",
                 "8",
+                "--rps",
+                "100",
                 &server.url("/"),
                 &server.url("/healthz"),
                 &server.url("/readyz"),

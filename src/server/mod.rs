@@ -297,17 +297,19 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let builder = protocols(&state.config);
-    let send_timeout = state.config.send_timeout();
-    let deadlines = connection::Deadlines {
-        first_request: state.config.header_timeout(),
-        idle: state.config.idle_timeout(),
-        drain: state.config.grace_period(),
-    };
     let (drain, draining) = tokio::sync::watch::channel(false);
-    let signals = connection::Signals {
-        draining,
-        reclaim: Arc::new(tokio::sync::Notify::new()),
+    let settings = ConnectionSettings {
+        builder: protocols(&state.config),
+        send_timeout: state.config.send_timeout(),
+        deadlines: connection::Deadlines {
+            first_request: state.config.header_timeout(),
+            idle: state.config.idle_timeout(),
+            drain: state.config.grace_period(),
+        },
+        signals: connection::Signals {
+            draining,
+            reclaim: Arc::new(tokio::sync::Notify::new()),
+        },
     };
     let slots = Arc::new(Semaphore::new(state.config.max_connections.max(1)));
     let mut connections = tokio::task::JoinSet::new();
@@ -325,30 +327,13 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let Some(slot) = connection_slot(&slots, &signals, &mut connections, &mut shutdown).await
-        else {
+        let slot = connection_slot(&slots, &settings.signals, &mut connections, &mut shutdown);
+        let Some(slot) = slot.await else {
             break;
         };
-        let activity = connection::Activity::new(state.config.max_uploads_per_connection);
-        let service = {
-            let (state, activity) = (state.clone(), activity.clone());
-            service_fn(move |request| {
-                let (state, activity) = (state.clone(), activity.clone());
-                let busy = activity.enter();
-                async move {
-                    let response = routes::handle(state, request, peer, &activity).await;
-                    Ok::<_, Infallible>(response.map(|body| busy.track(body)))
-                }
-            })
-        };
-        let io = TokioIo::new(io::ServerIo::new(stream, send_timeout));
-        let conn = builder.serve_connection(io, service).into_owned();
-        let signals = signals.clone();
+        let connection = settings.serve(&state, stream, peer);
         connections.spawn(async move {
-            let close = |conn: Pin<&mut _>| auto::Connection::graceful_shutdown(conn);
-            if let Err(error) = connection::drive(conn, close, activity, deadlines, signals).await {
-                tracing::debug!(%peer, error = %error, "connection ended with an error");
-            }
+            connection.await;
             drop(slot);
         });
     }
@@ -367,6 +352,47 @@ pub async fn serve(
         Err(_) => {
             tracing::warn!("grace period over; closing the remaining connections");
             connections.shutdown().await;
+        }
+    }
+}
+
+/// What every connection is served with.
+struct ConnectionSettings {
+    builder: auto::Builder<TokioExecutor>,
+    send_timeout: std::time::Duration,
+    deadlines: connection::Deadlines,
+    signals: connection::Signals,
+}
+
+impl ConnectionSettings {
+    /// Serves one accepted connection to its end: every request through the router, each
+    /// counted in flight until its response body is done, under the connection's deadlines.
+    fn serve(
+        &self,
+        state: &Arc<AppState>,
+        stream: tokio::net::TcpStream,
+        peer: std::net::SocketAddr,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let activity = connection::Activity::new(state.config.max_uploads_per_connection);
+        let service = {
+            let (state, activity) = (state.clone(), activity.clone());
+            service_fn(move |request| {
+                let (state, activity) = (state.clone(), activity.clone());
+                let busy = activity.enter();
+                async move {
+                    let response = routes::handle(state, request, peer, &activity).await;
+                    Ok::<_, Infallible>(response.map(|body| busy.track(body)))
+                }
+            })
+        };
+        let io = TokioIo::new(io::ServerIo::new(stream, self.send_timeout));
+        let conn = self.builder.serve_connection(io, service).into_owned();
+        let (deadlines, signals) = (self.deadlines, self.signals.clone());
+        async move {
+            let close = |conn: Pin<&mut _>| auto::Connection::graceful_shutdown(conn);
+            if let Err(error) = connection::drive(conn, close, activity, deadlines, signals).await {
+                tracing::debug!(%peer, error = %error, "connection ended with an error");
+            }
         }
     }
 }
