@@ -53,11 +53,17 @@ pub enum Command {
 pub struct ModelArgs {
     /// Weights: a file path, an https:// URL or gs://bucket/object; PyTorch .pt/.pth/.ckpt (a
     /// PyTorch Lightning checkpoint too), .safetensors (upstream MiDaS keys) or .bpk from
-    /// model-import. The network is recognised from the keys. Without it the untrained
-    /// deterministic model runs, and every output says so. An empty value counts as absent
-    /// (deployment templates often set the variable to "").
+    /// model-import. The network is recognised from the keys. A model's name
+    /// (midas_v21_small_256, dpt_hybrid_384) fetches upstream's released weights for it once
+    /// into the cache. Without it the untrained deterministic model runs, and every output
+    /// says so. An empty value counts as absent (deployment templates often set the variable
+    /// to "").
     #[arg(long, env = "MIDAS_WEIGHTS", value_parser = parse_location)]
     pub weights: Option<OptionalLocation>,
+    /// Where weights named by model are downloaded from: upstream's release downloads, or a
+    /// mirror holding the same paths (v2_1/midas_v21_small_256.pt, v3/dpt_hybrid_384.pt).
+    #[arg(long, env = "MIDAS_WEIGHTS_MIRROR", default_value = crate::weights::UPSTREAM_RELEASES)]
+    pub weights_mirror: String,
     /// Expected sha256 (hex) of the weights file; a mismatch stops start-up. Empty: no pin.
     #[arg(long, env = "MIDAS_WEIGHTS_SHA256")]
     pub weights_sha256: Option<String>,
@@ -118,9 +124,10 @@ impl ModelArgs {
         self.kind.and_then(|kind| kind.0)
     }
 
-    /// Where the weights come from, if anywhere.
-    pub fn location(&self) -> Option<&WeightsLocation> {
-        self.weights.as_ref().and_then(|w| w.0.as_ref())
+    /// Where the weights come from, if anywhere (a model's name resolved to its download).
+    pub fn location(&self) -> Option<WeightsLocation> {
+        let location = self.weights.as_ref().and_then(|w| w.0.clone())?;
+        Some(location.resolve_named(&self.weights_mirror))
     }
 
     /// The pinned sha256, if one was given.

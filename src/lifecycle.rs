@@ -37,7 +37,7 @@ pub async fn load(args: &ModelArgs, transform: Transform) -> Result<Pipeline, Lo
         sha256: args.sha256_pin(),
     };
     let (network, report) = weights::load(
-        args.location(),
+        args.location().as_ref(),
         &options,
         args.key_prefix.as_deref(),
         args.requested_model(),

@@ -182,6 +182,7 @@ fn untrained_pipeline(transform: pipeline::Transform) -> pipeline::Pipeline {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let args = midas_serve::config::ModelArgs {
         weights: None,
+        weights_mirror: midas_serve::weights::UPSTREAM_RELEASES.to_string(),
         weights_sha256: None,
         key_prefix: None,
         kind: None,

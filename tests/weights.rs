@@ -284,8 +284,13 @@ fn locations_parse_or_explain() {
 
 /// Serves one file over HTTP/1.1 on loopback, counting requests; 404 for other paths.
 fn serve_file(body: Vec<u8>) -> (String, Arc<AtomicUsize>) {
+    serve_file_at("/weights/w.pt", body)
+}
+
+/// Serves one file at `path` over HTTP/1.1 on loopback, counting requests; its URL.
+fn serve_file_at(path: &'static str, body: Vec<u8>) -> (String, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/weights/w.pt", listener.local_addr().unwrap());
+    let url = format!("http://{}{path}", listener.local_addr().unwrap());
     let hits = Arc::new(AtomicUsize::new(0));
     let counter = hits.clone();
     std::thread::spawn(move || {
@@ -295,7 +300,9 @@ fn serve_file(body: Vec<u8>) -> (String, Arc<AtomicUsize>) {
             let mut request = [0u8; 4096];
             let n = stream.read(&mut request).unwrap_or(0);
             let head = String::from_utf8_lossy(&request[..n]);
-            if head.starts_with("GET /weights/w.pt ") || head.starts_with("GET /weights/w.pt?") {
+            if head.starts_with(&format!("GET {path} "))
+                || head.starts_with(&format!("GET {path}?"))
+            {
                 let _ = write!(
                     stream,
                     "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -485,4 +492,56 @@ fn a_signed_weights_url_is_never_shown() {
             assert!(!text.contains(hidden), "{what} shows {hidden}:\n{text}");
         }
     }
+}
+
+#[test]
+fn a_model_name_fetches_upstreams_release_once() {
+    let dir = temp_dir();
+    let source = dir.path().join("source.pt");
+    write_pt(&source, as_dict(synthetic_state_dict("")));
+    let (url, hits) = serve_file_at(
+        "/releases/v2_1/midas_v21_small_256.pt",
+        std::fs::read(&source).unwrap(),
+    );
+    let mirror = url
+        .trim_end_matches("/v2_1/midas_v21_small_256.pt")
+        .to_string();
+    let image = dir.path().join("photo.png");
+    image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8, y as u8, 7]))
+        .save(&image)
+        .unwrap();
+    let run = |out: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_midas-serve"))
+            .args(["predict", "--weights", "midas_v21_small_256"])
+            .args(["--weights-mirror", &mirror, "--out-dir"])
+            .arg(dir.path().join(out))
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache"))
+            .arg(&image)
+            .current_dir(dir.path())
+            .env("MIDAS_LOG_FORMAT", "json")
+            .output()
+            .unwrap()
+    };
+    for out in ["first", "second"] {
+        let output = run(out);
+        let logs = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{logs}");
+        assert!(
+            logs.contains(&url),
+            "the weights' source is the release URL: {logs}"
+        );
+        assert!(!logs.contains("UNTRAINED"), "{logs}");
+        assert!(dir.path().join(out).join("photo.png").is_file());
+    }
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "downloaded once, then cached"
+    );
+    // A file of that name is still the file.
+    std::fs::write(dir.path().join("midas_v21_small_256"), b"not weights").unwrap();
+    let output = run("third");
+    assert!(!output.status.success());
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
 }

@@ -29,6 +29,14 @@ impl ModelKind {
         }
     }
 
+    /// Upstream's weights for the model, as a path under isl-org/MiDaS's release downloads.
+    pub fn release_file(self) -> &'static str {
+        match self {
+            Self::MidasV21Small256 => "v2_1/midas_v21_small_256.pt",
+            Self::DptHybrid384 => "v3/dpt_hybrid_384.pt",
+        }
+    }
+
     /// A description for people.
     pub fn description(self) -> &'static str {
         match self {

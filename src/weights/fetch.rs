@@ -57,6 +57,31 @@ impl FromStr for WeightsLocation {
     }
 }
 
+/// Where upstream publishes its weights; `--weights-mirror` replaces it.
+pub const UPSTREAM_RELEASES: &str = "https://github.com/isl-org/MiDaS/releases/download";
+
+impl WeightsLocation {
+    /// A bare model name (`midas_v21_small_256`, `dpt_hybrid_384`) stands for upstream's
+    /// weights of that model under `mirror` ([`UPSTREAM_RELEASES`] or a copy of it), unless a
+    /// file of that name exists: a path keeps meaning the file.
+    pub fn resolve_named(self, mirror: &str) -> Self {
+        let Self::Path(path) = &self else {
+            return self;
+        };
+        let named = crate::model::ModelKind::ALL
+            .into_iter()
+            .find(|kind| path.as_os_str() == kind.name());
+        match named {
+            Some(kind) if !path.exists() => Self::Url(format!(
+                "{}/{}",
+                mirror.trim_end_matches('/'),
+                kind.release_file()
+            )),
+            _ => self,
+        }
+    }
+}
+
 /// A URL as it may be shown: without user information, query or fragment, which can carry
 /// credentials (a signed URL's signature, a token); what was removed is marked `<redacted>`.
 pub fn redact_url(text: &str) -> String {

@@ -29,7 +29,7 @@ use burn::store::{
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-pub use fetch::{FetchOptions, WeightsLocation, fetch};
+pub use fetch::{FetchOptions, UPSTREAM_RELEASES, WeightsLocation, fetch};
 
 use crate::model::{ModelKind, Network};
 
