@@ -389,3 +389,92 @@ fn sigterm_lets_the_request_in_flight_finish_then_exits_zero() {
         "{logs}"
     );
 }
+
+/// A PNG of `image` carrying EXIF orientation `tag` (1 to 8) in an `eXIf` chunk.
+fn png_with_orientation(image: &image::RgbImage, tag: u16) -> Vec<u8> {
+    use image::ImageEncoder;
+    // A big-endian TIFF header and one IFD entry: Orientation (0x0112), SHORT, 1 value.
+    let mut exif = b"MM\x00\x2a\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01".to_vec();
+    exif.extend_from_slice(&tag.to_be_bytes());
+    exif.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    let mut out = Vec::new();
+    let mut encoder = image::codecs::png::PngEncoder::new(&mut out);
+    encoder.set_exif_metadata(exif).unwrap();
+    encoder
+        .write_image(
+            image.as_raw(),
+            image.width(),
+            image.height(),
+            image::ExtendedColorType::Rgb8,
+        )
+        .unwrap();
+    out
+}
+
+#[test]
+fn every_exif_orientation_gives_the_same_upright_depth_map() {
+    use image::DynamicImage;
+    use image::metadata::Orientation;
+    // An upright photo that looks different turned or mirrored, 96 wide and 64 high.
+    let upright = image::RgbImage::from_fn(96, 64, |x, y| {
+        image::Rgb([
+            (x * 2) as u8,
+            (y * 3) as u8,
+            if x < 20 && y < 10 { 255 } else { 30 },
+        ])
+    });
+    let turns: [fn(&DynamicImage) -> DynamicImage; 8] = [
+        |i| i.clone(),
+        |i| i.fliph(),
+        |i| i.flipv(),
+        |i| i.rotate90(),
+        |i| i.rotate180(),
+        |i| i.rotate270(),
+        |i| i.rotate90().fliph(),
+        |i| i.rotate270().fliph(),
+    ];
+    let store = tempfile::tempdir().unwrap();
+    let server = start(store.path(), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut answers = Vec::new();
+    for tag in 1..=8u16 {
+        // The stored pixels are whichever turn of the upright photo the tag turns back.
+        let orientation = Orientation::from_exif(tag as u8).unwrap();
+        let stored = turns
+            .iter()
+            .map(|turn| turn(&DynamicImage::ImageRgb8(upright.clone())))
+            .find(|candidate| {
+                let mut shown = candidate.clone();
+                shown.apply_orientation(orientation);
+                shown.to_rgb8() == upright
+            })
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(tag == 1, stored == upright, "tag {tag}");
+        let file = png_with_orientation(&stored, tag);
+        let response = predict(&server, &format!("o{tag}.png"), &file, "");
+        assert_eq!(response.status, 201, "tag {tag}");
+        let depth = image::load_from_memory(&response.body).unwrap();
+        assert_eq!((depth.width(), depth.height()), (96, 64), "tag {tag}");
+        // `predict` reads the tag too.
+        let path = dir.path().join(format!("o{tag}.png"));
+        std::fs::write(&path, &file).unwrap();
+        let out = dir.path().join(format!("out{tag}"));
+        let status = Command::new(env!("CARGO_BIN_EXE_midas-serve"))
+            .args(["predict", "--out-dir", out.to_str().unwrap()])
+            .arg(&path)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let cli = std::fs::read(out.join(format!("o{tag}.png"))).unwrap();
+        assert_eq!(
+            cli, response.body,
+            "tag {tag}: predict and the server agree"
+        );
+        answers.push(response.body);
+    }
+    for (index, answer) in answers.iter().enumerate() {
+        assert_eq!(answer, &answers[0], "orientation {} differs", index + 1);
+    }
+}

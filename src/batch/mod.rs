@@ -494,6 +494,9 @@ impl Stages {
         .await;
         match decoded {
             Ok(Ok((input, original))) => {
+                // The upright size, which the output has (the header's, turned by EXIF).
+                let mut item = item;
+                item.record.size = Some(original);
                 let mut item = item.with(Prepared {
                     input,
                     original,

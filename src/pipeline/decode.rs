@@ -6,7 +6,8 @@
 
 use std::io::{Cursor, ErrorKind};
 
-use image::{ImageReader, Limits, RgbImage};
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
 use serde::Serialize;
 
 use super::probe::{jpeg_is_complete, probe};
@@ -201,7 +202,10 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, DecodeErr
     decode_checked(bytes, &header, limits)
 }
 
-/// Decodes a whole image whose `header` has already been read and passed `limits.check`.
+/// Decodes a whole image whose `header` has already been read and passed `limits.check`,
+/// turned upright by its EXIF orientation (JPEG, PNG `eXIf`, WebP): a portrait phone photo
+/// stored sideways comes out as every viewer shows it, so its depth map does too. The upright
+/// image's sides are the header's, swapped for the orientations that turn it by 90 degrees.
 pub fn decode_checked(
     bytes: &[u8],
     header: &ImageHeader,
@@ -210,13 +214,20 @@ pub fn decode_checked(
     if header.format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
         return Err(DecodeError::Truncated(ImageFormat::Jpeg));
     }
+    let classify = |e| classify(header.format, e);
     let mut reader = ImageReader::with_format(Cursor::new(bytes), header.format.as_image());
     let mut decoder_limits = Limits::default();
     // Room for the decoded image at up to 16 bits and 4 channels, plus decoder scratch.
     decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(64 << 20));
     reader.limits(decoder_limits);
-    let image = reader.decode().map_err(|e| classify(header.format, e))?;
-    Ok(image.into_rgb8())
+    let mut decoder = reader.into_decoder().map_err(classify)?;
+    // Metadata that does not parse leaves the image as stored, as viewers do.
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let image = DynamicImage::from_decoder(decoder).map_err(classify)?;
+    // Turned after the conversion to 8-bit RGB, so the copy a rotation makes is the small one.
+    let mut upright = DynamicImage::ImageRgb8(image.into_rgb8());
+    upright.apply_orientation(orientation);
+    Ok(upright.into_rgb8())
 }
 
 #[cfg(test)]

@@ -90,8 +90,7 @@ async fn respond(
     state.metrics.stage("upload", timings.upload / 1000.0);
     let input_bytes = received.upload.bytes();
     let options = received.options;
-    let header = received.header;
-    let (depth, input_object) = infer(state, received, body_charge, &mut timings).await?;
+    let (depth, header, input_object) = infer(state, received, body_charge, &mut timings).await?;
     output::answer(
         state,
         Answer {
@@ -128,14 +127,14 @@ async fn admit(state: &AppState, request: &Request<Incoming>) -> Result<BodyChar
     BodyCharge::new(&state.budget, declared).await
 }
 
-/// Decodes, then runs the model while the store commits the upload; returns the depth map
-/// and the committed input's object name.
+/// Decodes, then runs the model while the store commits the upload; returns the depth map,
+/// the upright image's header (the output's size) and the committed input's object name.
 async fn infer(
     state: &AppState,
     received: Received,
     body_charge: BodyCharge,
     timings: &mut Timings,
-) -> Result<(pipeline::DepthMap, String), ApiError> {
+) -> Result<(pipeline::DepthMap, ImageHeader, String), ApiError> {
     let Received {
         header,
         bytes,
@@ -144,7 +143,7 @@ async fn infer(
     } = received;
     // A file that does not decode is refused before its upload is committed (dropping the
     // upload aborts it), so it leaves nothing behind.
-    let input = decode(state, bytes, header, timings).await?;
+    let (input, upright) = decode(state, bytes, header, timings).await?;
     drop(body_charge);
     let reply = state.queue.submit(input).map_err(|error| match error {
         SubmitError::Full { capacity } => ApiError::Overloaded(capacity),
@@ -159,16 +158,17 @@ async fn infer(
             return Err(error.into());
         }
     }
-    Ok((depth?, object))
+    Ok((depth?, upright, object))
 }
 
-/// Decodes and pre-processes on a blocking thread, holding the decode's share of the budget.
+/// Decodes and pre-processes on a blocking thread, holding the decode's share of the budget;
+/// returns the network's input and the upright image's header.
 async fn decode(
     state: &AppState,
     bytes: Bytes,
     header: ImageHeader,
     timings: &mut Timings,
-) -> Result<NetInput, ApiError> {
+) -> Result<(NetInput, ImageHeader), ApiError> {
     let started = Instant::now();
     let pixels = u64::from(header.width) * u64::from(header.height);
     let _share = state
@@ -182,15 +182,20 @@ async fn decode(
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let limits = state.limits;
     let (kind, transform) = (state.model.kind, state.model.transform);
-    let input = tokio::task::spawn_blocking(move || -> Result<NetInput, ApiError> {
+    let decoded = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
         let image = pipeline::decode_checked(&bytes, &header, &limits)?;
-        Ok(pipeline::preprocess(&image, kind, transform))
+        let upright = ImageHeader {
+            width: image.width(),
+            height: image.height(),
+            ..header
+        };
+        Ok((pipeline::preprocess(&image, kind, transform), upright))
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
     timings.decode = millis(started);
     state.metrics.stage("decode", timings.decode / 1000.0);
-    Ok(input)
+    Ok(decoded)
 }
 
 /// Waits for the model's thread to run a queued input.
