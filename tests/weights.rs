@@ -398,17 +398,22 @@ fn urls_download_once_and_honour_the_pin() {
         "a rejected download is not cached"
     );
 
-    // A pin on a local file is checked too.
-    let error = runtime
-        .block_on(weights::load(
-            Some(&WeightsLocation::Path(source)),
-            &wrong,
-            None,
-            None,
-            &device(),
-        ))
-        .unwrap_err();
-    assert!(matches!(error, WeightsError::Checksum { .. }), "{error}");
+    // A pin on a local file is checked too, before the file is parsed: a file that is not
+    // weights at all is refused for its checksum, never read as a checkpoint.
+    let garbage = dir.path().join("garbage.pt");
+    std::fs::write(&garbage, b"not a checkpoint").unwrap();
+    for path in [source, garbage] {
+        let error = runtime
+            .block_on(weights::load(
+                Some(&WeightsLocation::Path(path)),
+                &wrong,
+                None,
+                None,
+                &device(),
+            ))
+            .unwrap_err();
+        assert!(matches!(error, WeightsError::Checksum { .. }), "{error}");
+    }
 
     // 404 and connection refused are download errors naming the location.
     let missing: WeightsLocation = url.replace("w.pt", "nope.pt").parse().unwrap();

@@ -60,6 +60,15 @@ impl Isa {
         Isa::Baseline
     }
 
+    /// Whether this CPU (and build) can run the path: it is the widest one or narrower.
+    fn runs_here(self) -> bool {
+        match (self, Self::widest()) {
+            (Isa::Baseline, _) | (_, Isa::Avx512) => true,
+            (Isa::Avx2, widest) => widest == Isa::Avx2,
+            (Isa::Avx512, _) => false,
+        }
+    }
+
     /// The name used in logs and benchmark reports.
     pub fn name(self) -> &'static str {
         match self {
@@ -77,9 +86,15 @@ pub fn vectorised<R>(work: impl FnOnce() -> R) -> R {
     vectorised_on(Isa::detected(), work)
 }
 
-/// [`vectorised`] on a chosen path: tests run every path the machine supports.
+/// [`vectorised`] on a chosen path: tests run every path the machine supports. A path the CPU
+/// lacks is refused here, so the `unsafe` calls below hold whatever a caller passes.
 #[inline(always)]
 fn vectorised_on<R>(isa: Isa, work: impl FnOnce() -> R) -> R {
+    assert!(
+        isa.runs_here(),
+        "the {} path needs instructions this CPU lacks",
+        isa.name()
+    );
     match isa {
         #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
         Isa::Avx512 => {
@@ -87,7 +102,7 @@ fn vectorised_on<R>(isa: Isa, work: impl FnOnce() -> R) -> R {
             unsafe fn wide<R>(work: impl FnOnce() -> R) -> R {
                 work()
             }
-            // SAFETY: `Isa::detected` found AVX-512F (and the tests only pass paths it found).
+            // SAFETY: `runs_here` (asserted above) found AVX-512F.
             unsafe { wide(work) }
         }
         #[cfg(target_arch = "x86_64")]
@@ -96,7 +111,7 @@ fn vectorised_on<R>(isa: Isa, work: impl FnOnce() -> R) -> R {
             unsafe fn wide<R>(work: impl FnOnce() -> R) -> R {
                 work()
             }
-            // SAFETY: `Isa::detected` found AVX2 and FMA.
+            // SAFETY: `runs_here` (asserted above) found AVX2 and FMA.
             unsafe { wide(work) }
         }
         _ => work(),

@@ -42,6 +42,15 @@ pub struct RenderOptions {
 /// Why rendering a depth map failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
+    /// The network's output holds values that are not depths (NaN or infinite): a broken
+    /// model or weights. Refused rather than painted, so that no output looks like a result.
+    #[error("the model's output holds {count} non-finite values (NaN or infinity) of {total}")]
+    NonFinite {
+        /// How many.
+        count: usize,
+        /// Values in the output.
+        total: usize,
+    },
     /// Resizing back to the input's size failed.
     #[error(transparent)]
     Resize(#[from] ResizeError),
@@ -62,6 +71,13 @@ pub fn render(
     original: (u32, u32),
     options: RenderOptions,
 ) -> Result<EncodedChunks, RenderError> {
+    let count = depth.data.iter().filter(|d| !d.is_finite()).count();
+    if count > 0 {
+        return Err(RenderError::NonFinite {
+            count,
+            total: depth.data.len(),
+        });
+    }
     let (width, height) = original;
     let from = (depth.width, depth.height);
     Ok(match options.format {
@@ -159,5 +175,35 @@ impl Pipeline {
         let original = image.dimensions();
         let depth = self.model.predict(self.preprocess(&image))?;
         Ok(render(&depth, original, options)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_map_with_a_nan_is_refused_in_every_format() {
+        let mut data: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        data[17] = f32::NAN;
+        data[40] = f32::INFINITY;
+        let depth = DepthMap {
+            width: 8,
+            height: 8,
+            data,
+        };
+        for format in [OutputFormat::Png, OutputFormat::Png16, OutputFormat::Npy] {
+            let options = RenderOptions {
+                format,
+                ..RenderOptions::default()
+            };
+            assert!(matches!(
+                render(&depth, (16, 16), options),
+                Err(RenderError::NonFinite {
+                    count: 2,
+                    total: 64
+                })
+            ));
+        }
     }
 }

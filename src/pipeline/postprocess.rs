@@ -28,7 +28,8 @@ pub struct ResizeError {
 }
 
 /// Colour-table indices: `trunc(d / max(d) * 256)` clamped to 255, matplotlib's rule for floats
-/// in [0, 1]. An all-zero (or non-finite) map paints index 0 everywhere.
+/// in [0, 1]. An all-zero map paints index 0 everywhere. Non-finite values never get here:
+/// [`super::render`] refuses a map that holds one.
 pub fn colour_indices(depth: &[f32]) -> impl Iterator<Item = usize> + '_ {
     let peak = depth.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let valid = peak.is_finite() && peak > 0.0;

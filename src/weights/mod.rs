@@ -290,16 +290,18 @@ pub async fn load(
         ));
     };
     let path = fetch(location, options).await?;
-    let (model, mut report) = load_file(&path, key_prefix, kind, device)?;
-    if let (Some(expected), Some(actual)) = (&options.sha256, &report.sha256)
-        && !actual.eq_ignore_ascii_case(expected)
+    // A pinned file is verified before a byte of it is parsed.
+    let sha256 = hash_file(&path)?;
+    if let Some(expected) = &options.sha256
+        && !sha256.eq_ignore_ascii_case(expected)
     {
         return Err(WeightsError::Checksum {
             location: location.to_string(),
             expected: expected.clone(),
-            actual: actual.clone(),
+            actual: sha256,
         });
     }
+    let (model, mut report) = load_hashed(&path, sha256, key_prefix, kind, device)?;
     report.source = location.to_string();
     Ok((model, report))
 }
@@ -393,11 +395,26 @@ pub fn load_file(
     kind: Option<ModelKind>,
     device: &Device,
 ) -> Result<(Network, WeightsReport), WeightsError> {
-    let state_dict = read_state_dict(path, key_prefix, kind)?;
-    let sha256 = sha256_file(path).map_err(|error| WeightsError::Io {
+    load_hashed(path, hash_file(path)?, key_prefix, kind, device)
+}
+
+/// [`sha256_file`] with the error naming the file.
+fn hash_file(path: &Path) -> Result<String, WeightsError> {
+    sha256_file(path).map_err(|error| WeightsError::Io {
         path: path.to_path_buf(),
         error,
-    })?;
+    })
+}
+
+/// [`load_file`] for a file whose sha256 is known.
+fn load_hashed(
+    path: &Path,
+    sha256: String,
+    key_prefix: Option<&str>,
+    kind: Option<ModelKind>,
+    device: &Device,
+) -> Result<(Network, WeightsReport), WeightsError> {
+    let state_dict = read_state_dict(path, key_prefix, kind)?;
     let mut network = Network::new(state_dict.model, device);
     let (result, details) = if state_dict.format == WeightsFormat::Burnpack {
         let result = match &mut network {
