@@ -148,6 +148,12 @@ fn fuzz(target: &str, seeds: &[Vec<u8>], mut case: impl FnMut(&[u8]) -> String) 
                 .as_nanos() as u64
         })
         | 1;
+    // Straight to the process's stderr, past the test harness's capture: a run that hangs or
+    // is killed still leaves the seed that replays it.
+    let _ = writeln!(
+        std::io::stderr(),
+        "{target}: seed {seed} (MIDAS_FUZZ_SEED={seed} replays this run)"
+    );
     let save = std::env::var_os("MIDAS_FUZZ_SAVE").is_some();
     let mut seen = HashSet::new();
     let mut run =

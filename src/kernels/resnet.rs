@@ -95,7 +95,8 @@ impl PackedBottleneck {
 }
 
 /// timm's `MaxPool2dSame(3, 2)`: the padding (none before, one after on even sides) reads as
-/// -inf, so out-of-range taps are skipped.
+/// -inf, so out-of-range taps are skipped. A NaN in a window is the window's maximum, as in
+/// PyTorch (`f32::max` would drop it), so a broken input shows in the output.
 fn max_pool(input: &FeatureMap) -> FeatureMap {
     let (height, width) = (input.height, input.width);
     let (out_height, top) = same(height, 3, 2);
@@ -124,7 +125,9 @@ fn max_pool(input: &FeatureMap) -> FeatureMap {
                                 for &v in
                                     &source[y * width + columns.start..y * width + columns.end]
                                 {
-                                    max = max.max(v);
+                                    if v > max || v.is_nan() {
+                                        max = v;
+                                    }
                                 }
                             }
                             value.write(max);

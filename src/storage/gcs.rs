@@ -394,7 +394,7 @@ impl GcsStore {
         match result {
             Ok(stored) => Ok(u64::try_from(stored.size).unwrap_or_default()),
             Err(error) if error.http_status_code() == Some(412) => Err(StoreError::Exists(object)),
-            Err(error) if error.to_string().contains(CANCELLED) => Err(StoreError::Cancelled),
+            Err(error) if caused_by_cancel(&error) => Err(StoreError::Cancelled),
             Err(error) => Err(StoreError::Unavailable(format!(
                 "gs://{}/{object}: {}",
                 self.bucket,
@@ -404,8 +404,17 @@ impl GcsStore {
     }
 }
 
-/// The message of the error a cancelled upload's source returns.
-const CANCELLED: &str = "upload cancelled by the writer";
+/// Whether `error`, or an error it wraps, is the source's [`Cancelled`].
+fn caused_by_cancel(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if error.is::<Cancelled>() {
+            return true;
+        }
+        current = error.source();
+    }
+    false
+}
 
 /// The error a source returns when its writer went away before finishing.
 #[derive(Debug, thiserror::Error)]
