@@ -27,22 +27,31 @@ fn check(kind: BackendKind, sizes: &[(usize, usize)], relative_tolerance: f32) {
     );
 }
 
-#[cfg(feature = "flex")]
 #[test]
+#[cfg_attr(
+    not(feature = "flex"),
+    ignore = "compiled without the flex backend: run with --features flex"
+)]
 fn flex_matches_pytorch() {
     check(BackendKind::Flex, &SIZES, 1e-4);
 }
 
-#[cfg(feature = "ndarray")]
 #[test]
+#[cfg_attr(
+    not(feature = "ndarray"),
+    ignore = "compiled without the ndarray backend: run with --features ndarray"
+)]
 fn ndarray_matches_pytorch() {
     check(BackendKind::Ndarray, &SIZES, 1e-4);
 }
 
 /// Needs a Vulkan, Metal or DX12 adapter; on a machine without a GPU, Mesa's lavapipe provides
 /// one (`scripts/test-deps.sh` installs it).
-#[cfg(feature = "wgpu")]
 #[test]
+#[cfg_attr(
+    not(feature = "wgpu"),
+    ignore = "compiled without the wgpu backend: run with --features wgpu"
+)]
 fn wgpu_matches_pytorch() {
     check(BackendKind::Wgpu, &SIZES[..1], 1e-3);
 }
@@ -57,8 +66,11 @@ fn wgpu_matches_pytorch_full_size() {
 /// Upstream passes the hooked features through a module-global dict, so concurrent requests in
 /// one process can read each other's; here features live in each call. Four different inputs
 /// run at once, repeatedly, and each must give what it gives alone.
-#[cfg(feature = "flex")]
 #[test]
+#[cfg_attr(
+    not(feature = "flex"),
+    ignore = "compiled without the flex backend: run with --features flex"
+)]
 fn concurrent_forwards_equal_sequential_ones() {
     let backend = Backend::init(BackendKind::Flex).expect("backend starts");
     let (network, _) = weights::untrained(ModelKind::DptHybrid384, &backend.device);

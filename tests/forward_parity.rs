@@ -18,22 +18,31 @@ fn check_backend(kind: BackendKind, relative_tolerance: f32) {
     );
 }
 
-#[cfg(feature = "flex")]
 #[test]
+#[cfg_attr(
+    not(feature = "flex"),
+    ignore = "compiled without the flex backend: run with --features flex"
+)]
 fn flex_matches_pytorch() {
     check_backend(BackendKind::Flex, 1e-4);
 }
 
-#[cfg(feature = "ndarray")]
 #[test]
+#[cfg_attr(
+    not(feature = "ndarray"),
+    ignore = "compiled without the ndarray backend: run with --features ndarray"
+)]
 fn ndarray_matches_pytorch() {
     check_backend(BackendKind::Ndarray, 1e-4);
 }
 
 /// Needs a Vulkan, Metal or DX12 adapter; on a machine without a GPU, Mesa's lavapipe provides
 /// one (`scripts/test-deps.sh` installs it).
-#[cfg(feature = "wgpu")]
 #[test]
+#[cfg_attr(
+    not(feature = "wgpu"),
+    ignore = "compiled without the wgpu backend: run with --features wgpu"
+)]
 fn wgpu_matches_pytorch() {
     check_backend(BackendKind::Wgpu, 1e-3);
 }

@@ -161,8 +161,19 @@ pub(super) unsafe fn gemm(
     accumulate: bool,
     parallel: bool,
 ) {
-    // SAFETY: lhs holds m*k values at row stride k and rhs k rows at stride rhs_rs (checked by
-    // the callers' shapes); dst is the caller's contract.
+    // What the reads below reach, checked here rather than trusted to the callers' shapes.
+    assert!(
+        lhs.len() >= m * k,
+        "lhs holds {} values, not {m}x{k}",
+        lhs.len()
+    );
+    assert!(
+        k == 0 || n == 0 || (rhs_rs >= n && rhs.len() >= (k - 1) * rhs_rs + n),
+        "rhs holds {} values, not {k} rows of {n} at stride {rhs_rs}",
+        rhs.len()
+    );
+    // SAFETY: lhs holds m*k values at row stride k and rhs k rows of n at stride rhs_rs
+    // (asserted above); dst is the caller's contract.
     unsafe {
         strided_gemm(
             (m, n, k),

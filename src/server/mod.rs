@@ -125,7 +125,8 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
         max_pixels: config.max_pixels,
         max_aspect_ratio: config.max_aspect_ratio,
     };
-    warm_up(&pipeline, &limits)?;
+    // Seconds of compute on some backends: off the runtime's worker threads.
+    tokio::task::block_in_place(|| warm_up(&pipeline, &limits))?;
     let model = ModelInfo {
         kind: pipeline.model.kind(),
         transform: pipeline.transform,

@@ -290,18 +290,22 @@ pub async fn load(
         ));
     };
     let path = fetch(location, options).await?;
-    // A pinned file is verified before a byte of it is parsed.
-    let sha256 = hash_file(&path)?;
-    if let Some(expected) = &options.sha256
-        && !sha256.eq_ignore_ascii_case(expected)
-    {
-        return Err(WeightsError::Checksum {
-            location: location.to_string(),
-            expected: expected.clone(),
-            actual: sha256,
-        });
-    }
-    let (model, mut report) = load_hashed(&path, sha256, key_prefix, kind, device)?;
+    // Hashing and parsing read the whole file: seconds of blocking work, done where the
+    // runtime moves its other tasks off this thread (a multi-threaded runtime is required).
+    let (model, mut report) = tokio::task::block_in_place(|| {
+        // A pinned file is verified before a byte of it is parsed.
+        let sha256 = hash_file(&path)?;
+        if let Some(expected) = &options.sha256
+            && !sha256.eq_ignore_ascii_case(expected)
+        {
+            return Err(WeightsError::Checksum {
+                location: location.to_string(),
+                expected: expected.clone(),
+                actual: sha256,
+            });
+        }
+        load_hashed(&path, sha256, key_prefix, kind, device)
+    })?;
     report.source = location.to_string();
     Ok((model, report))
 }
