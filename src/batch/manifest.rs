@@ -6,7 +6,17 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use super::plan::{MANIFEST_DIR, Task};
+/// Where a task's manifests go, under the output.
+pub const MANIFEST_DIR: &str = "_manifests";
+
+/// The task running: `index` of `count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Task {
+    /// From 0.
+    pub index: usize,
+    /// At least 1.
+    pub count: usize,
+}
 
 /// How one input ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

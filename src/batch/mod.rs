@@ -17,8 +17,8 @@ mod manifest;
 mod plan;
 mod progress;
 
-pub use manifest::{Record, Status, Summary, Timings};
-pub use plan::{MANIFEST_DIR, Plan, Task, Work};
+pub use manifest::{MANIFEST_DIR, Record, Status, Summary, Task, Timings};
+pub use plan::{Plan, Work};
 
 use std::collections::HashSet;
 use std::sync::Arc;

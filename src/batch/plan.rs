@@ -6,10 +6,7 @@ use std::collections::HashSet;
 use crate::pipeline::ImageFormat;
 use crate::storage::Listed;
 
-use super::manifest::{Record, Status};
-
-/// Where a task's manifests go, under the output.
-pub const MANIFEST_DIR: &str = "_manifests";
+use super::manifest::{MANIFEST_DIR, Record, Status, Task};
 
 /// One input this task must turn into an output.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,15 +33,6 @@ pub struct Plan {
     pub images: usize,
     /// Listed files that are not images (by extension), across every task.
     pub ignored: usize,
-}
-
-/// The task running: `index` of `count`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Task {
-    /// From 0.
-    pub index: usize,
-    /// At least 1.
-    pub count: usize,
 }
 
 impl Plan {

@@ -4,17 +4,16 @@
 mod colormap;
 mod decode;
 mod encode;
+mod format;
 mod infer;
 mod postprocess;
 mod preprocess;
 mod probe;
 
 pub use colormap::Colormap;
-pub use decode::{
-    DEFAULT_MAX_ASPECT_RATIO, DecodeError, DecodeLimits, ImageFormat, ImageHeader, decode,
-    decode_checked,
-};
+pub use decode::{DEFAULT_MAX_ASPECT_RATIO, DecodeLimits, decode, decode_checked};
 pub use encode::{EncodeError, OutputFormat, PngChunks, RowBands, npy};
+pub use format::{DecodeError, ImageFormat, ImageHeader};
 pub use infer::{DepthModel, InferenceError};
 pub use postprocess::{
     BandResizer, DepthMap, ResizeError, colour_indices, colourise, depth16, resize_rgb,

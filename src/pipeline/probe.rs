@@ -7,7 +7,7 @@
 //! [`HeaderProbe`] keeps its position between calls, so an upload probed each time a chunk
 //! arrives costs time linear in the bytes seen, however long the metadata before the size.
 
-use super::decode::{DecodeError, ImageFormat, ImageHeader};
+use super::format::{DecodeError, ImageFormat, ImageHeader};
 
 /// PNG's eight-byte signature.
 const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";

@@ -3,12 +3,11 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::header::{HeaderValue, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 
 use super::Body;
+use super::responses::full;
 use crate::pipeline::DecodeError;
 use crate::storage::StoreError;
 
@@ -167,14 +166,8 @@ impl ApiError {
     pub fn into_response(self, request_id: &str) -> Response<Body> {
         let (status, code) = self.status_and_code();
         let body = serde_json::json!({ "error": code, "message": self.to_string(), "request_id": request_id });
-        let mut response = Response::new(
-            Full::new(Bytes::from(body.to_string()))
-                .map_err(|never| match never {})
-                .boxed(),
-        );
-        *response.status_mut() = status;
+        let mut response = full(status, "application/json", body.to_string());
         let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }

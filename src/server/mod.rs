@@ -16,6 +16,7 @@ mod page;
 mod pipe;
 mod predict;
 mod predictions;
+mod responses;
 mod routes;
 
 use std::convert::Infallible;

@@ -11,7 +11,7 @@ use hyper::{Request, Response, StatusCode};
 
 use super::error::ApiError;
 use super::pipe::{CHUNK_BYTES, pipe};
-use super::routes::full;
+use super::responses::full;
 use super::{AppState, Body, BoxError};
 use crate::pipeline::OutputFormat;
 use crate::storage::{StoreError, prediction_name};

@@ -5,34 +5,15 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ALLOW, CACHE_CONTROL, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
 use super::connection::Activity;
 use super::error::ApiError;
 use super::metrics::{InFlight, RequestLabels, RouteLabels};
+use super::responses::full;
 use super::{AppState, Body, predict, predictions};
-
-/// A response with a complete body.
-pub fn full(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Body> {
-    let mut response = Response::new(
-        Full::new(body.into())
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
-}
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
     full(status, "application/json", value.to_string())
