@@ -34,6 +34,16 @@ fn route(path: &str) -> Option<(&'static str, &'static [Method], &'static str)> 
     })
 }
 
+/// What every request's answer is finished with, whatever its route.
+struct Exchange<'a> {
+    state: &'a AppState,
+    request_id: String,
+    method: Method,
+    path: String,
+    peer: SocketAddr,
+    started: Instant,
+}
+
 /// Answers one request; never fails (errors become JSON responses).
 pub async fn handle(
     state: Arc<AppState>,
@@ -41,34 +51,48 @@ pub async fn handle(
     peer: SocketAddr,
     connection: &Activity,
 ) -> Response<Body> {
-    let started = Instant::now();
-    let request_id = crate::storage::new_request_id(std::time::SystemTime::now());
-    let method = request.method().clone();
-    let path = request.uri().path().to_string();
     // Decremented on drop: also when hyper drops this future because the client went away.
     let _in_flight = InFlight::enter(&state.metrics);
+    let exchange = Exchange {
+        state: &state,
+        request_id: crate::storage::new_request_id(std::time::SystemTime::now()),
+        method: request.method().clone(),
+        path: request.uri().path().to_string(),
+        peer,
+        started: Instant::now(),
+    };
+    let (label, response) = dispatch(&exchange, request, connection).await;
+    exchange.finish(label, response)
+}
+
+/// The route's answer, or the refusal of a head too large, a path unknown or a method not
+/// allowed; with the route's label for metrics.
+async fn dispatch(
+    exchange: &Exchange<'_>,
+    request: Request<Incoming>,
+    connection: &Activity,
+) -> (&'static str, Response<Body>) {
+    let (state, request_id) = (exchange.state, exchange.request_id.as_str());
     let head_size = head_size(&request);
     let limit = state.config.max_header_bytes;
-
-    let (label, response) = match route(&path) {
-        _ if head_size > limit => (
-            "other",
-            ApiError::HeadersTooLarge {
+    match route(&exchange.path) {
+        _ if head_size > limit => {
+            let error = ApiError::HeadersTooLarge {
                 size: head_size,
                 limit,
-            }
-            .into_response(&request_id),
-        ),
-        None => (
-            "other",
-            ApiError::NotFound(path.clone()).into_response(&request_id),
-        ),
-        Some((label, methods, allowed)) if !methods.contains(&method) => {
-            let mut response = ApiError::MethodNotAllowed {
-                method: method.to_string(),
+            };
+            ("other", error.into_response(request_id))
+        }
+        None => {
+            let error = ApiError::NotFound(exchange.path.clone());
+            ("other", error.into_response(request_id))
+        }
+        Some((label, methods, allowed)) if !methods.contains(&exchange.method) => {
+            let error = ApiError::MethodNotAllowed {
+                method: exchange.method.to_string(),
                 allowed,
-            }
-            .into_response(&request_id);
+            };
+            let mut response = error.into_response(request_id);
             response
                 .headers_mut()
                 .insert(ALLOW, HeaderValue::from_static(allowed));
@@ -76,57 +100,63 @@ pub async fn handle(
         }
         Some((label, _, _)) => {
             let response = match label {
-                "/predict" => predict::handle(&state, request, &request_id, peer, connection).await,
-                "/predictions" => predictions::handle(&state, &request)
+                "/predict" => {
+                    predict::handle(state, request, request_id, exchange.peer, connection).await
+                }
+                "/predictions" => predictions::handle(state, &request)
                     .await
-                    .unwrap_or_else(|error| error.into_response(&request_id)),
-                "/healthz" => health(&state),
-                "/readyz" => readiness(&state),
-                "/metrics" => metrics(&state),
-                _ => welcome(&state),
+                    .unwrap_or_else(|error| error.into_response(request_id)),
+                "/healthz" => health(state),
+                "/readyz" => readiness(state),
+                "/metrics" => metrics(state),
+                _ => welcome(state),
             };
             (label, response)
         }
-    };
+    }
+}
 
-    let mut response = response;
-    let status = response.status().as_u16();
-    let headers = response.headers_mut();
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        headers.insert("x-request-id", value);
-    }
-    if state.model.weights.untrained {
-        headers.insert(
-            "x-model-warning",
-            HeaderValue::from_static("untrained deterministic weights: depth maps are meaningless"),
-        );
-    }
-    state
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
+impl Exchange<'_> {
+    /// Adds the headers every answer carries, counts and times it, and logs it (`/predict`
+    /// logs its own line once its streamed body is complete).
+    fn finish(self, label: &'static str, mut response: Response<Body>) -> Response<Body> {
+        let state = self.state;
+        let status = response.status().as_u16();
+        let headers = response.headers_mut();
+        if let Ok(value) = HeaderValue::from_str(&self.request_id) {
+            headers.insert("x-request-id", value);
+        }
+        if state.model.weights.untrained {
+            headers.insert(
+                "x-model-warning",
+                HeaderValue::from_static(
+                    "untrained deterministic weights: depth maps are meaningless",
+                ),
+            );
+        }
+        let labels = RequestLabels {
             route: label,
             status,
-        })
-        .inc();
-    state
-        .metrics
-        .latency
-        .get_or_create(&RouteLabels { route: label })
-        .observe(started.elapsed().as_secs_f64());
-    // /predict logs its own line once the streamed body is complete.
-    if label != "/predict" || status != 201 {
-        tracing::info!(
-            request_id = %request_id,
-            method = %method,
-            path = %path,
-            status,
-            peer = %peer,
-            ms = started.elapsed().as_secs_f64() * 1000.0,
-            "request"
-        );
+        };
+        state.metrics.requests.get_or_create(&labels).inc();
+        state
+            .metrics
+            .latency
+            .get_or_create(&RouteLabels { route: label })
+            .observe(self.started.elapsed().as_secs_f64());
+        if label != "/predict" || status != 201 {
+            tracing::info!(
+                request_id = %self.request_id,
+                method = %self.method,
+                path = %self.path,
+                status,
+                peer = %self.peer,
+                ms = self.started.elapsed().as_secs_f64() * 1000.0,
+                "request"
+            );
+        }
+        response
     }
-    response
 }
 
 fn welcome(state: &AppState) -> Response<Body> {
