@@ -104,6 +104,41 @@ pub async fn run(args: &BatchArgs) -> Result<Summary, BatchError> {
             count: task.count,
         });
     }
+    let (source, dest, plan) = plan_task(args, task).await?;
+    let mut progress = Progress::new(args.progress, plan.len());
+    for record in &plan.settled {
+        progress.ended(record.status);
+    }
+    let (records, run_seconds) = if plan.work.is_empty() {
+        (Vec::new(), 0.0)
+    } else {
+        let pipeline = Arc::new(lifecycle::load(&args.model, args.transform).await?);
+        let stages = Stages::new(args, source, dest.clone(), pipeline)?;
+        let run_started = Instant::now();
+        let records = stages.run(plan.work.clone(), &mut progress).await;
+        (records, run_started.elapsed().as_secs_f64())
+    };
+    progress.finish();
+    let records = every_record(records, &plan);
+    let mut summary = Summary::count(task, &records);
+    summary.images_total = plan.images;
+    summary.ignored_files = plan.ignored;
+    summary.elapsed_s = started.elapsed().as_secs_f64();
+    summary.images_per_s = if run_seconds > 0.0 {
+        summary.done as f64 / run_seconds
+    } else {
+        0.0
+    };
+    tracing::info!(
+        summary = %serde_json::to_string(&summary).unwrap_or_default(),
+        "task finished"
+    );
+    write_manifest(&dest, task, &records, &summary, args).await?;
+    Ok(summary)
+}
+
+/// Opens the input and output and plans this task's share from their listings.
+async fn plan_task(args: &BatchArgs, task: Task) -> Result<(Store, Store, Plan), BatchError> {
     let timeout = args.store_timeout();
     let input_error = |source| BatchError::Input {
         spec: args.input.clone(),
@@ -131,13 +166,8 @@ pub async fn run(args: &BatchArgs) -> Result<Summary, BatchError> {
         .into_iter()
         .map(|listed| listed.name)
         .collect();
-    let plan = Plan::new(
-        &inputs,
-        exclude.as_deref(),
-        args.format.extension(),
-        &existing,
-        task,
-    );
+    let extension = args.format.extension();
+    let plan = Plan::new(&inputs, exclude.as_deref(), extension, &existing, task);
     tracing::info!(
         input = %source,
         output = %dest,
@@ -150,22 +180,13 @@ pub async fn run(args: &BatchArgs) -> Result<Summary, BatchError> {
         ignored = plan.ignored,
         "planned"
     );
+    Ok((source, dest, plan))
+}
 
-    let mut progress = Progress::new(args.progress, plan.len());
-    for record in &plan.settled {
-        progress.ended(record.status);
-    }
-    let (mut records, run_seconds) = if plan.work.is_empty() {
-        (Vec::new(), 0.0)
-    } else {
-        let pipeline = Arc::new(lifecycle::load(&args.model, args.transform).await?);
-        let stages = Stages::new(args, source, dest.clone(), pipeline)?;
-        let run_started = Instant::now();
-        let records = stages.run(plan.work.clone(), &mut progress).await;
-        (records, run_started.elapsed().as_secs_f64())
-    };
-    progress.finish();
-    records.extend(plan.settled);
+/// The records of the inputs that ran, of those settled from the listings, and of those never
+/// reached (`not_started`), in the plan's order.
+fn every_record(mut records: Vec<Record>, plan: &Plan) -> Vec<Record> {
+    records.extend(plan.settled.iter().cloned());
     let ran: HashSet<usize> = records.iter().map(|r| r.position).collect();
     for work in plan.work.iter().filter(|w| !ran.contains(&w.position)) {
         records.push(Record::settled(
@@ -178,22 +199,7 @@ pub async fn run(args: &BatchArgs) -> Result<Summary, BatchError> {
         ));
     }
     records.sort_by_key(|r| r.position);
-
-    let mut summary = Summary::count(task, &records);
-    summary.images_total = plan.images;
-    summary.ignored_files = plan.ignored;
-    summary.elapsed_s = started.elapsed().as_secs_f64();
-    summary.images_per_s = if run_seconds > 0.0 {
-        summary.done as f64 / run_seconds
-    } else {
-        0.0
-    };
-    tracing::info!(
-        summary = %serde_json::to_string(&summary).unwrap_or_default(),
-        "task finished"
-    );
-    write_manifest(&dest, task, &records, &summary, args).await?;
-    Ok(summary)
+    records
 }
 
 /// Writes the manifest, bounded by the store timeout.
