@@ -10,9 +10,9 @@ use std::time::Instant;
 use anyhow::{Context, ensure};
 use clap::Parser;
 use midas_serve::backend::{Backend, BackendKind};
-use midas_serve::model::ModelKind;
+use midas_serve::model::{ModelKind, Network};
 use midas_serve::pipeline::DepthModel;
-use midas_serve::weights::{self, WeightsFormat, synthetic};
+use midas_serve::weights::{self, WeightsFormat, WeightsReport, synthetic};
 
 /// Convert MiDaS weights (v2.1 small or v3.0 DPT-Hybrid) to Burn's burnpack format.
 #[derive(Parser, Debug)]
@@ -100,47 +100,69 @@ fn main() -> anyhow::Result<()> {
             PROBE.1
         ),
     );
-    let verified = (|| -> anyhow::Result<f32> {
-        let (reloaded, reloaded_report) =
-            weights::load_file(&args.output, None, None, &backend.device)?;
-        ensure!(
-            reloaded_report.parameters == report.parameters,
-            "parameter count changed on reload"
-        );
-        let (width, height) = PROBE;
-        let input = synthetic::network_input(width, height);
-        let expected = DepthModel::new(model, backend.device.clone()).forward(
-            input.clone(),
-            1,
-            height,
-            width,
-        )?;
-        let actual =
-            DepthModel::new(reloaded, backend.device.clone()).forward(input, 1, height, width)?;
-        let diff = expected
-            .iter()
-            .zip(&actual)
-            .map(|(a, b)| (a - b).abs())
-            // A NaN anywhere makes the difference NaN, which is not 0.
-            .fold(0.0f32, |worst, d| {
-                if worst.is_nan() || d.is_nan() {
-                    f32::NAN
-                } else {
-                    worst.max(d)
-                }
-            });
-        ensure!(
-            diff == 0.0,
-            "the written file gives a different output (max |diff| {diff})"
-        );
-        Ok(diff)
-    })();
-    if let Err(error) = verified {
+    if let Err(error) = verify(&args.output, model, &report, &backend) {
         let _ = std::fs::remove_file(&args.output);
         return Err(error.context("verification failed; the output was removed"));
     }
     let output_sha256 = weights::sha256_file(&args.output)?;
 
+    print_summary(
+        &args,
+        format,
+        &report,
+        &source_sha256,
+        &output_sha256,
+        started,
+    );
+    Ok(())
+}
+
+/// Reloads the written `output` and checks it gives `model`'s output, bit for bit, on a probe
+/// input (a NaN anywhere makes the difference NaN, which is not 0).
+fn verify(
+    output: &std::path::Path,
+    model: Network,
+    report: &WeightsReport,
+    backend: &Backend,
+) -> anyhow::Result<()> {
+    let (reloaded, reloaded_report) = weights::load_file(output, None, None, &backend.device)?;
+    ensure!(
+        reloaded_report.parameters == report.parameters,
+        "parameter count changed on reload"
+    );
+    let (width, height) = PROBE;
+    let input = synthetic::network_input(width, height);
+    let expected =
+        DepthModel::new(model, backend.device.clone()).forward(input.clone(), 1, height, width)?;
+    let actual =
+        DepthModel::new(reloaded, backend.device.clone()).forward(input, 1, height, width)?;
+    let diff = expected
+        .iter()
+        .zip(&actual)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, |worst, d| {
+            if worst.is_nan() || d.is_nan() {
+                f32::NAN
+            } else {
+                worst.max(d)
+            }
+        });
+    ensure!(
+        diff == 0.0,
+        "the written file gives a different output (max |diff| {diff})"
+    );
+    Ok(())
+}
+
+/// The conversion's summary on stdout.
+fn print_summary(
+    args: &Args,
+    format: WeightsFormat,
+    report: &WeightsReport,
+    source_sha256: &str,
+    output_sha256: &str,
+    started: Instant,
+) {
     println!("input            {}", args.input.display());
     println!("model            {}", report.model);
     println!("format           {format}");
@@ -159,5 +181,4 @@ fn main() -> anyhow::Result<()> {
     println!("output sha256    {output_sha256}");
     println!("verified         identical output on the probe input");
     println!("took             {:.1} s", started.elapsed().as_secs_f64());
-    Ok(())
 }
