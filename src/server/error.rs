@@ -102,9 +102,6 @@ pub enum ApiError {
     /// No stored prediction has this id.
     #[error("no prediction {0:?}")]
     UnknownPrediction(String),
-    /// The server is shutting down.
-    #[error("the server is shutting down")]
-    Draining,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -152,7 +149,6 @@ impl ApiError {
                 "headers_too_large",
             ),
             Self::UnknownPrediction(_) => (StatusCode::NOT_FOUND, "not_found"),
-            Self::Draining => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             Self::Store(StoreError::Timeout(_)) => (StatusCode::GATEWAY_TIMEOUT, "store_timeout"),
             Self::Store(StoreError::Unreadable { .. }) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "store_unreadable")
