@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod batch;
+pub mod budget;
 pub mod config;
 pub mod kernels;
 pub mod lifecycle;

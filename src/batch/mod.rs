@@ -23,12 +23,12 @@ pub use plan::{Plan, Work};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::budget::{DECODE_BYTES_PER_PIXEL, MemoryBudget, Share};
 use crate::config::BatchArgs;
 use crate::lifecycle::{self, LoadError};
 use crate::pipeline::{
@@ -40,10 +40,6 @@ use progress::Progress;
 
 /// Outputs encoded at once.
 const ENCODERS: usize = 2;
-
-/// Bytes a decoded image is charged against the memory budget per pixel: its RGB pixels (3),
-/// the colourised output at the input's size (3) and the encoded file (at most about 2).
-const BYTES_PER_PIXEL: u64 = 8;
 
 /// Why a task could not run.
 #[derive(Debug, thiserror::Error)]
@@ -246,27 +242,27 @@ type Flow<T> = Result<Item<T>, Ended>;
 /// A file read, holding its share of the budget for files.
 struct ReadFile {
     bytes: Bytes,
-    _permit: OwnedSemaphorePermit,
+    _permit: Share,
 }
 
 /// A decoded image reduced to the network input, holding its share of the pixel budget.
 struct Prepared {
     input: NetInput,
     original: (u32, u32),
-    permit: OwnedSemaphorePermit,
+    permit: Share,
 }
 
 /// A depth map waiting to be encoded.
 struct Inferred {
     depth: DepthMap,
     original: (u32, u32),
-    permit: OwnedSemaphorePermit,
+    permit: Share,
 }
 
 /// An encoded output waiting to be stored.
 struct Encoded {
     chunks: Vec<Bytes>,
-    _permit: OwnedSemaphorePermit,
+    _permit: Share,
 }
 
 /// What every stage shares.
@@ -285,40 +281,13 @@ struct Stages {
     workers: usize,
     /// Most same-sized inputs one forward pass takes, from those already decoded.
     max_batch: usize,
-    files: Budget,
-    pixels: Budget,
+    /// Files and pixels have budgets of their own: a file's share is returned once it is
+    /// decoded, which needs a pixel share, which is returned by later stages that wait on
+    /// neither; so waiting can never form a cycle.
+    files: MemoryBudget,
+    pixels: MemoryBudget,
     /// Set by the first transient failure: no new input is started after it.
     stopped: AtomicBool,
-}
-
-/// A share of the memory budget, in KiB permits. Files and pixels have budgets of their own:
-/// a file's permits are released once it is decoded, which needs pixel permits, which are
-/// released by later stages that wait on neither; so waiting can never form a cycle.
-struct Budget {
-    permits: Arc<Semaphore>,
-    capacity: u32,
-}
-
-impl Budget {
-    fn new(bytes: u64) -> Self {
-        let capacity = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX >> 4);
-        Self {
-            permits: Arc::new(Semaphore::new(capacity as usize)),
-            capacity,
-        }
-    }
-
-    /// Waits for `bytes` of the budget (all of it for something larger than the whole).
-    async fn take(&self, bytes: u64) -> OwnedSemaphorePermit {
-        let kib = u32::try_from(bytes.div_ceil(1024))
-            .unwrap_or(u32::MAX)
-            .clamp(1, self.capacity);
-        self.permits
-            .clone()
-            .acquire_many_owned(kib)
-            .await
-            .expect("the budget's semaphore is never closed")
-    }
 }
 
 impl Stages {
@@ -364,8 +333,9 @@ impl Stages {
             pools: std::sync::Mutex::new(pools),
             workers,
             max_batch: args.max_batch.max(1),
-            files: Budget::new(budget / 4),
-            pixels: Budget::new(budget - budget / 4),
+            // A task waits for its shares as long as it takes (`take`), so no wait is set.
+            files: MemoryBudget::new(budget / 4, Duration::ZERO),
+            pixels: MemoryBudget::new(budget - budget / 4, Duration::ZERO),
             stopped: AtomicBool::new(false),
         })
     }
@@ -489,7 +459,7 @@ impl Stages {
         let mut item = item;
         item.record.size = Some((header.width, header.height));
         let pixels = u64::from(header.width) * u64::from(header.height);
-        let permit = self.pixels.take(pixels * BYTES_PER_PIXEL).await;
+        let permit = self.pixels.take(pixels * DECODE_BYTES_PER_PIXEL).await;
         let bytes = item.data.bytes.clone();
         let limits = self.limits;
         let (kind, transform) = (self.pipeline.model.kind(), self.pipeline.transform);

@@ -8,6 +8,7 @@ use hyper::{Response, StatusCode};
 
 use super::Body;
 use super::responses::full;
+use crate::budget::BudgetError;
 use crate::pipeline::DecodeError;
 use crate::storage::StoreError;
 
@@ -78,19 +79,9 @@ pub enum ApiError {
     /// The inference thread has stopped; the instance is unhealthy.
     #[error("the model is not running on this instance; retry (another instance will answer)")]
     ModelUnavailable,
-    /// The memory budget stayed exhausted for the whole wait.
-    #[error("the server's memory budget stayed in use for {0:?}; retry shortly")]
-    MemoryBusy(Duration),
-    /// One request needs more than the whole memory budget.
-    #[error("the {purpose} needs {bytes} bytes, more than this server's memory budget of {total}")]
-    OverBudget {
-        /// What the memory was for.
-        purpose: &'static str,
-        /// How much it needed.
-        bytes: u64,
-        /// The whole budget.
-        total: u64,
-    },
+    /// No share of the memory budget: it stayed in use, or the request needs more than all of it.
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
     /// The request head is larger than allowed.
     #[error("the request line and headers take {size} bytes, above the limit of {limit}")]
     HeadersTooLarge {
@@ -142,8 +133,10 @@ impl ApiError {
             Self::TooManyUploads(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_uploads"),
             Self::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             Self::ModelUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "model_unavailable"),
-            Self::MemoryBusy(_) => (StatusCode::SERVICE_UNAVAILABLE, "memory_busy"),
-            Self::OverBudget { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "over_budget"),
+            Self::Budget(BudgetError::Busy(_)) => (StatusCode::SERVICE_UNAVAILABLE, "memory_busy"),
+            Self::Budget(BudgetError::OverBudget { .. }) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "over_budget")
+            }
             Self::HeadersTooLarge { .. } => (
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "headers_too_large",

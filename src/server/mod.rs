@@ -34,13 +34,13 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::backend::AdapterInfo;
+pub use crate::budget::{MemoryBudget, resident_bytes};
 use crate::config::ServeArgs;
 use crate::lifecycle::{self, LoadError};
 use crate::model::ModelKind;
 use crate::pipeline::{DecodeLimits, Pipeline, RenderOptions, Transform};
 use crate::storage::{Store, StoreError};
 use crate::weights::WeightsReport;
-pub use budget::{MemoryBudget, resident_bytes};
 pub use inference::InferenceQueue;
 pub use metrics::{Metrics, ModelLabels};
 
@@ -199,17 +199,17 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
 /// largest image the limits allow, and the largest body, must each fit in it, or no request of
 /// that size could ever run.
 fn memory_budget(config: &ServeArgs, model: &ModelInfo) -> Result<MemoryBudget, ServerError> {
-    let resident = budget::resident_bytes();
+    let resident = crate::budget::resident_bytes();
     let forward = model.kind.forward_bytes_per_pixel()
         * crate::pipeline::max_input_pixels(model.kind, model.transform);
     let bytes = match config.memory_budget {
         Some(mib) => mib << 20,
-        None => budget::default_bytes(resident, forward),
+        None => crate::budget::default_bytes(resident, forward),
     };
     let budget = MemoryBudget::new(bytes, config.memory_wait());
     // Rendering holds a band of rows, at most one row of the widest image the limit allows.
     let widest = u32::try_from(config.max_pixels).unwrap_or(u32::MAX);
-    let worst_image = (config.max_pixels * budget::DECODE_BYTES_PER_PIXEL)
+    let worst_image = (config.max_pixels * crate::budget::DECODE_BYTES_PER_PIXEL)
         .max(crate::pipeline::render_bytes(widest, 1));
     let largest = worst_image.max(config.max_body_bytes);
     if largest > budget.total() {

@@ -15,10 +15,10 @@ use hyper::header::{CONTENT_TYPE, HeaderValue, LOCATION};
 use hyper::{Response, StatusCode};
 use tokio::sync::mpsc;
 
-use super::budget::Share;
 use super::error::ApiError;
 use super::pipe::{PipeSender, pipe};
 use super::{AppState, Body, BoxError, Metrics};
+use crate::budget::Share;
 use crate::pipeline::{self, DepthMap, ImageHeader, RenderOptions};
 use crate::storage::{Upload, prediction_name};
 
@@ -64,6 +64,7 @@ pub async fn render_share(state: &AppState, header: &ImageHeader) -> Result<Shar
             "rendered output",
         )
         .await
+        .map_err(ApiError::from)
 }
 
 /// What the answer step needs from the steps before it.

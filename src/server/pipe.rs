@@ -21,8 +21,8 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use tokio::sync::mpsc;
 
-use super::budget::Share;
 use super::{Body, BoxError};
+use crate::budget::Share;
 
 /// What one queued chunk is at most, so a pipe's memory is its depth times this.
 pub const CHUNK_BYTES: usize = 64 * 1024;

@@ -22,13 +22,14 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response};
 
-use super::budget::{BodyCharge, DECODE_BYTES_PER_PIXEL};
+use super::budget::BodyCharge;
 use super::connection::Activity;
 use super::error::ApiError;
 use super::inference::{Reply, SubmitError};
 use super::intake::{self, Received};
 use super::output::{self, Answer, Timings, millis};
 use super::{AppState, Body};
+use crate::budget::DECODE_BYTES_PER_PIXEL;
 use crate::pipeline::{self, ImageHeader, NetInput};
 
 /// Answers `POST /predict`, turning any failure into its JSON refusal.
