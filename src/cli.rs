@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use midas_serve::config::{BatchArgs, Command, ForwardArgs, PredictArgs};
 use midas_serve::lifecycle;
-use midas_serve::pipeline::{DecodeLimits, RenderOptions, Transform};
+use midas_serve::pipeline::{RenderOptions, Transform};
 use npyz::WriterBuilder;
 
 /// How long the process waits, once a subcommand is done, for blocking threads still running.
@@ -132,11 +132,8 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
 async fn predict(args: PredictArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
-    let pipeline = lifecycle::load(&args.model, args.transform).await?;
-    let limits = DecodeLimits {
-        max_pixels: args.max_pixels,
-        max_aspect_ratio: args.max_aspect_ratio,
-    };
+    let pipeline = lifecycle::load(&args.model, args.image.transform).await?;
+    let limits = args.image.limits();
     let options = RenderOptions {
         colormap: args.colormap,
         format: args.format,

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::backend::BackendKind;
 use crate::model::ModelKind;
-use crate::pipeline::{Colormap, OutputFormat, Transform};
+use crate::pipeline::{Colormap, DecodeLimits, OutputFormat, Transform};
 use crate::weights::WeightsLocation;
 
 /// Depth maps from photos with MiDaS (v2.1 small or v3.0 DPT-Hybrid), on Burn.
@@ -166,32 +166,51 @@ pub struct ForwardArgs {
     pub repeat: Option<usize>,
 }
 
+/// The image settings `predict`, `serve` and `batch` share.
+#[derive(Args, Debug, Clone)]
+pub struct ImageArgs {
+    /// Pre-processing: each model's official MiDaS transform, or `squash` (the replaced
+    /// service's: squashed to the model's square size, Pillow-style bilinear in 8 bits, scaled
+    /// to [0, 1], not normalised), which its fine-tuned weights expect.
+    #[arg(long, env = "MIDAS_TRANSFORM", default_value = "upstream")]
+    pub transform: Transform,
+    /// Largest image, in pixels (width x height), checked on the header before decoding (413
+    /// from the server).
+    #[arg(long, env = "MIDAS_MAX_PIXELS", default_value_t = 24_000_000)]
+    pub max_pixels: u64,
+    /// Largest ratio of an image's longer side to its shorter, checked on the header (0: any).
+    #[arg(long, env = "MIDAS_MAX_ASPECT_RATIO", default_value_t = crate::pipeline::DEFAULT_MAX_ASPECT_RATIO)]
+    pub max_aspect_ratio: u32,
+}
+
+impl ImageArgs {
+    /// The limits every image is checked against before it is decoded.
+    pub fn limits(&self) -> DecodeLimits {
+        DecodeLimits {
+            max_pixels: self.max_pixels,
+            max_aspect_ratio: self.max_aspect_ratio,
+        }
+    }
+}
+
 /// `midas-serve predict`.
 #[derive(Args, Debug)]
 pub struct PredictArgs {
     /// The model.
     #[command(flatten)]
     pub model: ModelArgs,
+    /// How images are read and prepared.
+    #[command(flatten)]
+    pub image: ImageArgs,
     /// Directory the results are written to, as `<file stem>.<png|npy>`.
     #[arg(long)]
     pub out_dir: PathBuf,
-    /// Pre-processing: each model's official MiDaS transform, or `squash` (the image squashed
-    /// to the model's square size, Pillow-style bilinear in 8 bits, scaled to [0, 1], not
-    /// normalised), which the replaced service's fine-tuned weights expect.
-    #[arg(long, env = "MIDAS_TRANSFORM", default_value = "upstream")]
-    pub transform: Transform,
     /// Colour map of the PNG output.
     #[arg(long, default_value = "inferno")]
     pub colormap: Colormap,
     /// Output: colourised PNG, 16-bit grey PNG or raw float32 .npy.
     #[arg(long, default_value = "png")]
     pub format: OutputFormat,
-    /// Largest accepted image, in pixels (width x height), checked before decoding.
-    #[arg(long, env = "MIDAS_MAX_PIXELS", default_value_t = 24_000_000)]
-    pub max_pixels: u64,
-    /// Largest ratio of an image's longer side to its shorter, checked on the header (0: any).
-    #[arg(long, env = "MIDAS_MAX_ASPECT_RATIO", default_value_t = crate::pipeline::DEFAULT_MAX_ASPECT_RATIO)]
-    pub max_aspect_ratio: u32,
     /// JPEG, PNG or WebP images.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
@@ -203,11 +222,9 @@ pub struct ServeArgs {
     /// The model.
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Pre-processing: each model's official MiDaS transform, or `squash` (the replaced
-    /// service's: squashed to the model's square size, Pillow-style bilinear in 8 bits, scaled
-    /// to [0, 1], not normalised).
-    #[arg(long, env = "MIDAS_TRANSFORM", default_value = "upstream")]
-    pub transform: Transform,
+    /// How images are read and prepared.
+    #[command(flatten)]
+    pub image: ImageArgs,
     /// Colour map when a request names none (`viridis` answers like the replaced service).
     #[arg(long, env = "MIDAS_DEFAULT_COLORMAP", default_value = "inferno")]
     pub default_colormap: Colormap,
@@ -224,12 +241,6 @@ pub struct ServeArgs {
     /// Largest request body, in bytes (413 above).
     #[arg(long, env = "MIDAS_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: u64,
-    /// Largest image, in pixels (413 above), checked on the header before decoding.
-    #[arg(long, env = "MIDAS_MAX_PIXELS", default_value_t = 24_000_000)]
-    pub max_pixels: u64,
-    /// Largest ratio of an image's longer side to its shorter, checked on the header (0: any).
-    #[arg(long, env = "MIDAS_MAX_ASPECT_RATIO", default_value_t = crate::pipeline::DEFAULT_MAX_ASPECT_RATIO)]
-    pub max_aspect_ratio: u32,
     /// Requests waiting for the model beyond the one running; when full, 503 with Retry-After.
     #[arg(long, env = "MIDAS_QUEUE_SIZE", default_value_t = 16)]
     pub queue_size: usize,
@@ -325,6 +336,9 @@ pub struct BatchArgs {
     /// The model.
     #[command(flatten)]
     pub model: ModelArgs,
+    /// How images are read and prepared.
+    #[command(flatten)]
+    pub image: ImageArgs,
     /// Images to read: a directory or gs://BUCKET[/PREFIX], listed recursively (files with a
     /// .jpg/.jpeg/.png/.webp extension).
     #[arg(long, env = "MIDAS_BATCH_INPUT")]
@@ -333,9 +347,6 @@ pub struct BatchArgs {
     /// `a/b.png` (or the format's extension) here; each task's manifest goes to `_manifests/`.
     #[arg(long, env = "MIDAS_BATCH_OUTPUT")]
     pub output: String,
-    /// Pre-processing of each image.
-    #[arg(long, env = "MIDAS_TRANSFORM", default_value = "upstream")]
-    pub transform: Transform,
     /// Colour map of the PNG output.
     #[arg(long, env = "MIDAS_COLORMAP", default_value = "inferno")]
     pub colormap: Colormap,
@@ -348,12 +359,6 @@ pub struct BatchArgs {
     /// How many tasks share the input (Cloud Run jobs set CLOUD_RUN_TASK_COUNT).
     #[arg(long, env = "CLOUD_RUN_TASK_COUNT", default_value_t = 1)]
     pub task_count: usize,
-    /// Largest image, in pixels (width x height), checked on the header before decoding.
-    #[arg(long, env = "MIDAS_MAX_PIXELS", default_value_t = 24_000_000)]
-    pub max_pixels: u64,
-    /// Largest ratio of an image's longer side to its shorter, checked on the header (0: any).
-    #[arg(long, env = "MIDAS_MAX_ASPECT_RATIO", default_value_t = crate::pipeline::DEFAULT_MAX_ASPECT_RATIO)]
-    pub max_aspect_ratio: u32,
     /// Largest input file, in bytes; larger ones are recorded as refused without being read.
     #[arg(long, env = "MIDAS_MAX_INPUT_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_input_bytes: u64,

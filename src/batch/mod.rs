@@ -108,7 +108,7 @@ pub async fn run(args: &BatchArgs) -> Result<Summary, BatchError> {
     let (records, run_seconds) = if plan.work.is_empty() {
         (Vec::new(), 0.0)
     } else {
-        let pipeline = Arc::new(lifecycle::load(&args.model, args.transform).await?);
+        let pipeline = Arc::new(lifecycle::load(&args.model, args.image.transform).await?);
         let stages = Stages::new(args, source, dest.clone(), pipeline)?;
         let run_started = Instant::now();
         let records = stages.run(plan.work.clone(), &mut progress).await;
@@ -320,10 +320,7 @@ impl Stages {
             source,
             dest,
             pipeline,
-            limits: DecodeLimits {
-                max_pixels: args.max_pixels,
-                max_aspect_ratio: args.max_aspect_ratio,
-            },
+            limits: args.image.limits(),
             options: RenderOptions {
                 colormap: args.colormap,
                 format: args.format,

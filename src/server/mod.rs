@@ -119,13 +119,10 @@ pub struct AppState {
 /// Starts the server and runs until SIGTERM or SIGINT (then drains and returns).
 pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
     let started = Instant::now();
-    let pipeline = lifecycle::load(&config.model, config.transform).await?;
+    let pipeline = lifecycle::load(&config.model, config.image.transform).await?;
     let store = Store::open(&config.store, config.store_timeout()).await?;
     tracing::info!(store = %store, "store ready");
-    let limits = DecodeLimits {
-        max_pixels: config.max_pixels,
-        max_aspect_ratio: config.max_aspect_ratio,
-    };
+    let limits = config.image.limits();
     // Seconds of compute on some backends: off the runtime's worker threads.
     tokio::task::block_in_place(|| warm_up(&pipeline, &limits))?;
     let model = ModelInfo {
@@ -208,8 +205,8 @@ fn memory_budget(config: &ServeArgs, model: &ModelInfo) -> Result<MemoryBudget, 
     };
     let budget = MemoryBudget::new(bytes, config.memory_wait());
     // Rendering holds a band of rows, at most one row of the widest image the limit allows.
-    let widest = u32::try_from(config.max_pixels).unwrap_or(u32::MAX);
-    let worst_image = (config.max_pixels * crate::budget::DECODE_BYTES_PER_PIXEL)
+    let widest = u32::try_from(config.image.max_pixels).unwrap_or(u32::MAX);
+    let worst_image = (config.image.max_pixels * crate::budget::DECODE_BYTES_PER_PIXEL)
         .max(crate::pipeline::render_bytes(widest, 1));
     let largest = worst_image.max(config.max_body_bytes);
     if largest > budget.total() {
@@ -218,7 +215,7 @@ fn memory_budget(config: &ServeArgs, model: &ModelInfo) -> Result<MemoryBudget, 
              one body at --max-body-bytes ({} MiB); give the container more memory, set \
              --memory-budget, or lower the limits",
             budget.total() >> 20,
-            config.max_pixels,
+            config.image.max_pixels,
             worst_image >> 20,
             config.max_body_bytes >> 20
         )));

@@ -48,7 +48,7 @@ pub fn render(model: &ModelInfo, store: &Store, config: &ServeArgs) -> String {
     let limits = format!(
         "{} MiB per upload, {} megapixels per image",
         config.max_body_bytes >> 20,
-        config.max_pixels as f64 / 1e6
+        config.image.max_pixels as f64 / 1e6
     );
     let colormaps: String = Colormap::ALL
         .iter()
