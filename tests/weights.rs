@@ -320,6 +320,21 @@ fn serve_file_at(path: &'static str, body: Vec<u8>) -> (String, Arc<AtomicUsize>
     (url, hits)
 }
 
+/// `weights::load` of `location` with `options` on the flex device, run on `runtime`.
+fn load_from(
+    runtime: &tokio::runtime::Runtime,
+    location: &WeightsLocation,
+    options: &FetchOptions,
+) -> Result<(Network, weights::WeightsReport), WeightsError> {
+    runtime.block_on(weights::load(
+        Some(location),
+        options,
+        None,
+        None,
+        &device(),
+    ))
+}
+
 #[test]
 fn urls_download_once_and_honour_the_pin() {
     let dir = temp_dir();
@@ -335,43 +350,19 @@ fn urls_download_once_and_honour_the_pin() {
         cache_dir: cache.clone(),
         sha256: Some(digest.clone()),
     };
-    let (model, report) = runtime
-        .block_on(weights::load(
-            Some(&location),
-            &options,
-            None,
-            None,
-            &device(),
-        ))
-        .unwrap();
+    let (model, report) = load_from(&runtime, &location, &options).unwrap();
     assert_eq!(report.source, url);
     assert_eq!(report.sha256.as_deref(), Some(digest.as_str()));
     assert_eq!(probe(model), expected_output());
     assert_eq!(hits.load(Ordering::SeqCst), 1);
 
     // Cached: no second download, with or without the pin.
-    runtime
-        .block_on(weights::load(
-            Some(&location),
-            &options,
-            None,
-            None,
-            &device(),
-        ))
-        .unwrap();
+    load_from(&runtime, &location, &options).unwrap();
     let unpinned = FetchOptions {
         cache_dir: cache.clone(),
         sha256: None,
     };
-    runtime
-        .block_on(weights::load(
-            Some(&location),
-            &unpinned,
-            None,
-            None,
-            &device(),
-        ))
-        .unwrap();
+    load_from(&runtime, &location, &unpinned).unwrap();
     assert_eq!(hits.load(Ordering::SeqCst), 1);
 
     // A wrong pin: downloaded again (the cached copy does not match it), then refused.
@@ -379,15 +370,7 @@ fn urls_download_once_and_honour_the_pin() {
         cache_dir: dir.path().join("cache2"),
         sha256: Some("0".repeat(64)),
     };
-    let error = runtime
-        .block_on(weights::load(
-            Some(&location),
-            &wrong,
-            None,
-            None,
-            &device(),
-        ))
-        .unwrap_err();
+    let error = load_from(&runtime, &location, &wrong).unwrap_err();
     assert!(matches!(error, WeightsError::Checksum { .. }), "{error}");
     assert!(error.to_string().contains(&digest));
     assert_eq!(
@@ -403,28 +386,13 @@ fn urls_download_once_and_honour_the_pin() {
     let garbage = dir.path().join("garbage.pt");
     std::fs::write(&garbage, b"not a checkpoint").unwrap();
     for path in [source, garbage] {
-        let error = runtime
-            .block_on(weights::load(
-                Some(&WeightsLocation::Path(path)),
-                &wrong,
-                None,
-                None,
-                &device(),
-            ))
-            .unwrap_err();
+        let error = load_from(&runtime, &WeightsLocation::Path(path), &wrong).unwrap_err();
         assert!(matches!(error, WeightsError::Checksum { .. }), "{error}");
     }
 
     // 404 and connection refused are download errors naming the location.
     let missing: WeightsLocation = url.replace("w.pt", "nope.pt").parse().unwrap();
-    let error = runtime
-        .block_on(weights::load(
-            Some(&missing),
-            &unpinned,
-            None,
-            None,
-            &device(),
-        ))
+    let error = load_from(&runtime, &missing, &unpinned)
         .unwrap_err()
         .to_string();
     assert!(
@@ -432,14 +400,7 @@ fn urls_download_once_and_honour_the_pin() {
         "{error}"
     );
     let refused: WeightsLocation = "http://127.0.0.1:9/w.pt".parse().unwrap();
-    let error = runtime
-        .block_on(weights::load(
-            Some(&refused),
-            &unpinned,
-            None,
-            None,
-            &device(),
-        ))
+    let error = load_from(&runtime, &refused, &unpinned)
         .unwrap_err()
         .to_string();
     assert!(
@@ -448,14 +409,7 @@ fn urls_download_once_and_honour_the_pin() {
     );
 
     let absent = WeightsLocation::Path(dir.path().join("absent.pt"));
-    let error = runtime
-        .block_on(weights::load(
-            Some(&absent),
-            &unpinned,
-            None,
-            None,
-            &device(),
-        ))
+    let error = load_from(&runtime, &absent, &unpinned)
         .unwrap_err()
         .to_string();
     assert!(
