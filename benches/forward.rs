@@ -7,10 +7,10 @@
 //! networks. `scripts/reference/bench_pytorch.py` measures PyTorch on the same inputs.
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use midas_serve::backend::{self, Backend, BackendKind};
-use midas_serve::model::ModelKind;
-use midas_serve::pipeline::DepthModel;
-use midas_serve::weights::{self, synthetic};
+use midas_model::backend::{Backend, BackendKind};
+use midas_model::engine::DepthModel;
+use midas_model::model::ModelKind;
+use midas_model::weights::{self, synthetic};
 
 /// `(width, height)` of the inputs each network is timed at.
 fn sizes(model: ModelKind) -> &'static [(usize, usize)] {
@@ -57,9 +57,9 @@ fn bench_model(c: &mut Criterion, model_kind: ModelKind) {
         // The shipped path (CPU kernels for the decoder on CPU backends) and Burn's ops alone.
         let mut variants = vec![(
             kind.name().to_string(),
-            DepthModel::new(model.clone(), backend.device.clone()),
+            DepthModel::new(model.clone(), &backend),
         )];
-        if backend::is_cpu(&backend.device) {
+        if backend.kind.is_cpu() {
             variants.push((
                 format!("{}-burn-only", kind.name()),
                 DepthModel::burn_only(model, backend.device.clone()),

@@ -22,7 +22,7 @@ mod clients;
 use std::time::Instant;
 
 use clients::{percentile, run};
-use midas_serve::backend::{Backend, BackendKind};
+use midas_model::backend::{Backend, BackendKind};
 use server::Server;
 
 /// Time from spawning the server to its "listening" line, with weights in `.bpk` form.
@@ -34,9 +34,9 @@ fn time_to_ready(backend: &str) -> f64 {
         .unwrap_or_else(|error| panic!("{error}"))
         .device;
     let (model, _) =
-        midas_serve::weights::untrained(midas_serve::model::ModelKind::MidasV21Small256, &device);
+        midas_model::weights::untrained(midas_model::model::ModelKind::MidasV21Small256, &device);
     let weights = dir.path().join("midas.bpk");
-    midas_serve::weights::save_burnpack(&model, &weights, &[]).unwrap();
+    midas_model::weights::save_burnpack(&model, &weights, &[]).unwrap();
     let store = dir.path().join("store");
     let mut samples: Vec<f64> = (0..5)
         .map(|_| {

@@ -1,5 +1,5 @@
 //! The network's operations one by one, Burn's CPU ops (`flex`) next to
-//! [`midas_serve::kernels`], at the shapes a 256x256 input gives them. `cargo bench --bench ops`.
+//! [`midas_model::kernels`], at the shapes a 256x256 input gives them. `cargo bench --bench ops`.
 
 use burn::nn::conv::Conv2dConfig;
 use burn::nn::{BatchNormConfig, PaddingConfig2d};
@@ -8,7 +8,7 @@ use burn::tensor::Distribution;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use midas_serve::kernels::{
+use midas_model::kernels::{
     Activation, FeatureMap, PackedConv, PackedDepthwise, WinogradConv, conv1x1, depthwise,
     upsample2x, winograd3x3,
 };

@@ -26,7 +26,7 @@ const LIMITS: DecodeLimits = DecodeLimits {
 /// A smooth depth map like a network's, at the network size for `width` x `height`.
 fn depth(width: u32, height: u32) -> DepthMap {
     let (w, h) = pipeline::target_size(
-        midas_serve::model::ModelKind::MidasV21Small256,
+        midas_model::model::ModelKind::MidasV21Small256,
         width,
         height,
     );
@@ -68,7 +68,7 @@ fn stages(c: &mut Criterion) {
                 b.iter(|| {
                     pipeline::preprocess(
                         image,
-                        midas_serve::model::ModelKind::MidasV21Small256,
+                        midas_model::model::ModelKind::MidasV21Small256,
                         pipeline::Transform::Upstream,
                     )
                 })

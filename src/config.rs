@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::backend::BackendKind;
-use crate::model::ModelKind;
+use crate::fetch::{FetchError, UPSTREAM_RELEASES, WeightsLocation};
 use crate::pipeline::{Colormap, DecodeLimits, OutputFormat, Transform};
-use crate::weights::WeightsLocation;
+use midas_model::backend::BackendKind;
+use midas_model::model::ModelKind;
 
 /// Depth maps from photos with MiDaS (v2.1 small or v3.0 DPT-Hybrid), on Burn.
 #[derive(Parser, Debug)]
@@ -62,7 +62,7 @@ pub struct ModelArgs {
     pub weights: Option<OptionalLocation>,
     /// Where weights named by model are downloaded from: upstream's release downloads, or a
     /// mirror holding the same paths (v2_1/midas_v21_small_256.pt, v3/dpt_hybrid_384.pt).
-    #[arg(long, env = "MIDAS_WEIGHTS_MIRROR", default_value = crate::weights::UPSTREAM_RELEASES)]
+    #[arg(long, env = "MIDAS_WEIGHTS_MIRROR", default_value = UPSTREAM_RELEASES)]
     pub weights_mirror: String,
     /// Expected sha256 (hex) of the weights file; a mismatch stops start-up. Empty: no pin.
     #[arg(long, env = "MIDAS_WEIGHTS_SHA256")]
@@ -105,7 +105,7 @@ fn parse_location(text: &str) -> Result<OptionalLocation, String> {
     }
     text.parse()
         .map(|location| OptionalLocation(Some(location)))
-        .map_err(|e: crate::weights::WeightsError| e.to_string())
+        .map_err(|e: FetchError| e.to_string())
 }
 
 /// flex where it is compiled in (the fastest CPU backend), else the first backend there is.

@@ -1,20 +1,19 @@
-//! midas-serve: monocular depth estimation with MiDaS (v2.1 small and v3.0 DPT-Hybrid) on Burn,
-//! served over HTTP.
+//! midas-serve: monocular depth estimation with MiDaS (v2.1 small and v3.0 DPT-Hybrid), served
+//! over HTTP and run over data sets.
 //!
-//! The crate is a library so that the binary, `model-import`, the integration tests and the
-//! benchmarks all drive the same code: [`model`] defines the networks, [`weights`] fills them,
-//! [`backend`] picks the device, [`lifecycle`] turns flags into a ready model, [`pipeline`]
-//! turns images into depth maps.
+//! The networks, their weights and the engine that runs them are the `midas-model` crate; this
+//! one puts them to work. The crate is a library so that the binary, the integration tests and
+//! the benchmarks all drive the same code: [`config`] reads the flags, [`fetch`] brings the
+//! weights, [`lifecycle`] turns flags into a ready model, [`pipeline`] turns images into depth
+//! maps, [`server`] answers HTTP, [`batch`] runs a data set, [`storage`] keeps uploads and
+//! results.
 
-pub mod backend;
 pub mod batch;
 pub mod budget;
 pub mod config;
-pub mod kernels;
+pub mod fetch;
 pub mod lifecycle;
-pub mod model;
 pub mod pipeline;
 pub mod server;
 pub mod storage;
 pub mod tls;
-pub mod weights;

@@ -5,10 +5,12 @@
 
 use std::time::Instant;
 
-use crate::backend::{Backend, BackendError};
 use crate::config::ModelArgs;
-use crate::pipeline::{DepthModel, Pipeline, Transform};
-use crate::weights::{self, FetchOptions, WeightsError};
+use crate::fetch::{self, FetchError, FetchOptions};
+use crate::pipeline::{Pipeline, Transform};
+use midas_model::backend::{Backend, BackendError};
+use midas_model::engine::DepthModel;
+use midas_model::kernels::simd::Isa;
 
 /// Why a model could not be made ready.
 #[derive(Debug, thiserror::Error)]
@@ -18,7 +20,7 @@ pub enum LoadError {
     Backend(#[from] BackendError),
     /// The weights could not be fetched or loaded.
     #[error(transparent)]
-    Weights(#[from] WeightsError),
+    Weights(#[from] FetchError),
 }
 
 /// Starts the backend and loads the weights `args` names (or the untrained model, loudly), to
@@ -36,7 +38,7 @@ pub async fn load(args: &ModelArgs, transform: Transform) -> Result<Pipeline, Lo
         cache_dir: args.cache_dir(),
         sha256: args.sha256_pin(),
     };
-    let (network, report) = weights::load(
+    let (network, report) = fetch::load(
         args.location().as_ref(),
         &options,
         args.key_prefix.as_deref(),
@@ -64,11 +66,11 @@ pub async fn load(args: &ModelArgs, transform: Transform) -> Result<Pipeline, Lo
         );
     }
     let packing = Instant::now();
-    let model = DepthModel::new(network, backend.device.clone());
+    let model = DepthModel::new(network, &backend);
     tracing::info!(
         model = %model.kind(),
         transform = transform.name(),
-        cpu_path = crate::kernels::simd::Isa::detected().name(),
+        cpu_path = Isa::detected().name(),
         packing_ms = packing.elapsed().as_millis() as u64,
         total_ms = started.elapsed().as_millis() as u64,
         "model ready (on CPU: BatchNorm folded, filters packed for the kernels)"

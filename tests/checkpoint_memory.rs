@@ -9,7 +9,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::prelude::*;
-use midas_serve::weights;
+use midas_model::weights;
 use support::checkpoints::{Tensor, Value, as_dict, synthetic_state_dict, write_pt};
 
 /// The system allocator, counting the bytes held now and the most held since the last reset.

@@ -5,7 +5,7 @@ mod support;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use midas_serve::weights::synthetic;
+use midas_model::weights::synthetic;
 use npyz::WriterBuilder;
 use support::{fixture, max_abs_diff, read_npy, value_range};
 
@@ -164,7 +164,7 @@ fn predict_writes_one_file_per_image_in_each_format() {
                 "npy" => {
                     let (shape, _) = read_npy(&path);
                     let expected = midas_serve::pipeline::target_size(
-                        midas_serve::model::ModelKind::MidasV21Small256,
+                        midas_model::model::ModelKind::MidasV21Small256,
                         size.0,
                         size.1,
                     );

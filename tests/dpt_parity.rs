@@ -8,10 +8,10 @@
 
 mod support;
 
-use midas_serve::backend::{Backend, BackendKind};
-use midas_serve::model::ModelKind;
-use midas_serve::pipeline::DepthModel;
-use midas_serve::weights::{self, synthetic};
+use midas_model::backend::{Backend, BackendKind};
+use midas_model::engine::DepthModel;
+use midas_model::model::ModelKind;
+use midas_model::weights::{self, synthetic};
 use support::max_abs_diff;
 
 /// (width, height) of every fixture.
@@ -74,7 +74,7 @@ fn wgpu_matches_pytorch_full_size() {
 fn concurrent_forwards_equal_sequential_ones() {
     let backend = Backend::init(BackendKind::Flex).expect("backend starts");
     let (network, _) = weights::untrained(ModelKind::DptHybrid384, &backend.device);
-    let model = DepthModel::new(network, backend.device.clone());
+    let model = DepthModel::new(network, &backend);
     let inputs: Vec<Vec<f32>> = (0..4)
         .map(|index| synthetic::uniform(&format!("concurrent.{index}"), 3 * 64 * 64))
         .collect();
@@ -119,7 +119,7 @@ fn wgpu_group_norm_over_large_groups() {
     let run = |device: &Device| {
         let norm = GroupNormConfig::new(32, 256).init(device);
         let input = Tensor::<4>::from_data(TensorData::new(values.clone(), shape), device);
-        midas_serve::model::group_norm(&norm, input)
+        midas_model::model::group_norm(&norm, input)
             .into_data()
             .try_to_vec::<f32>()
             .unwrap()

@@ -7,9 +7,10 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use burn::prelude::*;
-use midas_serve::model::{ModelKind, Network};
-use midas_serve::pipeline::DepthModel;
-use midas_serve::weights::{self, WeightsError, WeightsFormat, layout, synthetic};
+use midas_model::backend::{Backend, BackendKind};
+use midas_model::engine::DepthModel;
+use midas_model::model::{ModelKind, Network};
+use midas_model::weights::{self, WeightsError, WeightsFormat, layout, synthetic};
 use support::checkpoints::{
     Tensor, Value, as_dict, synthetic_dpt_state_dict, synthetic_state_dict, write_pt,
     write_safetensors,
@@ -25,9 +26,13 @@ fn device() -> Device {
     Device::flex()
 }
 
+fn flex() -> Backend {
+    Backend::init(BackendKind::Flex).expect("flex starts")
+}
+
 /// The network's output on a 64x64 probe input.
 fn probe(network: Network) -> Vec<f32> {
-    DepthModel::new(network, device())
+    DepthModel::new(network, &flex())
         .forward(synthetic::network_input(64, 64), 1, 64, 64)
         .unwrap()
 }

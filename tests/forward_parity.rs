@@ -3,8 +3,8 @@
 
 mod support;
 
-use midas_serve::backend::BackendKind;
-use midas_serve::model::ModelKind;
+use midas_model::backend::BackendKind;
+use midas_model::model::ModelKind;
 
 const SIZES: [(usize, usize); 3] = [(256, 256), (256, 192), (256, 128)];
 

@@ -141,7 +141,7 @@ fn weights_load_from_a_gs_url() {
     assert!(response.header("x-model-warning").is_none());
     let page = support::get(server.url("/")).unwrap().text().unwrap();
     assert!(page.contains("gs://models/midas/v1.pt") && !page.contains("id=\"untrained\""));
-    assert!(page.contains(&midas_serve::weights::sha256_file(&weights).unwrap()));
+    assert!(page.contains(&midas_model::weights::sha256_file(&weights).unwrap()));
     assert_eq!(
         std::fs::read_dir(&cache).unwrap().count(),
         1,

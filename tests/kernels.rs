@@ -13,13 +13,14 @@ use burn::tensor::Distribution;
 use burn::tensor::activation::relu;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-use midas_serve::kernels::{
+use midas_model::backend::{Backend, BackendKind};
+use midas_model::engine::DepthModel;
+use midas_model::kernels::{
     Activation, FeatureMap, PackedConv, PackedDepthwise, PackedGroupNorm, WinogradConv, conv_same,
     conv1x1, depthwise, group_norm, upsample2x, winograd3x3,
 };
-use midas_serve::model::ModelKind;
-use midas_serve::pipeline::DepthModel;
-use midas_serve::weights::{self, synthetic};
+use midas_model::model::ModelKind;
+use midas_model::weights::{self, synthetic};
 
 /// `f32::max` that keeps a NaN instead of dropping it, so a difference built on it fails any
 /// `<=` check when an output holds a NaN.
@@ -33,6 +34,10 @@ fn nan_max(worst: f32, d: f32) -> f32 {
 
 fn device() -> Device {
     Device::flex()
+}
+
+fn flex() -> Backend {
+    Backend::init(BackendKind::Flex).expect("flex starts")
 }
 
 fn random(shape: [usize; 4]) -> Tensor<4> {
@@ -357,7 +362,7 @@ fn whole_network_is_the_same_on_kernels_and_on_burn_ops(
     let (model, _) = weights::untrained(kind, &device());
     let one = synthetic::network_input(width, height);
     let input = [one.clone(), one.iter().map(|v| -v).collect()].concat();
-    let kernels = DepthModel::new(model.clone(), device())
+    let kernels = DepthModel::new(model.clone(), &flex())
         .forward(input.clone(), 2, height, width)
         .unwrap();
     let burn = DepthModel::burn_only(model, device())

@@ -60,7 +60,7 @@ fn size_rule_matches_upstream() {
         let v: Vec<u32> = line.split('\t').map(|x| x.parse().unwrap()).collect();
         let (width, height, expected_w, expected_h) = (v[0], v[1], v[2] as usize, v[3] as usize);
         let (w, h) = pipeline::target_size(
-            midas_serve::model::ModelKind::MidasV21Small256,
+            midas_model::model::ModelKind::MidasV21Small256,
             width,
             height,
         );
@@ -72,7 +72,7 @@ fn size_rule_matches_upstream() {
     }
     assert!(checked > 300);
     assert_eq!(
-        pipeline::target_size(midas_serve::model::ModelKind::MidasV21Small256, 1920, 1080),
+        pipeline::target_size(midas_model::model::ModelKind::MidasV21Small256, 1920, 1080),
         (256, 128),
         "half-to-even, not 256x160"
     );
@@ -83,7 +83,7 @@ fn size_rule_matches_upstream() {
 /// NumPy's half-to-even rounding to multiples of 32, no upper bound upstream.
 #[test]
 fn dpt_size_rule_matches_upstream() {
-    let dpt = midas_serve::model::ModelKind::DptHybrid384;
+    let dpt = midas_model::model::ModelKind::DptHybrid384;
     let table = std::fs::read_to_string(fixture("dpt_size_rule.tsv")).unwrap();
     let (mut checked, mut capped) = (0, 0);
     for line in table.lines() {
@@ -114,7 +114,7 @@ fn preprocessing_matches_opencv_cubic_and_normalisation() {
         let image = decode(&format!("{stem}.png"));
         let input = pipeline::preprocess(
             &image,
-            midas_serve::model::ModelKind::MidasV21Small256,
+            midas_model::model::ModelKind::MidasV21Small256,
             pipeline::Transform::Upstream,
         );
         let (shape, expected) = read_npy(&fixture(&format!("pipeline/{stem}.pre.npy")));
@@ -182,11 +182,11 @@ fn untrained_pipeline(transform: pipeline::Transform) -> pipeline::Pipeline {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let args = midas_serve::config::ModelArgs {
         weights: None,
-        weights_mirror: midas_serve::weights::UPSTREAM_RELEASES.to_string(),
+        weights_mirror: midas_serve::fetch::UPSTREAM_RELEASES.to_string(),
         weights_sha256: None,
         key_prefix: None,
         kind: None,
-        backend: midas_serve::backend::BackendKind::Flex,
+        backend: midas_model::backend::BackendKind::Flex,
         cache_dir: None,
     };
     runtime

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::prelude::*;
-use midas_serve::model::{ModelKind, Network};
-use midas_serve::pipeline::DepthModel;
-use midas_serve::weights::{
-    self, FetchOptions, WeightsError, WeightsFormat, WeightsLocation, synthetic,
-};
+use midas_model::backend::{Backend, BackendKind};
+use midas_model::engine::DepthModel;
+use midas_model::model::{ModelKind, Network};
+use midas_model::weights::{self, WeightsFormat, synthetic};
+use midas_serve::fetch::{self, FetchError, FetchOptions, WeightsLocation};
 use support::checkpoints::{
     Tensor, Value, as_dict, synthetic_state_dict, write_pt, write_safetensors,
 };
@@ -24,6 +24,10 @@ fn device() -> Device {
     Device::flex()
 }
 
+fn flex() -> Backend {
+    Backend::init(BackendKind::Flex).expect("flex starts")
+}
+
 fn temp_dir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
@@ -31,7 +35,7 @@ fn temp_dir() -> tempfile::TempDir {
 /// The model's output on the probe input.
 fn probe(model: Network) -> Vec<f32> {
     let (width, height) = PROBE;
-    DepthModel::new(model, device())
+    DepthModel::new(model, &flex())
         .forward(synthetic::network_input(width, height), 1, height, width)
         .unwrap()
 }
@@ -320,19 +324,13 @@ fn serve_file_at(path: &'static str, body: Vec<u8>) -> (String, Arc<AtomicUsize>
     (url, hits)
 }
 
-/// `weights::load` of `location` with `options` on the flex device, run on `runtime`.
+/// `fetch::load` of `location` with `options` on the flex device, run on `runtime`.
 fn load_from(
     runtime: &tokio::runtime::Runtime,
     location: &WeightsLocation,
     options: &FetchOptions,
-) -> Result<(Network, weights::WeightsReport), WeightsError> {
-    runtime.block_on(weights::load(
-        Some(location),
-        options,
-        None,
-        None,
-        &device(),
-    ))
+) -> Result<(Network, weights::WeightsReport), FetchError> {
+    runtime.block_on(fetch::load(Some(location), options, None, None, &device()))
 }
 
 #[test]
@@ -371,7 +369,7 @@ fn urls_download_once_and_honour_the_pin() {
         sha256: Some("0".repeat(64)),
     };
     let error = load_from(&runtime, &location, &wrong).unwrap_err();
-    assert!(matches!(error, WeightsError::Checksum { .. }), "{error}");
+    assert!(matches!(error, FetchError::Checksum { .. }), "{error}");
     assert!(error.to_string().contains(&digest));
     assert_eq!(
         std::fs::read_dir(dir.path().join("cache2"))
@@ -387,7 +385,7 @@ fn urls_download_once_and_honour_the_pin() {
     std::fs::write(&garbage, b"not a checkpoint").unwrap();
     for path in [source, garbage] {
         let error = load_from(&runtime, &WeightsLocation::Path(path), &wrong).unwrap_err();
-        assert!(matches!(error, WeightsError::Checksum { .. }), "{error}");
+        assert!(matches!(error, FetchError::Checksum { .. }), "{error}");
     }
 
     // 404 and connection refused are download errors naming the location.

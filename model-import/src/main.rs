@@ -9,10 +9,10 @@ use std::time::Instant;
 
 use anyhow::{Context, ensure};
 use clap::Parser;
-use midas_serve::backend::{Backend, BackendKind};
-use midas_serve::model::{ModelKind, Network};
-use midas_serve::pipeline::DepthModel;
-use midas_serve::weights::{self, WeightsFormat, WeightsReport, synthetic};
+use midas_model::backend::{Backend, BackendKind};
+use midas_model::engine::DepthModel;
+use midas_model::model::{ModelKind, Network};
+use midas_model::weights::{self, WeightsFormat, WeightsReport, synthetic};
 
 /// Convert MiDaS weights (v2.1 small or v3.0 DPT-Hybrid) to Burn's burnpack format.
 #[derive(Parser, Debug)]
@@ -132,10 +132,8 @@ fn verify(
     );
     let (width, height) = PROBE;
     let input = synthetic::network_input(width, height);
-    let expected =
-        DepthModel::new(model, backend.device.clone()).forward(input.clone(), 1, height, width)?;
-    let actual =
-        DepthModel::new(reloaded, backend.device.clone()).forward(input, 1, height, width)?;
+    let expected = DepthModel::new(model, backend).forward(input.clone(), 1, height, width)?;
+    let actual = DepthModel::new(reloaded, backend).forward(input, 1, height, width)?;
     let diff = expected
         .iter()
         .zip(&actual)

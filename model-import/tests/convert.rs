@@ -10,7 +10,12 @@ use burn::prelude::*;
 use checkpoints::{
     Value, as_dict, synthetic_dpt_state_dict, synthetic_state_dict, write_pt, write_safetensors,
 };
-use midas_serve::weights::{self, WeightsFormat};
+use midas_model::backend::{Backend, BackendKind};
+use midas_model::weights::{self, WeightsFormat};
+
+fn flex() -> Backend {
+    Backend::init(BackendKind::Flex).expect("flex starts")
+}
 
 fn import(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_model-import"))
@@ -61,11 +66,11 @@ fn converts_pt_and_safetensors_to_a_verified_burnpack() {
         let (model, report) = weights::load_file(&output, None, None, &Device::flex()).unwrap();
         assert_eq!(report.format, Some(WeightsFormat::Burnpack));
         let (untrained, _) = weights::untrained(
-            midas_serve::model::ModelKind::MidasV21Small256,
+            midas_model::model::ModelKind::MidasV21Small256,
             &Device::flex(),
         );
         let probe = |m| {
-            midas_serve::pipeline::DepthModel::new(m, Device::flex())
+            midas_model::engine::DepthModel::new(m, &flex())
                 .forward(weights::synthetic::network_input(256, 128), 1, 128, 256)
                 .unwrap()
         };
@@ -130,11 +135,11 @@ fn converts_a_dpt_lightning_checkpoint() {
     let size = std::fs::metadata(&output).unwrap().len();
     assert!((484_000_000..487_000_000).contains(&size), "{size} bytes");
     let (model, report) = weights::load_file(&output, None, None, &Device::flex()).unwrap();
-    assert_eq!(report.model, midas_serve::model::ModelKind::DptHybrid384);
+    assert_eq!(report.model, midas_model::model::ModelKind::DptHybrid384);
     let (untrained, _) =
-        weights::untrained(midas_serve::model::ModelKind::DptHybrid384, &Device::flex());
+        weights::untrained(midas_model::model::ModelKind::DptHybrid384, &Device::flex());
     let probe = |m| {
-        midas_serve::pipeline::DepthModel::new(m, Device::flex())
+        midas_model::engine::DepthModel::new(m, &flex())
             .forward(weights::synthetic::network_input(64, 64), 1, 64, 64)
             .unwrap()
     };

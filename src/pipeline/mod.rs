@@ -5,7 +5,6 @@ mod colormap;
 mod decode;
 mod encode;
 mod format;
-mod infer;
 mod postprocess;
 mod preprocess;
 mod probe;
@@ -14,19 +13,19 @@ pub use colormap::Colormap;
 pub use decode::{DEFAULT_MAX_ASPECT_RATIO, DecodeLimits, decode, decode_checked};
 pub use encode::{EncodeError, OutputFormat, PngChunks, RowBands, npy};
 pub use format::{DecodeError, ImageFormat, ImageHeader};
-pub use infer::{DepthModel, InferenceError};
-pub use postprocess::{
-    BandResizer, DepthMap, ResizeError, colour_indices, colourise, depth16, resize_rgb,
-};
-pub use preprocess::{NET_SIZE, NetInput, Transform, max_input_pixels, preprocess, target_size};
+pub use postprocess::{BandResizer, ResizeError, colour_indices, colourise, depth16, resize_rgb};
+pub use preprocess::{NET_SIZE, Transform, max_input_pixels, preprocess, target_size};
 pub use probe::{HeaderProbe, probe};
 
 use bytes::Bytes;
 use fast_image_resize::PixelType;
 use image::RgbImage;
 
-use crate::backend::Backend;
-use crate::weights::WeightsReport;
+use midas_model::backend::Backend;
+// The network's input and output, named here too: they are the image steps' as well.
+pub use midas_model::engine::{DepthMap, NetInput};
+use midas_model::engine::{DepthModel, InferenceError};
+use midas_model::weights::WeightsReport;
 use postprocess::Depth16Bands;
 
 /// How a prediction is rendered.

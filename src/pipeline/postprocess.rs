@@ -5,18 +5,9 @@
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 
-use super::Colormap;
+use midas_model::engine::DepthMap;
 
-/// A `[height, width]` relative inverse depth map, as the network produces it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct DepthMap {
-    /// Width in pixels.
-    pub width: usize,
-    /// Height in pixels.
-    pub height: usize,
-    /// Row-major values, larger is nearer.
-    pub data: Vec<f32>,
-}
+use super::Colormap;
 
 /// Why post-processing failed (only on sizes no caller should produce).
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,8 @@
 
 use image::RgbImage;
 
-use crate::model::ModelKind;
+use midas_model::engine::NetInput;
+use midas_model::model::ModelKind;
 
 /// MiDaS small's input side (its longer side, with `upper_bound` sizing).
 pub const NET_SIZE: u32 = 256;
@@ -52,17 +53,6 @@ impl Transform {
 
 /// OpenCV's bicubic parameter (Pillow uses -0.5; see [`super::postprocess`]).
 const CUBIC_A: f32 = -0.75;
-
-/// A normalised `[3, height, width]` float image, ready for the network.
-#[derive(Clone, Debug, PartialEq)]
-pub struct NetInput {
-    /// Width in pixels (a multiple of 32, at most 256).
-    pub width: usize,
-    /// Height in pixels (a multiple of 32, at most 256).
-    pub height: usize,
-    /// Planar RGB, channel-major.
-    pub data: Vec<f32>,
-}
 
 /// Upstream's `constrain_to_multiple_of` with `max_val`: NumPy's round (half to even) to a
 /// multiple of 32, replaced by floor when that would exceed `max`.

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::metrics::Metrics;
-use crate::pipeline::{DepthMap, DepthModel, InferenceError, NetInput};
+use midas_model::engine::{DepthMap, DepthModel, InferenceError, NetInput};
 
 /// A forward pass's result and how long it waited and ran.
 #[derive(Debug)]

@@ -33,16 +33,16 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::backend::AdapterInfo;
 pub use crate::budget::{MemoryBudget, resident_bytes};
 use crate::config::ServeArgs;
 use crate::lifecycle::{self, LoadError};
-use crate::model::ModelKind;
 use crate::pipeline::{DecodeLimits, Pipeline, RenderOptions, Transform};
 use crate::storage::{Store, StoreError};
-use crate::weights::WeightsReport;
 pub use inference::InferenceQueue;
 pub use metrics::{Metrics, ModelLabels};
+use midas_model::backend::AdapterInfo;
+use midas_model::model::ModelKind;
+use midas_model::weights::WeightsReport;
 
 /// An error while streaming a response body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::path::Path;
 
-use midas_serve::weights::synthetic::{self, Role};
+use midas_model::weights::synthetic::{self, Role};
 
 /// One entry of upstream's state dict.
 #[derive(Clone, Debug)]

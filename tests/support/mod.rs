@@ -88,16 +88,16 @@ pub fn stored_files(dir: &Path) -> Vec<PathBuf> {
 /// in `tests/fixtures/forward/{prefix}WxH.npy` at each `(width, height)`: max |diff| at most
 /// `relative_tolerance` times the reference's range (a NaN fails).
 pub fn assert_parity(
-    backend: midas_serve::backend::BackendKind,
-    model: midas_serve::model::ModelKind,
+    backend: midas_model::backend::BackendKind,
+    model: midas_model::model::ModelKind,
     prefix: &str,
     sizes: &[(usize, usize)],
     relative_tolerance: f32,
 ) {
-    use midas_serve::weights::{self, synthetic};
-    let started = midas_serve::backend::Backend::init(backend).expect("backend starts");
+    use midas_model::weights::{self, synthetic};
+    let started = midas_model::backend::Backend::init(backend).expect("backend starts");
     let (network, _) = weights::untrained(model, &started.device);
-    let network = midas_serve::pipeline::DepthModel::new(network, started.device.clone());
+    let network = midas_model::engine::DepthModel::new(network, &started);
     for &(width, height) in sizes {
         let (shape, expected) =
             read_npy(&fixture(&format!("forward/{prefix}{width}x{height}.npy")));

@@ -1,4 +1,6 @@
-//! Turning a weights location (path, URL, `gs://`) into a local file, downloading at most once.
+//! Weights from where the flags say: a path, an `https://` URL, `gs://bucket/object` or a
+//! model's name (upstream's release file), downloaded at most once into a cache and verified
+//! against a pinned sha256, then loaded by [`midas_model::weights`].
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -6,11 +8,44 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use midas_model::backend::Device;
+use midas_model::model::{ModelKind, Network};
+use midas_model::weights::{self, WeightsError, WeightsReport, hex, sha256_file};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use super::{WeightsError, hex, sha256_file};
 use crate::storage::gcs;
+
+/// Why weights could not be fetched and loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The argument is not a path, `https://`/`http://` URL or `gs://bucket/object`.
+    #[error(
+        "invalid weights location {0:?}: expected a file path, an https:// URL or gs://bucket/object"
+    )]
+    InvalidLocation(String),
+    /// Downloading from a URL or bucket failed.
+    #[error("cannot download weights from {location}: {message}")]
+    Download {
+        /// The URL or `gs://` location.
+        location: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The file's sha256 differs from the pinned one.
+    #[error("weights sha256 mismatch for {location}: expected {expected}, got {actual}")]
+    Checksum {
+        /// The URL, bucket object or path.
+        location: String,
+        /// The pinned digest.
+        expected: String,
+        /// The file's digest.
+        actual: String,
+    },
+    /// The file is there but is not usable weights.
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+}
 
 /// Where weights come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,10 +64,10 @@ pub enum WeightsLocation {
 }
 
 impl FromStr for WeightsLocation {
-    type Err = WeightsError;
+    type Err = FetchError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let invalid = || WeightsError::InvalidLocation(redact_url(text));
+        let invalid = || FetchError::InvalidLocation(redact_url(text));
         if let Some(rest) = text.strip_prefix("gs://") {
             let (bucket, object) = rest.split_once('/').ok_or_else(invalid)?;
             if bucket.is_empty() || object.is_empty() {
@@ -68,7 +103,7 @@ impl WeightsLocation {
         let Self::Path(path) = &self else {
             return self;
         };
-        let named = crate::model::ModelKind::ALL
+        let named = ModelKind::ALL
             .into_iter()
             .find(|kind| path.as_os_str() == kind.name());
         match named {
@@ -163,7 +198,7 @@ impl WeightsLocation {
 pub async fn fetch(
     location: &WeightsLocation,
     options: &FetchOptions,
-) -> Result<PathBuf, WeightsError> {
+) -> Result<PathBuf, FetchError> {
     let path = match location {
         WeightsLocation::Path(path) => {
             if !path.is_file() {
@@ -171,7 +206,8 @@ pub async fn fetch(
                 return Err(WeightsError::Io {
                     path: path.clone(),
                     error,
-                });
+                }
+                .into());
             }
             return Ok(path.clone());
         }
@@ -196,7 +232,7 @@ pub async fn fetch(
             }
         }
     }
-    let download_error = |message: String| WeightsError::Download {
+    let download_error = |message: String| FetchError::Download {
         location: location.to_string(),
         message,
     };
@@ -221,7 +257,7 @@ pub async fn fetch(
         && !digest.eq_ignore_ascii_case(expected)
     {
         let _ = tokio::fs::remove_file(&partial).await;
-        return Err(WeightsError::Checksum {
+        return Err(FetchError::Checksum {
             location: location.to_string(),
             expected: expected.clone(),
             actual: digest,
@@ -231,6 +267,43 @@ pub async fn fetch(
         .await
         .map_err(|e| download_error(format!("cannot move the download into the cache: {e}")))?;
     Ok(path)
+}
+
+/// Builds the model from `location` (downloaded once into the cache if remote), or the
+/// untrained synthetic model of `kind` (MiDaS small if `None`) when there is no location.
+pub async fn load(
+    location: Option<&WeightsLocation>,
+    options: &FetchOptions,
+    key_prefix: Option<&str>,
+    kind: Option<ModelKind>,
+    device: &Device,
+) -> Result<(Network, WeightsReport), FetchError> {
+    let Some(location) = location else {
+        return Ok(weights::untrained(
+            kind.unwrap_or(ModelKind::MidasV21Small256),
+            device,
+        ));
+    };
+    let path = fetch(location, options).await?;
+    // Hashing and parsing read the whole file: seconds of blocking work, done where the
+    // runtime moves its other tasks off this thread (a multi-threaded runtime is required).
+    let loaded = tokio::task::block_in_place(|| match &options.sha256 {
+        Some(expected) => weights::load_verified(&path, expected, key_prefix, kind, device),
+        None => weights::load_file(&path, key_prefix, kind, device),
+    });
+    let (model, mut report) = loaded.map_err(|error| match error {
+        // Named by where the file came from, not by its place in the cache.
+        WeightsError::Checksum {
+            expected, actual, ..
+        } => FetchError::Checksum {
+            location: location.to_string(),
+            expected,
+            actual,
+        },
+        other => other.into(),
+    })?;
+    report.source = location.to_string();
+    Ok((model, report))
 }
 
 /// Streams a remote location into `target`, logging progress; returns the sha256.

@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use burn::prelude::*;
+pub use burn::prelude::Device;
 use serde::Serialize;
 
 /// A backend that can run the model.
@@ -31,6 +31,11 @@ impl BackendKind {
         }
     }
 
+    /// Whether tensors live in host memory, where [`crate::kernels`] can run on them.
+    pub fn is_cpu(self) -> bool {
+        matches!(self, Self::Flex | Self::Ndarray)
+    }
+
     /// Backends this binary was built with.
     pub fn compiled() -> Vec<BackendKind> {
         [
@@ -48,21 +53,6 @@ impl fmt::Display for BackendKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
-}
-
-/// Whether tensors on `device` live in host memory, where [`crate::kernels`] can run on them.
-pub fn is_cpu(device: &Device) -> bool {
-    #[cfg(feature = "flex")]
-    if *device == Device::flex() {
-        return true;
-    }
-    // The ndarray constructor is deprecated in favour of flex, not going away.
-    #[cfg(feature = "ndarray")]
-    #[allow(deprecated)]
-    if *device == Device::ndarray() {
-        return true;
-    }
-    false
 }
 
 /// The GPU adapter wgpu really selected, so that a software or fallback adapter is visible

@@ -1,4 +1,4 @@
-//! Model weights: where they come from, what format they are in, which network they are for,
+//! Model weights: what format a file is in, which network it is for,
 //! and how they become a [`Network`] with every parameter set.
 //!
 //! Accepted: PyTorch `.pt`/`.pth`/`.ckpt` (a bare state dict, or a checkpoint dict holding it
@@ -10,7 +10,6 @@
 //! costs nothing. Any missing, unexpected or wrongly shaped tensor is an error that lists them:
 //! a model never runs with some layers left at zero.
 
-mod fetch;
 pub mod layout;
 mod standardise;
 pub mod synthetic;
@@ -29,8 +28,6 @@ use burn::store::{
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-pub use fetch::{FetchOptions, UPSTREAM_RELEASES, WeightsLocation, fetch};
-
 use crate::model::{ModelKind, Network};
 
 /// How many names an error lists per category before summarising the rest.
@@ -39,11 +36,6 @@ const LISTED_NAMES: usize = 12;
 /// Everything that can go wrong turning a weights argument into a model.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
-    /// The argument is not a path, `https://`/`http://` URL or `gs://bucket/object`.
-    #[error(
-        "invalid weights location {0:?}: expected a file path, an https:// URL or gs://bucket/object"
-    )]
-    InvalidLocation(String),
     /// The local file does not exist or cannot be read.
     #[error("cannot read weights file {path}: {error}")]
     Io {
@@ -52,18 +44,10 @@ pub enum WeightsError {
         /// Why.
         error: io::Error,
     },
-    /// Downloading from a URL or bucket failed.
-    #[error("cannot download weights from {location}: {message}")]
-    Download {
-        /// The URL or `gs://` location.
-        location: String,
-        /// What went wrong.
-        message: String,
-    },
     /// The file's sha256 differs from the pinned one.
     #[error("weights sha256 mismatch for {location}: expected {expected}, got {actual}")]
     Checksum {
-        /// The URL, bucket object or path.
+        /// Where the file came from (its path, or the URL it was downloaded from).
         location: String,
         /// The pinned digest.
         expected: String,
@@ -274,42 +258,6 @@ pub fn untrained(kind: ModelKind, device: &Device) -> (Network, WeightsReport) {
     (network, report)
 }
 
-/// Builds the model from `location` (downloaded once into the cache if remote), or the
-/// untrained synthetic model of `kind` (MiDaS small if `None`) when there is no location.
-pub async fn load(
-    location: Option<&WeightsLocation>,
-    options: &FetchOptions,
-    key_prefix: Option<&str>,
-    kind: Option<ModelKind>,
-    device: &Device,
-) -> Result<(Network, WeightsReport), WeightsError> {
-    let Some(location) = location else {
-        return Ok(untrained(
-            kind.unwrap_or(ModelKind::MidasV21Small256),
-            device,
-        ));
-    };
-    let path = fetch(location, options).await?;
-    // Hashing and parsing read the whole file: seconds of blocking work, done where the
-    // runtime moves its other tasks off this thread (a multi-threaded runtime is required).
-    let (model, mut report) = tokio::task::block_in_place(|| {
-        // A pinned file is verified before a byte of it is parsed.
-        let sha256 = hash_file(&path)?;
-        if let Some(expected) = &options.sha256
-            && !sha256.eq_ignore_ascii_case(expected)
-        {
-            return Err(WeightsError::Checksum {
-                location: location.to_string(),
-                expected: expected.clone(),
-                actual: sha256,
-            });
-        }
-        load_hashed(&path, sha256, key_prefix, kind, device)
-    })?;
-    report.source = location.to_string();
-    Ok((model, report))
-}
-
 /// A file's state dict, recognised, selected and renamed to Burn's paths, before it meets a
 /// network. The tensors' data is still on disk: it is read when applied.
 pub struct StateDict {
@@ -400,6 +348,27 @@ pub fn load_file(
     device: &Device,
 ) -> Result<(Network, WeightsReport), WeightsError> {
     load_hashed(path, hash_file(path)?, key_prefix, kind, device)
+}
+
+/// [`load_file`] for a file whose sha256 is pinned to `expected` (hex, any case): the digest is
+/// verified before a byte of the file is parsed, so a file that is not what was pinned is
+/// never read as weights.
+pub fn load_verified(
+    path: &Path,
+    expected: &str,
+    key_prefix: Option<&str>,
+    kind: Option<ModelKind>,
+    device: &Device,
+) -> Result<(Network, WeightsReport), WeightsError> {
+    let sha256 = hash_file(path)?;
+    if !sha256.eq_ignore_ascii_case(expected) {
+        return Err(WeightsError::Checksum {
+            location: path.display().to_string(),
+            expected: expected.to_string(),
+            actual: sha256,
+        });
+    }
+    load_hashed(path, sha256, key_prefix, kind, device)
 }
 
 /// [`sha256_file`] with the error naming the file.

@@ -1,5 +1,5 @@
 //! The two MiDaS networks as Burn modules: the network definitions and nothing else. Weight
-//! loading lives in [`crate::weights`], image handling in [`crate::pipeline`].
+//! loading lives in [`crate::weights`], running them in [`crate::engine`].
 //!
 //! - MiDaS v2.1 small (`midas_v21_small_256`): isl-org/MiDaS `midas/midas_net_custom.py` over the
 //!   `tf_efficientnet_lite3` backbone of rwightman's gen-efficientnet-pytorch.
@@ -18,7 +18,7 @@ mod midas;
 mod resnet;
 mod vit;
 
-pub use dpt::{DptEncoder, DptHybrid};
+pub use dpt::{DptEncoder, DptHybrid, DptParts, TokenBridge};
 pub use efficientnet::{DepthwiseSeparableConv, EfficientNetLite3, InvertedResidual};
 pub use fusion::{DecoderConfig, FeatureFusionBlock, OutputHead, ResidualConvUnit, Scratch};
 pub use kind::ModelKind;

@@ -15,9 +15,7 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use rayon::prelude::*;
 
-use super::buffers::WorkBuffer;
-use super::conv::{gemm, strided_gemm};
-use super::{SharedOut, simd, tensor_values};
+use crate::kernels::{SharedOut, WorkBuffer, gemm, simd, strided_gemm, tensor_values};
 use crate::model::{EMBED_DIM, HEADS, HOOKS, LN_EPSILON, TransformerBlock};
 
 /// Rows per task of the row-wise passes (LayerNorm, bias, GELU).
@@ -234,7 +232,7 @@ impl CpuTransformer {
     }
 
     /// Runs the blocks on the embedded tokens, `[batch, tokens, 768]`: the outputs of the
-    /// blocks in [`HOOKS`], as [`crate::model::DptEncoder::forward_with`] takes them.
+    /// blocks in [`HOOKS`], as [`crate::model::TokenBridge::reassemble`] takes them.
     pub fn forward(&self, tokens: Tensor<3>) -> [Tensor<3>; 2] {
         let device = tokens.device();
         let shape = tokens.dims();
@@ -314,8 +312,7 @@ mod tests {
     /// Blocks of the real network's shapes with random parameters (the zero-initialised ones
     /// would test nothing).
     fn random_blocks(count: usize) -> Vec<TransformerBlock> {
-        let mut encoder = DptHybrid::new(&device()).into_parts().0;
-        let mut blocks = encoder.take_heavy_parts().1;
+        let mut blocks = DptHybrid::new(&device()).into_parts().blocks;
         blocks.truncate(count);
         for block in &mut blocks {
             randomise_norm(&mut block.norm1);

@@ -6,7 +6,9 @@
 //! linear and bilinear weights sum to one, so the two commute, bias included), which makes the
 //! projection four times cheaper and, with `expand`, upsamples half the channels.
 
-use super::{Activation, FeatureMap, PackedConv, WinogradConv, conv1x1, upsample, winograd3x3};
+use crate::kernels::{
+    Activation, FeatureMap, PackedConv, WinogradConv, conv1x1, upsample, winograd3x3,
+};
 use crate::model::{FeatureFusionBlock, OutputHead, ResidualConvUnit, Scratch};
 
 /// `ResidualConvUnit_custom`'s two convolutions.

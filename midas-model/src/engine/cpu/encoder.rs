@@ -3,7 +3,9 @@
 
 use burn::prelude::*;
 
-use super::{Activation, FeatureMap, PackedConv, PackedDepthwise, conv_same, conv1x1, depthwise};
+use crate::kernels::{
+    Activation, FeatureMap, PackedConv, PackedDepthwise, conv_same, conv1x1, depthwise,
+};
 use crate::model::{DepthwiseSeparableConv, EfficientNetLite3, InvertedResidual};
 
 /// `InvertedResidual`: expansion (none in the stem block), depthwise, projection.

@@ -149,7 +149,7 @@ pub(super) fn fold_batch_norm(bn: BatchNorm) -> (Vec<f32>, Vec<f32>) {
 /// `dst` must be valid for `m` rows of `n` values at stride `dst_rs` (initialised when
 /// `accumulate`), and no other thread may touch those values during the call.
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm(
+pub(crate) unsafe fn gemm(
     m: usize,
     n: usize,
     k: usize,
@@ -194,7 +194,7 @@ pub(super) unsafe fn gemm(
 /// # Safety
 /// Every index the shapes and strides reach must be inside its buffer (`dst` initialised when
 /// `accumulate`), and `dst`'s values this caller's alone during the call.
-pub(super) unsafe fn strided_gemm(
+pub(crate) unsafe fn strided_gemm(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,
@@ -237,7 +237,7 @@ pub(super) unsafe fn strided_gemm(
 /// 1x1 convolution: `activation(conv(input) + bias + residuals)`.
 ///
 /// The pixels are split into bands whose inputs and outputs fit in a core's L2 cache; each band's
-/// GEMM writes its outputs and [`PackedConv::finish`] adds bias and residuals and applies the
+/// GEMM writes its outputs and `PackedConv::finish` adds bias and residuals and applies the
 /// activation while they are still in cache, so a large map is written to memory once.
 pub fn conv1x1(
     input: &FeatureMap,

@@ -7,10 +7,9 @@ use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use rayon::prelude::*;
 
-use super::group_norm::{PackedGroupNorm, group_norm};
-use super::{
-    Activation, FeatureMap, PackedConv, SharedOut, WinogradConv, conv_same, conv1x1, same,
-    winograd3x3,
+use crate::kernels::{
+    Activation, FeatureMap, PackedConv, PackedGroupNorm, SharedOut, WinogradConv, conv_same,
+    conv1x1, group_norm, same, winograd3x3,
 };
 use crate::model::{Bottleneck, ConvNorm, ResNetV2};
 

@@ -13,14 +13,14 @@ thread_local! {
 
 /// A working buffer of `len` values whose contents are left over from earlier use: every value
 /// must be written before it is read.
-pub(super) struct WorkBuffer {
+pub(crate) struct WorkBuffer {
     values: Vec<f32>,
     len: usize,
 }
 
 impl WorkBuffer {
     /// Takes a buffer from this thread's free list (or a new one), at least `len` long.
-    pub(super) fn take(len: usize) -> Self {
+    pub(crate) fn take(len: usize) -> Self {
         let mut values = FREE
             .with(|free| free.borrow_mut().pop())
             .unwrap_or_default();

@@ -1,12 +1,40 @@
-//! Step 3: the forward pass, on whichever backend the model lives on.
+//! The forward pass: a loaded network on the implementation that runs it fastest where it
+//! lives. On a CPU backend that is the network assembled from [`crate::kernels`] with its weights
+//! packed once; on a GPU, Burn's operations on the Burn modules. Which one is decided by
+//! the [`BackendKind`](crate::backend::BackendKind) the model was loaded for.
+
+mod cpu;
+
+use std::fmt;
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
-use super::{DepthMap, NetInput};
-use crate::backend;
-use crate::kernels::{CpuDecoder, CpuEncoder, CpuResNet, CpuTransformer, FeatureMap};
-use crate::model::{DptEncoder, ModelKind, Network};
+use crate::backend::Backend;
+use crate::model::{ModelKind, Network};
+
+/// A normalised `[3, height, width]` float image, ready for the network (sides multiples of the
+/// model's [`ModelKind::input_multiple`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NetInput {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// Planar RGB, channel-major.
+    pub data: Vec<f32>,
+}
+
+/// A `[height, width]` relative inverse depth map, as the network produces it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DepthMap {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// Row-major values, larger is nearer.
+    pub data: Vec<f32>,
+}
 
 /// Why a forward pass failed (a device error, never bad input: sizes come from preprocessing).
 #[derive(Debug, thiserror::Error)]
@@ -20,78 +48,54 @@ impl InferenceError {
     }
 }
 
-/// Which implementation runs the network.
-#[derive(Debug)]
-enum Engine {
-    /// Burn's operations, on any backend.
-    Burn(Box<Network>),
-    /// MiDaS small on [`crate::kernels`], with the weights packed for them: CPU backends only.
-    SmallKernels(Box<(CpuEncoder, CpuDecoder)>),
-    /// DPT-Hybrid on [`crate::kernels`]: its ResNet ([`CpuResNet`]), transformer blocks
-    /// ([`CpuTransformer`], 40 % of the work) and decoder (45 %, nearly all 3x3 convolutions);
-    /// the token embedding and reassembly between them on Burn's CPU operations.
-    DptKernels(Box<DptKernels>),
+/// One implementation of a network's forward pass.
+trait Engine: Send + Sync + fmt::Debug {
+    /// `[batch, 3, H, W]` to `[batch, H, W]`, flat and row-major.
+    fn forward(&self, input: Tensor<4>) -> Result<Vec<f32>, InferenceError>;
 }
 
-/// DPT-Hybrid packed for the CPU kernels.
-#[derive(Debug)]
-struct DptKernels {
-    backbone: CpuResNet,
-    blocks: CpuTransformer,
-    /// The encoder without its ResNet stages and blocks: embedding and reassembly.
-    rest: DptEncoder,
-    decoder: CpuDecoder,
+/// Burn's operations on the Burn modules, on any backend.
+impl Engine for Network {
+    fn forward(&self, input: Tensor<4>) -> Result<Vec<f32>, InferenceError> {
+        Network::forward(self, input)
+            .try_into_data()
+            .map_err(|e| InferenceError(format!("{e:?}")))?
+            .try_into_vec::<f32>()
+            .map_err(|e| InferenceError(format!("{e:?}")))
+    }
 }
 
-/// The network on its device.
+/// A loaded network on its device, ready to run.
 #[derive(Debug)]
 pub struct DepthModel {
-    engine: Engine,
+    engine: Box<dyn Engine>,
     kind: ModelKind,
     device: Device,
 }
 
 impl DepthModel {
-    /// Wraps a loaded network; on a CPU device it moves to the CPU kernels, which run it
-    /// several times faster than Burn's CPU operations.
-    pub fn new(network: Network, device: Device) -> Self {
+    /// Takes a loaded network over for `backend`: on a CPU backend it is packed for the CPU
+    /// kernels, which run it several times faster than Burn's CPU operations.
+    pub fn new(network: Network, backend: &Backend) -> Self {
         let kind = network.kind();
-        let engine = if !backend::is_cpu(&device) {
-            Engine::Burn(Box::new(network))
+        let engine = if backend.kind.is_cpu() {
+            cpu::pack(network)
         } else {
-            match network {
-                Network::MidasSmall(model) => {
-                    let (encoder, decoder) = model.into_parts();
-                    Engine::SmallKernels(Box::new((
-                        CpuEncoder::pack(encoder),
-                        CpuDecoder::pack(decoder),
-                    )))
-                }
-                Network::DptHybrid(model) => {
-                    let (mut encoder, decoder) = model.into_parts();
-                    let (backbone, blocks) = encoder.take_heavy_parts();
-                    Engine::DptKernels(Box::new(DptKernels {
-                        backbone: CpuResNet::pack(backbone),
-                        blocks: CpuTransformer::pack(blocks),
-                        rest: encoder,
-                        decoder: CpuDecoder::pack(decoder),
-                    }))
-                }
-            }
+            Box::new(network)
         };
         Self {
             engine,
             kind,
-            device,
+            device: backend.device.clone(),
         }
     }
 
-    /// Wraps a loaded network that runs on Burn's operations alone, whatever the device (to
-    /// compare the two paths).
+    /// Takes a loaded network over to run on Burn's operations alone, whatever the device (to
+    /// compare the two implementations).
     pub fn burn_only(network: Network, device: Device) -> Self {
         Self {
             kind: network.kind(),
-            engine: Engine::Burn(Box::new(network)),
+            engine: Box::new(network),
             device,
         }
     }
@@ -131,29 +135,7 @@ impl DepthModel {
             TensorData::new(data, [batch, 3, height, width]),
             &self.device,
         );
-        match &self.engine {
-            Engine::Burn(model) => model
-                .forward(input)
-                .try_into_data()
-                .map_err(|e| InferenceError(format!("{e:?}")))?
-                .try_into_vec::<f32>()
-                .map_err(|e| InferenceError(format!("{e:?}"))),
-            Engine::SmallKernels(kernels) => {
-                let (encoder, decoder) = kernels.as_ref();
-                Ok(decoder.forward(encoder.forward(input)).data)
-            }
-            Engine::DptKernels(parts) => {
-                let features = parts
-                    .rest
-                    .forward_with(
-                        input,
-                        |x| parts.backbone.forward(x),
-                        |tokens| parts.blocks.forward(tokens),
-                    )
-                    .map(FeatureMap::from_tensor);
-                Ok(parts.decoder.forward(features).data)
-            }
-        }
+        self.engine.forward(input)
     }
 
     /// Runs one pre-processed image.

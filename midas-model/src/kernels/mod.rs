@@ -1,5 +1,6 @@
-//! CPU kernels for the network on Burn's CPU backends: dense 3x3 (Winograd), 1x1 and strided
-//! convolutions, depthwise convolutions and x2 bilinear upsampling, over Burn's tensor data.
+//! CPU kernels, the operations the CPU engine ([`crate::engine`]) assembles networks from: dense
+//! 3x3 (Winograd), 1x1 and strided convolutions, depthwise convolutions, GroupNorm and x2
+//! bilinear upsampling, over Burn's tensor data.
 //!
 //! Burn's CPU convolution re-lays out its input to NHWC, re-packs the weights and builds im2col
 //! tiles on every call; BatchNorm and activations are separate passes; its bilinear resize is
@@ -8,30 +9,20 @@
 //! residual additions and activations are fused into the kernel that produces them, outputs are
 //! written without a zeroing pass, working buffers are reused, and the products run as
 //! cache-sized bands over the `gemm` crate (the same GEMM Burn's `flex` backend uses).
-//! [`CpuEncoder`] and [`CpuDecoder`] run MiDaS small on these kernels; [`CpuResNet`],
-//! [`CpuTransformer`] and [`CpuDecoder`] run DPT-Hybrid but for its token embedding and
-//! reassembly (3 % of its work); the Burn modules stay the network's definition, what the
-//! weights load into, and the path used on GPUs.
 
 mod buffers;
 mod conv;
-mod decoder;
 mod depthwise;
-mod encoder;
 mod group_norm;
-mod resnet;
 pub mod simd;
-mod transformer;
 mod upsample;
 mod winograd;
 
+pub(crate) use buffers::WorkBuffer;
 pub use conv::{PackedConv, conv_same, conv1x1};
-pub use decoder::CpuDecoder;
+pub(crate) use conv::{gemm, strided_gemm};
 pub use depthwise::{PackedDepthwise, depthwise};
-pub use encoder::CpuEncoder;
 pub use group_norm::{PackedGroupNorm, group_norm};
-pub use resnet::CpuResNet;
-pub use transformer::CpuTransformer;
 pub use upsample::{upsample, upsample2x};
 pub use winograd::{WinogradConv, winograd3x3};
 
@@ -118,7 +109,7 @@ impl FeatureMap {
     /// # Safety
     /// `fill` must write all `batch * channels * height * width` values behind the pointer
     /// before it returns, and read none it has not written.
-    unsafe fn filled_by(
+    pub(crate) unsafe fn filled_by(
         batch: usize,
         channels: usize,
         height: usize,
@@ -174,7 +165,7 @@ impl FeatureMap {
 
 /// A raw output pointer shared by tasks that write disjoint parts of the same buffer.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+pub(crate) struct SharedOut(pub(crate) *mut f32);
 // SAFETY: every task writes a disjoint set of indices (its own rows, planes or columns), and the
 // buffer outlives the parallel loop that uses it.
 unsafe impl Send for SharedOut {}
@@ -182,7 +173,7 @@ unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
     /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 
@@ -190,7 +181,7 @@ impl SharedOut {
     ///
     /// # Safety
     /// They must be inside the buffer, initialised, and this caller's alone while it holds them.
-    unsafe fn slice<'a>(self, offset: usize, len: usize) -> &'a mut [f32] {
+    pub(crate) unsafe fn slice<'a>(self, offset: usize, len: usize) -> &'a mut [f32] {
         // SAFETY: the caller's contract.
         unsafe { std::slice::from_raw_parts_mut(self.0.add(offset), len) }
     }
@@ -199,7 +190,7 @@ impl SharedOut {
     ///
     /// # Safety
     /// They must be inside the buffer and this caller's alone while it holds them.
-    unsafe fn uninit<'a>(self, offset: usize, len: usize) -> &'a mut [MaybeUninit<f32>] {
+    pub(crate) unsafe fn uninit<'a>(self, offset: usize, len: usize) -> &'a mut [MaybeUninit<f32>] {
         // SAFETY: the caller's contract; MaybeUninit<f32> has f32's layout.
         unsafe { std::slice::from_raw_parts_mut(self.0.add(offset).cast(), len) }
     }
@@ -237,14 +228,14 @@ impl Bands {
 }
 
 /// TensorFlow's SAME rule for one axis: output length and padding before the first input.
-fn same(length: usize, kernel: usize, stride: usize) -> (usize, usize) {
+pub(crate) fn same(length: usize, kernel: usize, stride: usize) -> (usize, usize) {
     let out = length.div_ceil(stride);
     let total = ((out - 1) * stride + kernel).saturating_sub(length);
     (out, total / 2)
 }
 
 /// The float32 values of a Burn tensor, flattened.
-fn tensor_values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+pub(crate) fn tensor_values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
     tensor
         .into_data()
         .try_into_vec::<f32>()

@@ -213,15 +213,6 @@ impl ResNetV2 {
         [quarter, eighth, sixteenth]
     }
 
-    /// Takes the stages out, to run them elsewhere (the CPU kernels): this backbone keeps only
-    /// a copy of its stem and must not run again.
-    pub fn take(&mut self) -> Self {
-        Self {
-            stem: self.stem.clone(),
-            stages: std::mem::take(&mut self.stages),
-        }
-    }
-
     /// Every convolution whose weights timm standardises: all of the backbone's.
     pub(crate) fn convs_mut(&mut self) -> Vec<&mut Conv2d> {
         let mut convs = vec![&mut self.stem.conv];

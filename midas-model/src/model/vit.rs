@@ -172,6 +172,60 @@ impl HybridVit {
         }
     }
 
+    /// Runs the ResNet on a `[batch, 3, H, W]` input and makes the tokens of its features.
+    pub fn embed(&self, x: Tensor<4>) -> Embedded {
+        let [quarter, eighth, sixteenth] = self.patch_embed.backbone.forward(x);
+        let (tokens, grid) = TokenEmbedding {
+            proj: &self.patch_embed.proj,
+            cls_token: &self.cls_token,
+            pos_embed: &self.pos_embed,
+        }
+        .tokens(sixteenth);
+        Embedded {
+            backbone: [quarter, eighth],
+            tokens,
+            grid,
+        }
+    }
+
+    /// Runs the blocks on the embedded tokens: the outputs of the blocks in [`HOOKS`].
+    pub fn blocks(&self, mut x: Tensor<3>) -> [Tensor<3>; 2] {
+        let mut hooked = Vec::with_capacity(HOOKS.len());
+        for (index, block) in self.blocks.iter().enumerate() {
+            x = block.forward(x);
+            if HOOKS.contains(&index) {
+                hooked.push(x.clone());
+            }
+        }
+        hooked
+            .try_into()
+            .expect("both hooks name one of the blocks")
+    }
+}
+
+/// The token embedding's parameters, wherever they are kept: in [`HybridVit`] (where the
+/// weights load them under upstream's names) or in [`super::TokenBridge`] (once the network is
+/// taken apart).
+pub(crate) struct TokenEmbedding<'a> {
+    pub(crate) proj: &'a Conv2d,
+    pub(crate) cls_token: &'a Param<Tensor<3>>,
+    pub(crate) pos_embed: &'a Param<Tensor<3>>,
+}
+
+impl TokenEmbedding<'_> {
+    /// The ResNet's 1/16 features projected to tokens, the class token first, the position
+    /// embedding added: `[batch, 1 + h * w, 768]`, and the token grid `(h, w)`.
+    pub(crate) fn tokens(&self, sixteenth: Tensor<4>) -> (Tensor<3>, (usize, usize)) {
+        let embedded = self.proj.forward(sixteenth);
+        let [batch, _, h, w] = embedded.dims();
+        let tokens = embedded.flatten::<3>(2, 3).swap_dims(1, 2);
+        let cls = self.cls_token.val().expand([batch, 1, EMBED_DIM]);
+        (
+            Tensor::cat(vec![cls, tokens], 1) + self.position_embedding((h, w)),
+            (h, w),
+        )
+    }
+
     /// The position embedding for an `h x w` token grid: upstream's `_resize_pos_embed`
     /// (bilinear, corners not aligned), the identity at the trained 24 x 24.
     fn position_embedding(&self, (h, w): (usize, usize)) -> Tensor<3> {
@@ -191,54 +245,6 @@ impl HybridVit {
             .permute([0, 2, 3, 1])
             .reshape([1, h * w, EMBED_DIM]);
         Tensor::cat(vec![cls, grid], 1)
-    }
-
-    /// Runs `backbone` (this network's ResNet, or what it was packed into) on a
-    /// `[batch, 3, H, W]` input and makes the tokens of its features.
-    pub fn embed(
-        &self,
-        x: Tensor<4>,
-        backbone: impl FnOnce(Tensor<4>) -> [Tensor<4>; 3],
-    ) -> Embedded {
-        let [quarter, eighth, sixteenth] = backbone(x);
-        let embedded = self.patch_embed.proj.forward(sixteenth);
-        let [batch, _, h, w] = embedded.dims();
-        let tokens = embedded.flatten::<3>(2, 3).swap_dims(1, 2);
-        let cls = self.cls_token.val().expand([batch, 1, EMBED_DIM]);
-        Embedded {
-            backbone: [quarter, eighth],
-            tokens: Tensor::cat(vec![cls, tokens], 1) + self.position_embedding((h, w)),
-            grid: (h, w),
-        }
-    }
-
-    /// Runs the blocks on the embedded tokens: the outputs of the blocks in [`HOOKS`].
-    pub fn blocks(&self, mut x: Tensor<3>) -> [Tensor<3>; 2] {
-        let mut hooked = Vec::with_capacity(HOOKS.len());
-        for (index, block) in self.blocks.iter().enumerate() {
-            x = block.forward(x);
-            if HOOKS.contains(&index) {
-                hooked.push(x.clone());
-            }
-        }
-        hooked
-            .try_into()
-            .expect("both hooks name one of the blocks")
-    }
-
-    /// The ResNet backbone.
-    pub fn backbone(&self) -> &ResNetV2 {
-        &self.patch_embed.backbone
-    }
-
-    /// Takes the backbone's stages and the blocks out, to run them elsewhere (the CPU
-    /// kernels): this network then runs only through [`HybridVit::embed`] with another
-    /// backbone, and has no blocks for [`HybridVit::blocks`].
-    pub fn take_heavy_parts(&mut self) -> (ResNetV2, Vec<TransformerBlock>) {
-        (
-            self.patch_embed.backbone.take(),
-            std::mem::take(&mut self.blocks),
-        )
     }
 }
 
