@@ -14,7 +14,18 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// Bytes an image may hold per pixel, at its largest: while decoding, a 16-bit RGBA image (8)
 /// and its 8-bit RGB copy (3). What follows holds less (the colourised output, 3, and the
 /// encoded file).
-pub const DECODE_BYTES_PER_PIXEL: u64 = 11;
+const DECODE_BYTES_PER_PIXEL: u64 = 11;
+
+/// What a decoder holds beside the pixels, whatever the image's size: the inflate or entropy
+/// decoder's state and a few rows of scratch.
+const DECODE_SCRATCH_BYTES: u64 = 1 << 20;
+
+/// What an image of `pixels` is charged from its decode until its output is stored: the most
+/// that decoding it and reducing it to the network's input hold at once (`tests/decode_memory.rs`
+/// counts it by allocation).
+pub fn decode_bytes(pixels: u64) -> u64 {
+    pixels * DECODE_BYTES_PER_PIXEL + DECODE_SCRATCH_BYTES
+}
 
 /// The unit of the semaphore's permits, so that budgets up to 4 TiB fit its `u32` counts.
 const UNIT: u64 = 1024;

@@ -73,8 +73,8 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
         "{}: expected shape [N,3,H,W], found {shape:?}",
         args.input.display()
     );
-    let pipeline = lifecycle::load(&args.model, Transform::Upstream).await?;
-    let multiple = pipeline.model.kind().input_multiple();
+    let loaded = lifecycle::load(&args.model, Transform::Upstream).await?;
+    let multiple = loaded.model.kind().input_multiple();
     ensure!(
         height >= multiple
             && width >= multiple
@@ -82,9 +82,9 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
             && width.is_multiple_of(multiple),
         "{}: H and W must be positive multiples of {multiple} for {}, found {height}x{width}",
         args.input.display(),
-        pipeline.model.kind()
+        loaded.model.kind()
     );
-    let run = || pipeline.model.forward(data.clone(), batch, height, width);
+    let run = || loaded.model.forward(data.clone(), batch, height, width);
 
     let output = match args.repeat {
         None => run()?,
@@ -104,8 +104,8 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
                 (times[runs / 2 - 1] + times[runs / 2]) / 2.0
             };
             let summary = serde_json::json!({
-                "backend": pipeline.backend.kind.name(),
-                "model": pipeline.model.kind().name(),
+                "backend": loaded.backend.kind.name(),
+                "model": loaded.model.kind().name(),
                 "shape": shape,
                 "runs": runs,
                 "median_ms": median,
@@ -132,7 +132,7 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
 async fn predict(args: PredictArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
-    let pipeline = lifecycle::load(&args.model, args.image.transform).await?;
+    let loaded = lifecycle::load(&args.model, args.image.transform).await?;
     let limits = args.image.limits();
     let options = RenderOptions {
         colormap: args.colormap,
@@ -142,8 +142,8 @@ async fn predict(args: PredictArgs) -> anyhow::Result<()> {
         let start = Instant::now();
         let bytes =
             std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-        let chunks = pipeline
-            .predict(&bytes, &limits, options)
+        let chunks = loaded
+            .run_image(&bytes, &limits, options)
             .with_context(|| format!("{}", file.display()))?;
         let stem = file
             .file_stem()

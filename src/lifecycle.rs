@@ -1,4 +1,4 @@
-//! A model's way from flags to a ready [`Pipeline`]: the backend is started, the weights are
+//! A model's way from flags to a ready [`LoadedModel`]: the backend is started, the weights are
 //! fetched (cached, sha256-pinned), their format detected and their network recognised, then
 //! the parameters are handed to the engine that runs them (packed for the CPU kernels on a CPU
 //! backend). Image handling stays in [`crate::pipeline`]; this module only assembles.
@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::config::ModelArgs;
 use crate::fetch::{self, FetchError, FetchOptions};
-use crate::pipeline::{Pipeline, Transform};
+use crate::pipeline::{LoadedModel, Transform};
 use midas_model::backend::{Backend, BackendError};
 use midas_model::engine::DepthModel;
 use midas_model::kernels::simd::Isa;
@@ -25,7 +25,7 @@ pub enum LoadError {
 
 /// Starts the backend and loads the weights `args` names (or the untrained model, loudly), to
 /// run with `transform`.
-pub async fn load(args: &ModelArgs, transform: Transform) -> Result<Pipeline, LoadError> {
+pub async fn load(args: &ModelArgs, transform: Transform) -> Result<LoadedModel, LoadError> {
     let started = Instant::now();
     let backend = Backend::init(args.backend)?;
     match &backend.adapter {
@@ -75,7 +75,7 @@ pub async fn load(args: &ModelArgs, transform: Transform) -> Result<Pipeline, Lo
         total_ms = started.elapsed().as_millis() as u64,
         "model ready (on CPU: BatchNorm folded, filters packed for the kernels)"
     );
-    Ok(Pipeline {
+    Ok(LoadedModel {
         model,
         backend,
         weights: report,

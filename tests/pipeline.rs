@@ -178,7 +178,7 @@ fn depth16_matches_midas_write_depth() {
 }
 
 /// The untrained MiDaS small pipeline on flex with `transform`.
-fn untrained_pipeline(transform: pipeline::Transform) -> pipeline::Pipeline {
+fn untrained_pipeline(transform: pipeline::Transform) -> pipeline::LoadedModel {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let args = midas_serve::config::ModelArgs {
         weights: None,
@@ -210,7 +210,7 @@ fn squash_reproduces_the_replaced_service() {
         let stem = name.split('.').next().unwrap();
         let bytes = std::fs::read(fixture(&format!("images/{name}"))).unwrap();
         let png: Vec<u8> = pipeline
-            .predict(&bytes, &LIMITS, options)
+            .run_image(&bytes, &LIMITS, options)
             .unwrap()
             .map(Result::unwrap)
             .collect::<Vec<_>>()
@@ -246,7 +246,7 @@ fn end_to_end_matches_the_reference() {
         let stem = name.split('.').next().unwrap();
         let bytes = std::fs::read(fixture(&format!("images/{name}"))).unwrap();
         let chunks = pipeline
-            .predict(&bytes, &LIMITS, RenderOptions::default())
+            .run_image(&bytes, &LIMITS, RenderOptions::default())
             .unwrap();
         let png: Vec<u8> = chunks.map(Result::unwrap).collect::<Vec<_>>().concat();
         let actual = image::load_from_memory(&png).unwrap().into_rgb8();
@@ -257,7 +257,7 @@ fn end_to_end_matches_the_reference() {
 
         // Raw output: the network's depth map at its own resolution.
         let chunks = pipeline
-            .predict(
+            .run_image(
                 &bytes,
                 &LIMITS,
                 RenderOptions {

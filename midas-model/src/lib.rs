@@ -10,7 +10,7 @@
 //!    deterministic untrained one instead).
 //! 3. [`engine::DepthModel::new`] takes the network over for the backend: on a CPU backend it is
 //!    packed for this crate's own [`kernels`], several times faster than Burn's CPU operations.
-//! 4. [`engine::DepthModel::predict`] turns a normalised image ([`engine::NetInput`]) into a
+//! 4. [`engine::DepthModel::depth`] turns a normalised image ([`engine::NetInput`]) into a
 //!    relative inverse depth map ([`engine::DepthMap`]).
 //!
 //! ```no_run
@@ -26,7 +26,7 @@
 //! let model = DepthModel::new(network, &backend);
 //! // A 256x256 image, normalised as the model was trained (ImageNet mean and deviation).
 //! let input = NetInput { width: 256, height: 256, data: vec![0.0; 3 * 256 * 256] };
-//! let depth = model.predict(input)?;
+//! let depth = model.depth(input)?;
 //! assert_eq!(depth.data.len(), 256 * 256);
 //! # Ok(())
 //! # }

@@ -1,4 +1,4 @@
-"""Deterministic MiDaS weights from a formula, reproduced bit for bit by `src/weights/synthetic.rs`.
+"""Deterministic MiDaS weights from a formula, reproduced bit for bit by `midas-model/src/weights/synthetic.rs`.
 
 Every value comes from a SplitMix64 stream seeded by the FNV-1a hash of the tensor's upstream key,
 turned into an f32 in [-1, 1) with 24 exact bits, then scaled with float32 arithmetic that Rust

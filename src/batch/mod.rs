@@ -28,11 +28,11 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use crate::budget::{DECODE_BYTES_PER_PIXEL, MemoryBudget, Share};
+use crate::budget::{MemoryBudget, Share, decode_bytes};
 use crate::config::BatchArgs;
 use crate::lifecycle::{self, LoadError};
 use crate::pipeline::{
-    DecodeError, DecodeLimits, DepthMap, NetInput, Pipeline, RenderError, RenderOptions,
+    DecodeError, DecodeLimits, DepthMap, LoadedModel, NetInput, RenderError, RenderOptions,
     decode_checked, preprocess, probe, render,
 };
 use crate::storage::{Store, StoreError};
@@ -108,8 +108,8 @@ pub async fn run(args: &BatchArgs) -> Result<Summary, BatchError> {
     let (records, run_seconds) = if plan.work.is_empty() {
         (Vec::new(), 0.0)
     } else {
-        let pipeline = Arc::new(lifecycle::load(&args.model, args.image.transform).await?);
-        let stages = Stages::new(args, source, dest.clone(), pipeline)?;
+        let loaded = Arc::new(lifecycle::load(&args.model, args.image.transform).await?);
+        let stages = Stages::new(args, source, dest.clone(), loaded)?;
         let run_started = Instant::now();
         let records = stages.run(plan.work.clone(), &mut progress).await;
         (records, run_started.elapsed().as_secs_f64())
@@ -269,7 +269,7 @@ struct Encoded {
 struct Stages {
     source: Store,
     dest: Store,
-    pipeline: Arc<Pipeline>,
+    loaded: Arc<LoadedModel>,
     limits: DecodeLimits,
     options: RenderOptions,
     max_input_bytes: u64,
@@ -295,7 +295,7 @@ impl Stages {
         args: &BatchArgs,
         source: Store,
         dest: Store,
-        pipeline: Arc<Pipeline>,
+        loaded: Arc<LoadedModel>,
     ) -> Result<Self, BatchError> {
         let budget = args.memory_budget.max(1) << 20;
         // The global pool's size honours RAYON_NUM_THREADS and the CPU quota.
@@ -319,7 +319,7 @@ impl Stages {
         Ok(Self {
             source,
             dest,
-            pipeline,
+            loaded,
             limits: args.image.limits(),
             options: RenderOptions {
                 colormap: args.colormap,
@@ -456,10 +456,10 @@ impl Stages {
         let mut item = item;
         item.record.size = Some((header.width, header.height));
         let pixels = u64::from(header.width) * u64::from(header.height);
-        let permit = self.pixels.take(pixels * DECODE_BYTES_PER_PIXEL).await;
+        let permit = self.pixels.take(decode_bytes(pixels)).await;
         let bytes = item.data.bytes.clone();
         let limits = self.limits;
-        let (kind, transform) = (self.pipeline.model.kind(), self.pipeline.transform);
+        let (kind, transform) = (self.loaded.model.kind(), self.loaded.transform);
         let decoded = tokio::task::spawn_blocking(move || {
             let image = decode_checked(&bytes, &header, &limits)?;
             Ok::<_, DecodeError>((preprocess(&image, kind, transform), image.dimensions()))
@@ -542,10 +542,10 @@ impl Stages {
             inputs.push(input);
             rest.push((item.work, item.record, original, permit));
         }
-        let pipeline = self.pipeline.clone();
+        let loaded = self.loaded.clone();
         let result = tokio::task::spawn_blocking(move || match pool {
-            Some(pool) => pool.install(|| pipeline.model.predict_batch(inputs)),
-            None => pipeline.model.predict_batch(inputs),
+            Some(pool) => pool.install(|| loaded.model.depths(inputs)),
+            None => loaded.model.depths(inputs),
         })
         .await;
         let forward_ms = millis(started);

@@ -145,7 +145,7 @@ pub enum PredictError {
 /// A model ready to run, with what it is, where its weights came from and how images are
 /// prepared for it. [`crate::lifecycle`] makes one.
 #[derive(Debug)]
-pub struct Pipeline {
+pub struct LoadedModel {
     /// The network on its device.
     pub model: DepthModel,
     /// The backend running it.
@@ -156,14 +156,14 @@ pub struct Pipeline {
     pub transform: Transform,
 }
 
-impl Pipeline {
+impl LoadedModel {
     /// The network input for a decoded image.
     pub fn preprocess(&self, image: &RgbImage) -> NetInput {
         preprocess(image, self.model.kind(), self.transform)
     }
 
     /// The whole pipeline for one encoded image, as `midas-serve predict` runs it.
-    pub fn predict(
+    pub fn run_image(
         &self,
         bytes: &[u8],
         limits: &DecodeLimits,
@@ -171,7 +171,7 @@ impl Pipeline {
     ) -> Result<EncodedChunks, PredictError> {
         let image = decode(bytes, limits)?;
         let original = image.dimensions();
-        let depth = self.model.predict(self.preprocess(&image))?;
+        let depth = self.model.depth(self.preprocess(&image))?;
         Ok(render(&depth, original, options)?)
     }
 }

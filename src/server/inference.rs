@@ -45,14 +45,14 @@ struct Job {
 }
 
 /// What the inference thread runs: a model that turns same-sized inputs into depth maps.
-pub trait BatchModel: Send + 'static {
+pub trait QueuedModel: Send + 'static {
     /// One forward pass over `inputs`.
-    fn predict_batch(&self, inputs: Vec<NetInput>) -> Result<Vec<DepthMap>, InferenceError>;
+    fn depths(&self, inputs: Vec<NetInput>) -> Result<Vec<DepthMap>, InferenceError>;
 }
 
-impl BatchModel for DepthModel {
-    fn predict_batch(&self, inputs: Vec<NetInput>) -> Result<Vec<DepthMap>, InferenceError> {
-        DepthModel::predict_batch(self, inputs)
+impl QueuedModel for DepthModel {
+    fn depths(&self, inputs: Vec<NetInput>) -> Result<Vec<DepthMap>, InferenceError> {
+        DepthModel::depths(self, inputs)
     }
 }
 
@@ -94,7 +94,7 @@ impl Drop for Liveness {
 
 impl InferenceQueue {
     /// Starts the inference thread, which owns `model` until every queue handle is dropped.
-    pub fn start<M: BatchModel>(
+    pub fn start<M: QueuedModel>(
         model: M,
         capacity: usize,
         max_batch: usize,
@@ -183,7 +183,7 @@ struct Worker<M> {
     metrics: Metrics,
 }
 
-impl<M: BatchModel> Worker<M> {
+impl<M: QueuedModel> Worker<M> {
     fn take(&mut self, job: Job) -> Option<Job> {
         self.waiting.fetch_sub(1, Ordering::SeqCst);
         // The handler dropped its receiver: the client is gone, the slot is free.
@@ -232,18 +232,17 @@ impl<M: BatchModel> Worker<M> {
             replies.push((job.reply, started - job.submitted));
         }
         // A panic fails this batch only; the thread keeps serving.
-        let result =
-            std::panic::catch_unwind(AssertUnwindSafe(|| self.model.predict_batch(inputs)))
-                .unwrap_or_else(|panic| {
-                    let message = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic".to_string());
-                    Err(InferenceError::from_message(format!(
-                        "the forward pass panicked: {message}"
-                    )))
-                });
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.model.depths(inputs)))
+            .unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".to_string());
+                Err(InferenceError::from_message(format!(
+                    "the forward pass panicked: {message}"
+                )))
+            });
         let forward = started.elapsed();
         self.metrics.batch_size.observe(size as f64);
         match result {
@@ -274,8 +273,8 @@ mod tests {
     /// Panics on 1-pixel-wide inputs, else answers zeros.
     struct Fragile;
 
-    impl BatchModel for Fragile {
-        fn predict_batch(&self, inputs: Vec<NetInput>) -> Result<Vec<DepthMap>, InferenceError> {
+    impl QueuedModel for Fragile {
+        fn depths(&self, inputs: Vec<NetInput>) -> Result<Vec<DepthMap>, InferenceError> {
             assert!(inputs.iter().all(|i| i.width > 1), "a deliberate failure");
             Ok(inputs
                 .iter()

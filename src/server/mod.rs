@@ -36,7 +36,7 @@ use tokio::sync::Semaphore;
 pub use crate::budget::{MemoryBudget, resident_bytes};
 use crate::config::ServeArgs;
 use crate::lifecycle::{self, LoadError};
-use crate::pipeline::{DecodeLimits, Pipeline, RenderOptions, Transform};
+use crate::pipeline::{DecodeLimits, LoadedModel, RenderOptions, Transform};
 use crate::storage::{Store, StoreError};
 pub use inference::InferenceQueue;
 pub use metrics::{Metrics, ModelLabels};
@@ -119,18 +119,18 @@ pub struct AppState {
 /// Starts the server and runs until SIGTERM or SIGINT (then drains and returns).
 pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
     let started = Instant::now();
-    let pipeline = lifecycle::load(&config.model, config.image.transform).await?;
+    let loaded = lifecycle::load(&config.model, config.image.transform).await?;
     let store = Store::open(&config.store, config.store_timeout()).await?;
     tracing::info!(store = %store, "store ready");
     let limits = config.image.limits();
     // Seconds of compute on some backends: off the runtime's worker threads.
-    tokio::task::block_in_place(|| warm_up(&pipeline, &limits))?;
+    tokio::task::block_in_place(|| warm_up(&loaded, &limits))?;
     let model = ModelInfo {
-        kind: pipeline.model.kind(),
-        transform: pipeline.transform,
-        backend: pipeline.backend.kind.name(),
-        adapter: pipeline.backend.adapter.clone(),
-        weights: pipeline.weights.clone(),
+        kind: loaded.model.kind(),
+        transform: loaded.transform,
+        backend: loaded.backend.kind.name(),
+        adapter: loaded.backend.adapter.clone(),
+        weights: loaded.weights.clone(),
     };
     let metrics = Metrics::default();
     metrics
@@ -147,7 +147,7 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
         })
         .set(1);
     let (queue, _worker) = InferenceQueue::start(
-        pipeline.model,
+        loaded.model,
         config.queue_size,
         config.max_batch,
         metrics.clone(),
@@ -206,7 +206,7 @@ fn memory_budget(config: &ServeArgs, model: &ModelInfo) -> Result<MemoryBudget, 
     let budget = MemoryBudget::new(bytes, config.memory_wait());
     // Rendering holds a band of rows, at most one row of the widest image the limit allows.
     let widest = u32::try_from(config.image.max_pixels).unwrap_or(u32::MAX);
-    let worst_image = (config.image.max_pixels * crate::budget::DECODE_BYTES_PER_PIXEL)
+    let worst_image = crate::budget::decode_bytes(config.image.max_pixels)
         .max(crate::pipeline::render_bytes(widest, 1));
     let largest = worst_image.max(config.max_body_bytes);
     if largest > budget.total() {
@@ -233,7 +233,7 @@ fn memory_budget(config: &ServeArgs, model: &ModelInfo) -> Result<MemoryBudget, 
 /// initialisation (thread pools, the kernels' buffers, shader compilation on wgpu): a 640x480
 /// image decoded and pre-processed, a forward pass at the smallest input (DPT-Hybrid's full-size
 /// pass would hold readiness back by seconds), its output rendered at 640x480.
-fn warm_up(pipeline: &Pipeline, limits: &DecodeLimits) -> Result<(), ServerError> {
+fn warm_up(loaded: &LoadedModel, limits: &DecodeLimits) -> Result<(), ServerError> {
     let started = Instant::now();
     let image = image::RgbImage::from_fn(640, 480, |x, y| {
         image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
@@ -244,11 +244,11 @@ fn warm_up(pipeline: &Pipeline, limits: &DecodeLimits) -> Result<(), ServerError
         .map_err(|e| ServerError::WarmUp(e.to_string()))?;
     let decoded =
         crate::pipeline::decode(&png, limits).map_err(|e| ServerError::WarmUp(e.to_string()))?;
-    pipeline.preprocess(&decoded);
-    let side = 2 * pipeline.model.kind().input_multiple();
-    let depth = pipeline
+    loaded.preprocess(&decoded);
+    let side = 2 * loaded.model.kind().input_multiple();
+    let depth = loaded
         .model
-        .predict(crate::pipeline::NetInput {
+        .depth(crate::pipeline::NetInput {
             width: side,
             height: side,
             data: vec![0.5; 3 * side * side],

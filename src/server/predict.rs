@@ -29,7 +29,7 @@ use super::inference::{Reply, SubmitError};
 use super::intake::{self, Received};
 use super::output::{self, Answer, Timings, millis};
 use super::{AppState, Body};
-use crate::budget::DECODE_BYTES_PER_PIXEL;
+use crate::budget::decode_bytes;
 use crate::pipeline::{self, ImageHeader, NetInput};
 
 /// Answers `POST /predict`, turning any failure into its JSON refusal.
@@ -174,7 +174,7 @@ async fn decode(
     let pixels = u64::from(header.width) * u64::from(header.height);
     let _share = state
         .budget
-        .reserve(pixels * DECODE_BYTES_PER_PIXEL, "decoded image")
+        .reserve(decode_bytes(pixels), "decoded image")
         .await?;
     let _worker = state
         .pixel_work

@@ -139,15 +139,15 @@ impl DepthModel {
     }
 
     /// Runs one pre-processed image.
-    pub fn predict(&self, input: NetInput) -> Result<DepthMap, InferenceError> {
-        let mut depths = self.predict_batch(vec![input])?;
+    pub fn depth(&self, input: NetInput) -> Result<DepthMap, InferenceError> {
+        let mut depths = self.depths(vec![input])?;
         depths
             .pop()
             .ok_or_else(|| InferenceError("the forward pass returned nothing".to_string()))
     }
 
     /// Runs pre-processed images of one size through the network together, in one pass.
-    pub fn predict_batch(&self, inputs: Vec<NetInput>) -> Result<Vec<DepthMap>, InferenceError> {
+    pub fn depths(&self, inputs: Vec<NetInput>) -> Result<Vec<DepthMap>, InferenceError> {
         let Some(first) = inputs.first() else {
             return Ok(Vec::new());
         };
