@@ -14,9 +14,10 @@ use multer::{Constraints, Field, Multipart, SizeLimit};
 
 use super::budget::BodyCharge;
 use super::error::ApiError;
+use super::names::upload_name;
 use super::{AppState, BoxError};
 use crate::pipeline::{self, HeaderProbe, ImageFormat, ImageHeader, OutputFormat, RenderOptions};
-use crate::storage::{Upload, upload_name};
+use crate::storage::Upload;
 
 /// Longest value of a text option part.
 const MAX_OPTION_BYTES: usize = 64;

@@ -226,7 +226,7 @@ fn json_refusal(head: &[u8]) -> Option<Bytes> {
              and Transfer-Encoding, a malformed or folded header, a NUL byte, or too many headers)",
         ),
     };
-    let request_id = crate::storage::new_request_id(std::time::SystemTime::now());
+    let request_id = super::names::new_request_id(std::time::SystemTime::now());
     let body = serde_json::json!({ "error": code, "message": message, "request_id": request_id })
         .to_string();
     let reason = http::StatusCode::from_u16(status)

@@ -11,6 +11,7 @@ mod inference;
 mod intake;
 mod io;
 mod metrics;
+mod names;
 mod output;
 mod page;
 mod pipe;

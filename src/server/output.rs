@@ -16,11 +16,12 @@ use hyper::{Response, StatusCode};
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
+use super::names::prediction_name;
 use super::pipe::{PipeSender, pipe};
 use super::{AppState, Body, BoxError, Metrics};
 use crate::budget::Share;
 use crate::pipeline::{self, DepthMap, ImageHeader, RenderOptions};
-use crate::storage::{Upload, prediction_name};
+use crate::storage::Upload;
 
 /// Chunks of the response that may wait for a slow client.
 const RESPONSE_PIPE_DEPTH: usize = 4;

@@ -10,11 +10,12 @@ use hyper::header::{
 use hyper::{Request, Response, StatusCode};
 
 use super::error::ApiError;
+use super::names::prediction_name;
 use super::pipe::{CHUNK_BYTES, pipe};
 use super::responses::full;
 use super::{AppState, Body, BoxError};
 use crate::pipeline::OutputFormat;
-use crate::storage::{StoreError, prediction_name};
+use crate::storage::StoreError;
 
 /// The path prefix of the route.
 pub const PREFIX: &str = "/predictions/";

@@ -55,7 +55,7 @@ pub async fn handle(
     let _in_flight = InFlight::enter(&state.metrics);
     let exchange = Exchange {
         state: &state,
-        request_id: crate::storage::new_request_id(std::time::SystemTime::now()),
+        request_id: super::names::new_request_id(std::time::SystemTime::now()),
         method: request.method().clone(),
         path: request.uri().path().to_string(),
         peer,
