@@ -137,13 +137,15 @@ async fn predict(args: PredictArgs) -> anyhow::Result<()> {
     let options = RenderOptions {
         colormap: args.colormap,
         format: args.format,
+        cloud: args.cloud.options().context("--cloud")?,
     };
+    let cloud = args.cloud.defaults();
     for file in &args.files {
         let start = Instant::now();
         let bytes =
             std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
         let chunks = loaded
-            .run_image(&bytes, &limits, options)
+            .run_image(&bytes, &limits, options, &cloud)
             .with_context(|| format!("{}", file.display()))?;
         let stem = file
             .file_stem()

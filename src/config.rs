@@ -7,7 +7,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::fetch::{FetchError, UPSTREAM_RELEASES, WeightsLocation};
-use crate::pipeline::{Colormap, DecodeLimits, OutputFormat, Transform};
+use crate::pipeline::{
+    CloudDefaults, CloudOptionError, CloudOptions, Colormap, DecodeLimits, OutputFormat, Transform,
+};
 use midas_model::backend::BackendKind;
 use midas_model::model::ModelKind;
 
@@ -193,6 +195,70 @@ impl ImageArgs {
     }
 }
 
+/// Point clouds' defaults and bounds, for `predict`, `serve` and `batch`.
+#[derive(Args, Debug, Clone)]
+pub struct CloudArgs {
+    /// Horizontal field of view of a point cloud's camera, in degrees, when neither the request
+    /// (fx/fy, fov) nor the image's EXIF (FocalLengthIn35mmFilm) gives it.
+    #[arg(long, env = "MIDAS_DEFAULT_FOV", default_value_t = crate::pipeline::DEFAULT_FOV_DEGREES)]
+    pub default_fov: f64,
+    /// Vertices of a point cloud when the request does not say (a grid that keeps the aspect).
+    #[arg(long, env = "MIDAS_DEFAULT_POINTS", default_value_t = 250_000)]
+    pub default_points: u64,
+    /// The most vertices a point cloud may have.
+    #[arg(long, env = "MIDAS_MAX_POINTS", default_value_t = 2_000_000)]
+    pub max_points: u64,
+}
+
+impl CloudArgs {
+    /// The defaults and bounds.
+    pub fn defaults(&self) -> CloudDefaults {
+        CloudDefaults {
+            fov: self.default_fov,
+            points: self.default_points.min(self.max_points),
+            max_points: self.max_points,
+        }
+    }
+}
+
+/// A point cloud's parameters on the command line, as `--cloud NAME=VALUE` (repeated), named as
+/// the server's query parameters: fx, fy, cx, cy, fov, near, far, scale, shift, points, edges.
+#[derive(Args, Debug, Clone)]
+pub struct CloudParams {
+    /// The defaults and bounds.
+    #[command(flatten)]
+    pub limits: CloudArgs,
+    /// One point-cloud parameter for `--format ply`, e.g. `--cloud fov=70 --cloud points=100000`.
+    #[arg(long = "cloud", value_name = "NAME=VALUE")]
+    pub params: Vec<String>,
+}
+
+impl CloudParams {
+    /// The defaults and bounds.
+    pub fn defaults(&self) -> CloudDefaults {
+        self.limits.defaults()
+    }
+
+    /// The parameters, checked.
+    pub fn options(&self) -> Result<CloudOptions, CloudOptionError> {
+        let mut options = CloudOptions::default();
+        for param in &self.params {
+            let (name, value) = param.split_once('=').unwrap_or((param, ""));
+            if !options.set(name, value)? {
+                return Err(CloudOptionError {
+                    parameter: "cloud",
+                    message: format!(
+                        "unknown parameter {name:?}; use {}",
+                        CloudOptions::NAMES.join(", ")
+                    ),
+                });
+            }
+        }
+        options.validate(&self.defaults())?;
+        Ok(options)
+    }
+}
+
 /// `midas-serve predict`.
 #[derive(Args, Debug)]
 pub struct PredictArgs {
@@ -208,9 +274,12 @@ pub struct PredictArgs {
     /// Colour map of the PNG output.
     #[arg(long, default_value = "inferno")]
     pub colormap: Colormap,
-    /// Output: colourised PNG, 16-bit grey PNG or raw float32 .npy.
+    /// Output: colourised PNG, 16-bit grey PNG, raw float32 .npy or a PLY point cloud.
     #[arg(long, default_value = "png")]
     pub format: OutputFormat,
+    /// Point clouds (`--format ply`).
+    #[command(flatten)]
+    pub cloud: CloudParams,
     /// JPEG, PNG or WebP images.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
@@ -228,6 +297,9 @@ pub struct ServeArgs {
     /// Colour map when a request names none (`viridis` answers like the replaced service).
     #[arg(long, env = "MIDAS_DEFAULT_COLORMAP", default_value = "inferno")]
     pub default_colormap: Colormap,
+    /// Point clouds (`format=ply`).
+    #[command(flatten)]
+    pub cloud: CloudArgs,
     /// Address to listen on.
     #[arg(long, env = "MIDAS_HOST", default_value = "0.0.0.0")]
     pub host: String,
@@ -350,9 +422,12 @@ pub struct BatchArgs {
     /// Colour map of the PNG output.
     #[arg(long, env = "MIDAS_COLORMAP", default_value = "inferno")]
     pub colormap: Colormap,
-    /// Output: colourised PNG, 16-bit grey PNG or raw float32 .npy.
+    /// Output: colourised PNG, 16-bit grey PNG, raw float32 .npy or a PLY point cloud.
     #[arg(long, env = "MIDAS_FORMAT", default_value = "png")]
     pub format: OutputFormat,
+    /// Point clouds (`--format ply`).
+    #[command(flatten)]
+    pub cloud: CloudParams,
     /// This task's number, from 0 (Cloud Run jobs set CLOUD_RUN_TASK_INDEX).
     #[arg(long, env = "CLOUD_RUN_TASK_INDEX", default_value_t = 0)]
     pub task_index: usize,

@@ -4,7 +4,9 @@
 
 mod support;
 
-use midas_serve::pipeline::{self, Colormap, DecodeLimits, DepthMap, OutputFormat, RenderOptions};
+use midas_serve::pipeline::{
+    self, CloudDefaults, Colormap, DecodeLimits, DepthMap, OutputFormat, RenderOptions,
+};
 use support::{fixture, max_abs_diff, read_npy};
 
 /// Every test image, one of each format and mode.
@@ -210,7 +212,7 @@ fn squash_reproduces_the_replaced_service() {
         let stem = name.split('.').next().unwrap();
         let bytes = std::fs::read(fixture(&format!("images/{name}"))).unwrap();
         let png: Vec<u8> = pipeline
-            .run_image(&bytes, &LIMITS, options)
+            .run_image(&bytes, &LIMITS, options, &CloudDefaults::default())
             .unwrap()
             .map(Result::unwrap)
             .collect::<Vec<_>>()
@@ -246,7 +248,12 @@ fn end_to_end_matches_the_reference() {
         let stem = name.split('.').next().unwrap();
         let bytes = std::fs::read(fixture(&format!("images/{name}"))).unwrap();
         let chunks = pipeline
-            .run_image(&bytes, &LIMITS, RenderOptions::default())
+            .run_image(
+                &bytes,
+                &LIMITS,
+                RenderOptions::default(),
+                &CloudDefaults::default(),
+            )
             .unwrap();
         let png: Vec<u8> = chunks.map(Result::unwrap).collect::<Vec<_>>().concat();
         let actual = image::load_from_memory(&png).unwrap().into_rgb8();
@@ -264,6 +271,7 @@ fn end_to_end_matches_the_reference() {
                     format: OutputFormat::Npy,
                     ..Default::default()
                 },
+                &CloudDefaults::default(),
             )
             .unwrap();
         let npy: Vec<u8> = chunks.map(Result::unwrap).collect::<Vec<_>>().concat();

@@ -412,7 +412,7 @@ fn png_with_orientation(image: &image::RgbImage, tag: u16) -> Vec<u8> {
 }
 
 #[test]
-fn every_exif_orientation_gives_the_same_upright_depth_map() {
+fn every_exif_orientation_gives_the_same_upright_depth_map_and_point_cloud() {
     use image::DynamicImage;
     use image::metadata::Orientation;
     // An upright photo that looks different turned or mirrored, 96 wide and 64 high.
@@ -437,6 +437,7 @@ fn every_exif_orientation_gives_the_same_upright_depth_map() {
     let server = start(store.path(), &[]);
     let dir = tempfile::tempdir().unwrap();
     let mut answers = Vec::new();
+    let mut clouds = Vec::new();
     for tag in 1..=8u16 {
         // The stored pixels are whichever turn of the upright photo the tag turns back.
         let orientation = Orientation::from_exif(tag as u8).unwrap();
@@ -456,6 +457,10 @@ fn every_exif_orientation_gives_the_same_upright_depth_map() {
         assert_eq!(response.status, 201, "tag {tag}");
         let depth = image::load_from_memory(&response.body).unwrap();
         assert_eq!((depth.width(), depth.height()), (96, 64), "tag {tag}");
+        // The point cloud too: every vertex where the upright photo puts it, in its colour.
+        let cloud = predict(&server, &format!("o{tag}.png"), &file, "?format=ply");
+        assert_eq!(cloud.status, 201, "tag {tag}");
+        clouds.push(cloud.body);
         // `predict` reads the tag too.
         let path = dir.path().join(format!("o{tag}.png"));
         std::fs::write(&path, &file).unwrap();
@@ -477,4 +482,14 @@ fn every_exif_orientation_gives_the_same_upright_depth_map() {
     for (index, answer) in answers.iter().enumerate() {
         assert_eq!(answer, &answers[0], "orientation {} differs", index + 1);
     }
+    for (index, cloud) in clouds.iter().enumerate() {
+        assert_eq!(
+            cloud,
+            &clouds[0],
+            "orientation {}'s cloud differs",
+            index + 1
+        );
+    }
+    let header = String::from_utf8_lossy(&clouds[0][..clouds[0].len().min(600)]).to_string();
+    assert!(header.contains("grid 96x64 image"), "{header}");
 }

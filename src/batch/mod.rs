@@ -32,8 +32,9 @@ use crate::budget::{MemoryBudget, Share, decode_bytes};
 use crate::config::BatchArgs;
 use crate::lifecycle::{self, LoadError};
 use crate::pipeline::{
-    DecodeError, DecodeLimits, DepthMap, LoadedModel, NetInput, RenderError, RenderOptions,
-    decode_checked, preprocess, probe, render,
+    CloudDefaults, CloudOptionError, DecodeError, DecodeLimits, DepthMap, LoadedModel, NetInput,
+    OutputFormat, PointSamples, RenderError, RenderOptions, decode_checked, focal_length_35mm,
+    preprocess, probe, render,
 };
 use crate::storage::{Store, StoreError};
 use progress::Progress;
@@ -74,6 +75,9 @@ pub enum BatchError {
     /// The model could not be loaded.
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// A `--cloud` parameter is wrong.
+    #[error("--cloud {0}")]
+    Cloud(#[from] CloudOptionError),
     /// The forward passes' threads could not be started.
     #[error("cannot start the forward threads: {0}")]
     Threads(String),
@@ -248,15 +252,23 @@ struct ReadFile {
 /// A decoded image reduced to the network input, holding its share of the pixel budget.
 struct Prepared {
     input: NetInput,
+    kept: Kept,
+}
+
+/// What an image keeps from its decode to its stored output.
+struct Kept {
+    /// The upright image's size, the output's.
     original: (u32, u32),
+    /// Its share of the pixel budget.
     permit: Share,
+    /// A point cloud's colours and camera, taken from the decoded image.
+    samples: Option<PointSamples>,
 }
 
 /// A depth map waiting to be encoded.
 struct Inferred {
     depth: DepthMap,
-    original: (u32, u32),
-    permit: Share,
+    kept: Kept,
 }
 
 /// An encoded output waiting to be stored.
@@ -272,6 +284,7 @@ struct Stages {
     loaded: Arc<LoadedModel>,
     limits: DecodeLimits,
     options: RenderOptions,
+    cloud: CloudDefaults,
     max_input_bytes: u64,
     readers: usize,
     /// One thread pool per concurrent forward pass, splitting the CPU threads between them: a
@@ -324,7 +337,9 @@ impl Stages {
             options: RenderOptions {
                 colormap: args.colormap,
                 format: args.format,
+                cloud: args.cloud.options()?,
             },
+            cloud: args.cloud.defaults(),
             max_input_bytes: args.max_input_bytes,
             readers: args.readers.max(1),
             pools: std::sync::Mutex::new(pools),
@@ -460,20 +475,29 @@ impl Stages {
         let bytes = item.data.bytes.clone();
         let limits = self.limits;
         let (kind, transform) = (self.loaded.model.kind(), self.loaded.transform);
+        let (options, cloud) = (self.options, self.cloud);
         let decoded = tokio::task::spawn_blocking(move || {
             let image = decode_checked(&bytes, &header, &limits)?;
-            Ok::<_, DecodeError>((preprocess(&image, kind, transform), image.dimensions()))
+            let samples = (options.format == OutputFormat::Ply).then(|| {
+                let focal = focal_length_35mm(&bytes);
+                PointSamples::take(&image, focal, &options.cloud, &cloud, kind)
+            });
+            let input = preprocess(&image, kind, transform);
+            Ok::<_, DecodeError>((input, image.dimensions(), samples))
         })
         .await;
         match decoded {
-            Ok(Ok((input, original))) => {
+            Ok(Ok((input, original, samples))) => {
                 // The upright size, which the output has (the header's, turned by EXIF).
                 let mut item = item;
                 item.record.size = Some(original);
                 let mut item = item.with(Prepared {
                     input,
-                    original,
-                    permit,
+                    kept: Kept {
+                        original,
+                        permit,
+                        samples,
+                    },
                 });
                 item.record.timings.decode_ms = millis(started);
                 Ok(item)
@@ -534,13 +558,9 @@ impl Stages {
         let mut inputs = Vec::with_capacity(group.len());
         let mut rest = Vec::with_capacity(group.len());
         for item in group {
-            let Prepared {
-                input,
-                original,
-                permit,
-            } = item.data;
+            let Prepared { input, kept } = item.data;
             inputs.push(input);
-            rest.push((item.work, item.record, original, permit));
+            rest.push((item.work, item.record, kept));
         }
         let loaded = self.loaded.clone();
         let result = tokio::task::spawn_blocking(move || match pool {
@@ -549,33 +569,24 @@ impl Stages {
         })
         .await;
         let forward_ms = millis(started);
-        let items = rest
-            .into_iter()
-            .map(|(work, mut record, original, permit)| {
-                record.timings.forward_ms = forward_ms;
-                (
-                    Item {
-                        work,
-                        record,
-                        data: (),
-                    },
-                    original,
-                    permit,
-                )
-            });
+        let items = rest.into_iter().map(|(work, mut record, kept)| {
+            record.timings.forward_ms = forward_ms;
+            (
+                Item {
+                    work,
+                    record,
+                    data: (),
+                },
+                kept,
+            )
+        });
         match result {
             Ok(Ok(depths)) => items
                 .zip(depths)
-                .map(|((item, original, permit), depth)| {
-                    Ok(item.with(Inferred {
-                        depth,
-                        original,
-                        permit,
-                    }))
-                })
+                .map(|((item, kept), depth)| Ok(item.with(Inferred { depth, kept })))
                 .collect(),
             Ok(Err(error)) => items
-                .map(|(item, _, _)| {
+                .map(|(item, _)| {
                     Err(self.end(
                         item,
                         Status::Transient,
@@ -585,7 +596,7 @@ impl Stages {
                 })
                 .collect(),
             Err(panic) => items
-                .map(|(item, _, _)| {
+                .map(|(item, _)| {
                     Err(self.end(item, Status::Transient, "internal", panic.to_string()))
                 })
                 .collect(),
@@ -595,14 +606,15 @@ impl Stages {
     async fn encode(&self, item: Item<Inferred>) -> Flow<Encoded> {
         let started = Instant::now();
         let Item { work, record, data } = item;
-        let Inferred {
-            depth,
+        let Inferred { depth, kept } = data;
+        let Kept {
             original,
             permit,
-        } = data;
+            samples,
+        } = kept;
         let options = self.options;
         let result = tokio::task::spawn_blocking(move || {
-            let chunks = render(&depth, original, options)?;
+            let chunks = render(&depth, original, options, samples)?;
             chunks
                 .collect::<Result<Vec<Bytes>, _>>()
                 .map_err(RenderError::from)

@@ -85,6 +85,21 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, DecodeErr
     decode_checked(bytes, &header, limits)
 }
 
+/// The EXIF `FocalLengthIn35mmFilm` of an encoded image (JPEG, PNG `eXIf`, WebP), in
+/// millimetres; `None` where there is none or the metadata does not parse.
+pub fn focal_length_35mm(bytes: &[u8]) -> Option<f64> {
+    let mut decoder = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .ok()?
+        .into_decoder()
+        .ok()?;
+    let chunk = decoder.exif_metadata().ok()??;
+    let exif = exif::Reader::new().read_raw(chunk).ok()?;
+    let field = exif.get_field(exif::Tag::FocalLengthIn35mmFilm, exif::In::PRIMARY)?;
+    let millimetres = field.value.get_uint(0)?;
+    (millimetres > 0).then_some(f64::from(millimetres))
+}
+
 /// Decodes a whole image whose `header` has already been read and passed `limits.check`,
 /// turned upright by its EXIF orientation (JPEG, PNG `eXIf`, WebP): a portrait phone photo
 /// stored sideways comes out as every viewer shows it, so its depth map does too. The upright

@@ -19,6 +19,9 @@ pub enum OutputFormat {
     Png16,
     /// The raw network output, float32 `[height, width]` NumPy array at the network's resolution.
     Npy,
+    /// A point cloud, binary little-endian PLY: `float x, y, z`, `uchar red, green, blue` per
+    /// vertex (see `pipeline::cloud`).
+    Ply,
 }
 
 impl OutputFormat {
@@ -27,6 +30,7 @@ impl OutputFormat {
         match self {
             Self::Png | Self::Png16 => "png",
             Self::Npy => "npy",
+            Self::Ply => "ply",
         }
     }
 
@@ -35,6 +39,7 @@ impl OutputFormat {
         match self {
             Self::Png | Self::Png16 => "image/png",
             Self::Npy => "application/x-npy",
+            Self::Ply => "application/x-ply",
         }
     }
 
@@ -44,14 +49,16 @@ impl OutputFormat {
             Self::Png => "png",
             Self::Png16 => "png16",
             Self::Npy => "npy",
+            Self::Ply => "ply",
         }
     }
 
+    /// Every format.
+    pub const ALL: [Self; 4] = [Self::Png, Self::Png16, Self::Npy, Self::Ply];
+
     /// Parses a query-string value.
     pub fn from_name(name: &str) -> Option<Self> {
-        [Self::Png, Self::Png16, Self::Npy]
-            .into_iter()
-            .find(|f| f.name() == name)
+        Self::ALL.into_iter().find(|f| f.name() == name)
     }
 }
 

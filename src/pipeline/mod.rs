@@ -1,6 +1,7 @@
 //! The image pipeline: decode, resize and normalise, infer, colourise and resize back, encode.
 //! One module per step; the CLI runs them in sequence, the server spreads them over its threads.
 
+mod cloud;
 mod colormap;
 mod decode;
 mod encode;
@@ -9,8 +10,14 @@ mod postprocess;
 mod preprocess;
 mod probe;
 
+pub use cloud::{
+    CloudDefaults, CloudOptionError, CloudOptions, DEFAULT_FOV_DEGREES, Grid, Intrinsics,
+    IntrinsicsSource, PointSamples, cloud_bytes,
+};
 pub use colormap::Colormap;
-pub use decode::{DEFAULT_MAX_ASPECT_RATIO, DecodeLimits, decode, decode_checked};
+pub use decode::{
+    DEFAULT_MAX_ASPECT_RATIO, DecodeLimits, decode, decode_checked, focal_length_35mm,
+};
 pub use encode::{EncodeError, OutputFormat, PngChunks, RowBands, npy};
 pub use format::{DecodeError, ImageFormat, ImageHeader};
 pub use postprocess::{BandResizer, ResizeError, colour_indices, colourise, depth16, resize_rgb};
@@ -29,12 +36,14 @@ use midas_model::weights::WeightsReport;
 use postprocess::Depth16Bands;
 
 /// How a prediction is rendered.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct RenderOptions {
     /// Colour table for [`OutputFormat::Png`].
     pub colormap: Colormap,
     /// Output encoding.
     pub format: OutputFormat,
+    /// The point cloud's parameters, for [`OutputFormat::Ply`].
+    pub cloud: CloudOptions,
 }
 
 /// Why rendering a depth map failed.
@@ -60,14 +69,17 @@ pub enum RenderError {
 /// The encoded output as a sequence of chunks (a PNG streams row by row; `.npy` is one chunk).
 pub type EncodedChunks = Box<dyn Iterator<Item = Result<Bytes, EncodeError>> + Send>;
 
-/// Post-processes and encodes a depth map for an input of `original` size `(width, height)`.
+/// Post-processes and encodes a depth map for an input of `original` size `(width, height)`;
+/// a point cloud takes its colours and camera from `samples`, taken from the decoded image.
 ///
 /// The output is resized and encoded a band of rows at a time as the chunks are taken, so
-/// what rendering holds is bounded by [`render_bytes`], not by the output's size.
+/// what rendering holds is bounded by [`render_bytes`] (or [`cloud_bytes`]), not by the
+/// output's size.
 pub fn render(
     depth: &DepthMap,
     original: (u32, u32),
     options: RenderOptions,
+    samples: Option<PointSamples>,
 ) -> Result<EncodedChunks, RenderError> {
     let count = depth.data.iter().filter(|d| !d.is_finite()).count();
     if count > 0 {
@@ -104,6 +116,12 @@ pub fn render(
             )?)
         }
         OutputFormat::Npy => Box::new(std::iter::once(npy(&depth.data, depth.width, depth.height))),
+        OutputFormat::Ply => {
+            let samples = samples.ok_or_else(|| {
+                EncodeError::from_message("a point cloud needs the image's samples".to_string())
+            })?;
+            Box::new(cloud::ply(depth, samples)?)
+        }
     })
 }
 
@@ -163,16 +181,27 @@ impl LoadedModel {
     }
 
     /// The whole pipeline for one encoded image, as `midas-serve predict` runs it.
+    /// `cloud` bounds a point cloud's parameters (`options.cloud`).
     pub fn run_image(
         &self,
         bytes: &[u8],
         limits: &DecodeLimits,
         options: RenderOptions,
+        cloud: &CloudDefaults,
     ) -> Result<EncodedChunks, PredictError> {
         let image = decode(bytes, limits)?;
         let original = image.dimensions();
+        let samples = (options.format == OutputFormat::Ply).then(|| {
+            PointSamples::take(
+                &image,
+                focal_length_35mm(bytes),
+                &options.cloud,
+                cloud,
+                self.model.kind(),
+            )
+        });
         let depth = self.model.depth(self.preprocess(&image))?;
-        Ok(render(&depth, original, options)?)
+        Ok(render(&depth, original, options, samples)?)
     }
 }
 
@@ -190,13 +219,13 @@ mod tests {
             height: 8,
             data,
         };
-        for format in [OutputFormat::Png, OutputFormat::Png16, OutputFormat::Npy] {
+        for format in OutputFormat::ALL {
             let options = RenderOptions {
                 format,
                 ..RenderOptions::default()
             };
             assert!(matches!(
-                render(&depth, (16, 16), options),
+                render(&depth, (16, 16), options, None),
                 Err(RenderError::NonFinite {
                     count: 2,
                     total: 64

@@ -3,8 +3,9 @@
 //! refused before the rest of it is read.
 //!
 //! The image is the first part that carries a file name, whatever the field's name (`file`
-//! for our own page and clients, `image` for the replaced service's); text parts named
-//! `colormap` and `format` set the options as the query does; anything else is refused.
+//! for our own page and clients, `image` for the replaced service's); text parts named as the
+//! query's options (`colormap`, `format`, the point cloud's) set them as the query does;
+//! anything else is refused.
 
 use bytes::{Bytes, BytesMut};
 use futures_util::TryStreamExt;
@@ -16,7 +17,10 @@ use super::budget::BodyCharge;
 use super::error::ApiError;
 use super::names::upload_name;
 use super::{AppState, BoxError};
-use crate::pipeline::{self, HeaderProbe, ImageFormat, ImageHeader, OutputFormat, RenderOptions};
+use crate::pipeline::{
+    self, CloudDefaults, CloudOptions, HeaderProbe, ImageFormat, ImageHeader, OutputFormat,
+    RenderOptions,
+};
 use crate::storage::Upload;
 
 /// Longest value of a text option part.
@@ -34,48 +38,89 @@ pub struct Received {
     pub options: RenderOptions,
 }
 
-/// Applies one option (`colormap` or `format`, from the query or a form field).
-pub fn apply_option(
-    mut options: RenderOptions,
-    key: &str,
-    value: &str,
-) -> Result<RenderOptions, ApiError> {
-    match key {
-        "colormap" => {
-            options.colormap = pipeline::Colormap::from_name(value).ok_or_else(|| {
-                ApiError::BadQuery(format!(
-                    "unknown colormap {value:?}; use inferno, viridis or gray"
-                ))
-            })?;
-        }
-        "format" => {
-            options.format = OutputFormat::from_name(value).ok_or_else(|| {
-                ApiError::BadQuery(format!("unknown format {value:?}; use png, png16 or npy"))
-            })?;
-        }
-        other => {
-            return Err(ApiError::BadQuery(format!(
-                "unknown query parameter {other:?}; use colormap and format"
-            )));
-        }
-    }
-    Ok(options)
+/// A request's options as it names them, in its query and then its form's text parts, over
+/// the server's defaults.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestOptions {
+    options: RenderOptions,
+    /// A colour map was named (which a point cloud, coloured by the photo, refuses).
+    colormap_named: bool,
 }
 
-/// The options a query string sets (`colormap`, `format`) over the server's `defaults`;
-/// anything else is refused.
-pub fn query_options(
-    query: Option<&str>,
-    defaults: RenderOptions,
-) -> Result<RenderOptions, ApiError> {
-    query
-        .unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .try_fold(defaults, |options, pair| {
+impl RequestOptions {
+    /// The options a query string sets over the server's `defaults`; anything unknown is
+    /// refused.
+    pub fn from_query(query: Option<&str>, defaults: RenderOptions) -> Result<Self, ApiError> {
+        let mut options = Self {
+            options: defaults,
+            colormap_named: false,
+        };
+        for pair in query
+            .unwrap_or_default()
+            .split('&')
+            .filter(|p| !p.is_empty())
+        {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            apply_option(options, key, value)
-        })
+            options.apply(key, value)?;
+        }
+        Ok(options)
+    }
+
+    /// Whether a form's text part may be named `name`.
+    fn is_option(name: &str) -> bool {
+        matches!(name, "colormap" | "format") || CloudOptions::NAMES.contains(&name)
+    }
+
+    /// Applies one option, from the query or a form field.
+    fn apply(&mut self, key: &str, value: &str) -> Result<(), ApiError> {
+        match key {
+            "colormap" => {
+                self.options.colormap = pipeline::Colormap::from_name(value).ok_or_else(|| {
+                    ApiError::BadQuery(format!(
+                        "unknown colormap {value:?}; use inferno, viridis or gray"
+                    ))
+                })?;
+                self.colormap_named = true;
+            }
+            "format" => {
+                self.options.format = OutputFormat::from_name(value).ok_or_else(|| {
+                    ApiError::BadQuery(format!(
+                        "unknown format {value:?}; use png, png16, npy or ply"
+                    ))
+                })?;
+            }
+            other => {
+                let known = self
+                    .options
+                    .cloud
+                    .set(other, value)
+                    .map_err(|e| ApiError::BadQuery(e.to_string()))?;
+                if !known {
+                    return Err(ApiError::BadQuery(format!(
+                        "unknown query parameter {other:?}; use colormap, format or, for \
+                         format=ply, {}",
+                        CloudOptions::NAMES.join(", ")
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The options, checked against each other and the server's point-cloud bounds.
+    pub fn finish(self, cloud: &CloudDefaults) -> Result<RenderOptions, ApiError> {
+        if self.options.format == OutputFormat::Ply && self.colormap_named {
+            return Err(ApiError::BadQuery(
+                "colormap: a point cloud (format=ply) is coloured by the photo; leave colormap out"
+                    .to_string(),
+            ));
+        }
+        self.options
+            .cloud
+            .validate(cloud)
+            .map_err(|e| ApiError::BadQuery(e.to_string()))?;
+        Ok(self.options)
+    }
 }
 
 /// A `/predict` request's body, as it arrives.
@@ -95,7 +140,7 @@ pub async fn receive(
     state: &AppState,
     form: Form<'_>,
     request_id: &str,
-    mut options: RenderOptions,
+    mut options: RequestOptions,
 ) -> Result<Received, ApiError> {
     let Form {
         incoming: body,
@@ -135,13 +180,11 @@ pub async fn receive(
                 };
                 file = Some(receive_file(state, part, request_id).await?);
             }
-            None => match name.as_str() {
-                "colormap" | "format" => {
-                    let value = option_text(field, limit).await?;
-                    options = apply_option(options, &name, &value)?;
-                }
-                _ => return Err(ApiError::UnexpectedField(name)),
-            },
+            None if RequestOptions::is_option(&name) => {
+                let value = option_text(field, limit).await?;
+                options.apply(&name, &value)?;
+            }
+            None => return Err(ApiError::UnexpectedField(name)),
         }
     }
     let (header, bytes, upload) = file.ok_or(ApiError::MissingFile)?;
@@ -149,7 +192,7 @@ pub async fn receive(
         header,
         bytes,
         upload,
-        options,
+        options: options.finish(&state.config.cloud.defaults())?,
     })
 }
 

@@ -255,7 +255,7 @@ fn warm_up(loaded: &LoadedModel, limits: &DecodeLimits) -> Result<(), ServerErro
             data: vec![0.5; 3 * side * side],
         })
         .map_err(|e| ServerError::WarmUp(e.to_string()))?;
-    let chunks = crate::pipeline::render(&depth, (640, 480), RenderOptions::default())
+    let chunks = crate::pipeline::render(&depth, (640, 480), RenderOptions::default(), None)
         .map_err(|e| ServerError::WarmUp(e.to_string()))?;
     for chunk in chunks {
         chunk.map_err(|e| ServerError::WarmUp(e.to_string()))?;

@@ -20,7 +20,7 @@ use super::names::prediction_name;
 use super::pipe::{PipeSender, pipe};
 use super::{AppState, Body, BoxError, Metrics};
 use crate::budget::Share;
-use crate::pipeline::{self, DepthMap, ImageHeader, RenderOptions};
+use crate::pipeline::{self, DepthMap, ImageHeader, PointSamples, RenderOptions};
 use crate::storage::Upload;
 
 /// Chunks of the response that may wait for a slow client.
@@ -56,14 +56,21 @@ pub fn millis(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
 }
 
-/// The render step's share of the budget, for an output the size of `header`'s image.
-pub async fn render_share(state: &AppState, header: &ImageHeader) -> Result<Share, ApiError> {
+/// The render step's share of the budget, for an output the size of `header`'s image (or a
+/// cloud of `samples`, from a depth map of `depth_values`).
+pub async fn render_share(
+    state: &AppState,
+    header: &ImageHeader,
+    samples: Option<&PointSamples>,
+    depth_values: usize,
+) -> Result<Share, ApiError> {
+    let bytes = match samples {
+        Some(samples) => pipeline::cloud_bytes(samples.grid().len() as u64, depth_values as u64),
+        None => pipeline::render_bytes(header.width, header.height),
+    };
     state
         .budget
-        .reserve(
-            pipeline::render_bytes(header.width, header.height),
-            "rendered output",
-        )
+        .reserve(bytes, "rendered output")
         .await
         .map_err(ApiError::from)
 }
@@ -74,6 +81,8 @@ pub struct Answer {
     pub depth: DepthMap,
     /// The input image's header (its size is the output's).
     pub header: ImageHeader,
+    /// A point cloud's colours and camera.
+    pub samples: Option<PointSamples>,
     /// How to render.
     pub options: RenderOptions,
     /// The request's id.
@@ -97,18 +106,25 @@ pub async fn answer(
     let output_object = prediction_name(&answer.request_id, answer.options.format.extension())
         .ok_or_else(|| ApiError::Internal("malformed request id".to_string()))?;
     let postprocess_started = Instant::now();
-    let share = render_share(state, &answer.header).await?;
+    let share = render_share(
+        state,
+        &answer.header,
+        answer.samples.as_ref(),
+        answer.depth.data.len(),
+    )
+    .await?;
     let worker = state
         .pixel_work
         .acquire()
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let (depth, options) = (answer.depth, answer.options);
+    let (depth, options, samples) = (answer.depth, answer.options, answer.samples);
     let original = (answer.header.width, answer.header.height);
-    let chunks = tokio::task::spawn_blocking(move || pipeline::render(&depth, original, options))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let chunks =
+        tokio::task::spawn_blocking(move || pipeline::render(&depth, original, options, samples))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
     drop(worker);
     timings.postprocess = millis(postprocess_started);
     state

@@ -26,11 +26,11 @@ use super::budget::BodyCharge;
 use super::connection::Activity;
 use super::error::ApiError;
 use super::inference::{Reply, SubmitError};
-use super::intake::{self, Received};
+use super::intake::{self, Received, RequestOptions};
 use super::output::{self, Answer, Timings, millis};
 use super::{AppState, Body};
 use crate::budget::decode_bytes;
-use crate::pipeline::{self, ImageHeader, NetInput};
+use crate::pipeline::{self, ImageHeader, NetInput, OutputFormat, PointSamples, RenderOptions};
 
 /// Answers `POST /predict`, turning any failure into its JSON refusal.
 pub async fn handle(
@@ -60,7 +60,9 @@ async fn respond(
     connection: &Activity,
 ) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
-    let options = intake::query_options(request.uri().query(), state.default_options)?;
+    let options = RequestOptions::from_query(request.uri().query(), state.default_options)?;
+    // Refused before the body is read when the query alone is wrong.
+    options.finish(&state.config.cloud.defaults())?;
     let _slot = connection.upload_slot().ok_or(ApiError::TooManyUploads(
         state.config.max_uploads_per_connection,
     ))?;
@@ -91,15 +93,16 @@ async fn respond(
     state.metrics.stage("upload", timings.upload / 1000.0);
     let input_bytes = received.upload.bytes();
     let options = received.options;
-    let (depth, header, input_object) = infer(state, received, body_charge, &mut timings).await?;
+    let inferred = infer(state, received, body_charge, &mut timings).await?;
     output::answer(
         state,
         Answer {
-            depth,
-            header,
+            depth: inferred.depth,
+            header: inferred.upright,
+            samples: inferred.samples,
             options,
             request_id: request_id.to_string(),
-            input_object,
+            input_object: inferred.input_object,
             input_bytes,
             peer,
             started,
@@ -128,28 +131,41 @@ async fn admit(state: &AppState, request: &Request<Incoming>) -> Result<BodyChar
     BodyCharge::new(&state.budget, declared).await
 }
 
-/// Decodes, then runs the model while the store commits the upload; returns the depth map,
-/// the upright image's header (the output's size) and the committed input's object name.
+/// What the steps before the answer leave for it.
+struct Inferred {
+    depth: pipeline::DepthMap,
+    /// The upright image's header (the output's size).
+    upright: ImageHeader,
+    /// A point cloud's colours and camera, taken from the decoded image.
+    samples: Option<PointSamples>,
+    /// The committed input's object name.
+    input_object: String,
+}
+
+/// Decodes, then runs the model while the store commits the upload.
 async fn infer(
     state: &AppState,
     received: Received,
     body_charge: BodyCharge,
     timings: &mut Timings,
-) -> Result<(pipeline::DepthMap, ImageHeader, String), ApiError> {
+) -> Result<Inferred, ApiError> {
     let Received {
         header,
         bytes,
         upload,
-        ..
+        options,
     } = received;
     // A file that does not decode is refused before its upload is committed (dropping the
     // upload aborts it), so it leaves nothing behind.
-    let (input, upright) = decode(state, bytes, header, timings).await?;
+    let decoded = decode(state, bytes, header, options, timings).await?;
     drop(body_charge);
-    let reply = state.queue.submit(input).map_err(|error| match error {
-        SubmitError::Full { capacity } => ApiError::Overloaded(capacity),
-        SubmitError::Stopped => ApiError::ModelUnavailable,
-    })?;
+    let reply = state
+        .queue
+        .submit(decoded.input)
+        .map_err(|error| match error {
+            SubmitError::Full { capacity } => ApiError::Overloaded(capacity),
+            SubmitError::Stopped => ApiError::ModelUnavailable,
+        })?;
     let object = upload.name().to_string();
     let (stored, depth) = tokio::join!(upload.finish(), wait_for_model(state, reply, timings));
     match stored {
@@ -159,17 +175,30 @@ async fn infer(
             return Err(error.into());
         }
     }
-    Ok((depth?, upright, object))
+    Ok(Inferred {
+        depth: depth?,
+        upright: decoded.upright,
+        samples: decoded.samples,
+        input_object: object,
+    })
+}
+
+/// A decoded image reduced to what the next steps need.
+struct Decoded {
+    input: NetInput,
+    upright: ImageHeader,
+    samples: Option<PointSamples>,
 }
 
 /// Decodes and pre-processes on a blocking thread, holding the decode's share of the budget;
-/// returns the network's input and the upright image's header.
+/// a point cloud's samples are taken from the image before it is dropped.
 async fn decode(
     state: &AppState,
     bytes: Bytes,
     header: ImageHeader,
+    options: RenderOptions,
     timings: &mut Timings,
-) -> Result<(NetInput, ImageHeader), ApiError> {
+) -> Result<Decoded, ApiError> {
     let started = Instant::now();
     let pixels = u64::from(header.width) * u64::from(header.height);
     let _share = state
@@ -183,6 +212,7 @@ async fn decode(
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let limits = state.limits;
     let (kind, transform) = (state.model.kind, state.model.transform);
+    let cloud = state.config.cloud.defaults();
     let decoded = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
         let image = pipeline::decode_checked(&bytes, &header, &limits)?;
         let upright = ImageHeader {
@@ -190,7 +220,15 @@ async fn decode(
             height: image.height(),
             ..header
         };
-        Ok((pipeline::preprocess(&image, kind, transform), upright))
+        let samples = (options.format == OutputFormat::Ply).then(|| {
+            let focal = pipeline::focal_length_35mm(&bytes);
+            PointSamples::take(&image, focal, &options.cloud, &cloud, kind)
+        });
+        Ok(Decoded {
+            input: pipeline::preprocess(&image, kind, transform),
+            upright,
+            samples,
+        })
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;

@@ -36,9 +36,9 @@ pub async fn handle(
     let id = path.strip_prefix(PREFIX).unwrap_or_default();
     let unknown = || ApiError::UnknownPrediction(id.to_string());
     let etag = format!("\"{id}\"");
-    // The formats' extensions, most common first; npy is the only other one.
+    // Each extension once (png16 is stored as .png), the most common first.
     let mut found = None;
-    for format in [OutputFormat::Png, OutputFormat::Npy] {
+    for format in [OutputFormat::Png, OutputFormat::Ply, OutputFormat::Npy] {
         let name = prediction_name(id, format.extension()).ok_or_else(unknown)?;
         match state.store.open_object(&name).await {
             Ok(object) => {

@@ -302,6 +302,28 @@ pub fn predict(server: &Server, file_name: &str, content: &[u8], query: &str) ->
     )
 }
 
+/// Posts a form of text parts `fields`, then the file `(name, content)` as `file`, to `/predict`.
+pub fn post_form(server: &Server, fields: &[(&str, &str)], file: (&str, &[u8])) -> RawResponse {
+    let (content_type, file_part) = multipart("file", Some(file.0), file.1);
+    let boundary = content_type.rsplit('=').next().unwrap_or_default();
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        write!(
+            body,
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+        )
+        .unwrap();
+    }
+    body.extend_from_slice(&file_part);
+    request(
+        server,
+        "POST",
+        "/predict",
+        &[("Content-Type", &content_type)],
+        &body,
+    )
+}
+
 /// Posts `content` as the multipart field `field` (with file name `name`, if any) to `/predict`.
 pub fn post_multipart(
     server: &Server,
