@@ -5,60 +5,10 @@
 
 mod support;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use burn::prelude::*;
 use midas_model::weights;
 use support::checkpoints::{Tensor, Value, as_dict, synthetic_state_dict, write_pt};
-
-/// The system allocator, counting the bytes held now and the most held since the last reset.
-struct Counting;
-
-static HELD: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-fn grew(bytes: usize) {
-    let held = HELD.fetch_add(bytes, Ordering::SeqCst) + bytes;
-    PEAK.fetch_max(held, Ordering::SeqCst);
-}
-
-// SAFETY: every call is forwarded to the system allocator unchanged; only counters are added.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract, passed on.
-        let pointer = unsafe { System.alloc(layout) };
-        if !pointer.is_null() {
-            grew(layout.size());
-        }
-        pointer
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract, passed on.
-        let pointer = unsafe { System.alloc_zeroed(layout) };
-        if !pointer.is_null() {
-            grew(layout.size());
-        }
-        pointer
-    }
-
-    unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
-        // SAFETY: the caller's contract, passed on.
-        unsafe { System.dealloc(pointer, layout) };
-        HELD.fetch_sub(layout.size(), Ordering::SeqCst);
-    }
-
-    unsafe fn realloc(&self, pointer: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: the caller's contract, passed on.
-        let moved = unsafe { System.realloc(pointer, layout, new_size) };
-        if !moved.is_null() {
-            HELD.fetch_sub(layout.size(), Ordering::SeqCst);
-            grew(new_size);
-        }
-        moved
-    }
-}
+use support::counting::{Counting, peak_of};
 
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
@@ -98,10 +48,11 @@ fn a_checkpoint_loads_within_a_bound_set_by_its_weights() {
     let file_bytes = std::fs::metadata(&path).unwrap().len() as usize;
     assert!(file_bytes > (OPTIMIZER_FACTOR + 1) * weight_bytes * 9 / 10);
 
-    let before = HELD.load(Ordering::SeqCst);
-    PEAK.store(before, Ordering::SeqCst);
-    let (network, report) = weights::load_file(&path, None, None, &Device::flex()).unwrap();
-    let peak = PEAK.load(Ordering::SeqCst) - before;
+    let mut loaded = None;
+    let peak = peak_of(|| {
+        loaded = Some(weights::load_file(&path, None, None, &Device::flex()).unwrap());
+    });
+    let (network, report) = loaded.unwrap();
     assert_eq!(report.outside_state_dict, 4 * OPTIMIZER_FACTOR);
     println!(
         "weights {:.1} MB, file {:.1} MB, peak allocation while loading {:.1} MB ({:.2}x the weights)",

@@ -371,41 +371,36 @@ fn a_real_reader_opens_what_the_server_streams_and_the_commands_write() {
     let input = dir.path().join("in");
     std::fs::create_dir_all(&input).unwrap();
     std::fs::write(input.join("room.jpg"), &photo).unwrap();
+    // The same cloud parameters on the command line as in the query.
+    let run = |command: &str, rest: &[&str]| {
+        let status = Command::new(env!("CARGO_BIN_EXE_midas-serve"))
+            .args([command, "--format", "ply", "--cloud", "points=5000"])
+            .args(["--cloud", "fov=70"])
+            .args(rest)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "{command}");
+    };
     let out = dir.path().join("out");
-    let status = Command::new(env!("CARGO_BIN_EXE_midas-serve"))
-        .args([
-            "predict",
-            "--format",
-            "ply",
-            "--cloud",
-            "points=5000",
-            "--cloud",
-            "fov=70",
-        ])
-        .args(["--out-dir", out.to_str().unwrap()])
-        .arg(input.join("room.jpg"))
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let image = input.join("room.jpg");
+    run(
+        "predict",
+        &["--out-dir", out.to_str().unwrap(), image.to_str().unwrap()],
+    );
     assert_eq!(std::fs::read(out.join("room.ply")).unwrap(), response.body);
     let batched = dir.path().join("batched");
-    let status = Command::new(env!("CARGO_BIN_EXE_midas-serve"))
-        .args([
-            "batch",
-            "--format",
-            "ply",
-            "--cloud",
-            "points=5000",
-            "--cloud",
-            "fov=70",
-        ])
-        .args(["--input", input.to_str().unwrap()])
-        .args(["--output", batched.to_str().unwrap(), "--progress", "log"])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    run(
+        "batch",
+        &[
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            batched.to_str().unwrap(),
+            "--progress",
+            "log",
+        ],
+    );
     let written = batched.join("room.ply");
     assert_eq!(std::fs::read(&written).unwrap(), response.body);
     assert!(read_with_plyfile(&written).starts_with(&ply.vertices.len().to_string()));

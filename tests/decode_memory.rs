@@ -6,74 +6,18 @@
 //! This file is a test binary of its own because it replaces the global allocator with one that
 //! counts; it holds one test so that nothing else allocates while it measures.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+mod support;
+
 use std::io::Cursor;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use image::{DynamicImage, ImageBuffer, ImageFormat as Encoding, Rgb, Rgba};
 use midas_model::model::ModelKind;
 use midas_serve::budget;
 use midas_serve::pipeline::{self, DecodeLimits, Transform};
-
-/// The system allocator, keeping the bytes live now and the most live since the last reset.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-fn grew(bytes: usize) {
-    let live = LIVE.fetch_add(bytes, Ordering::SeqCst) + bytes;
-    PEAK.fetch_max(live, Ordering::SeqCst);
-}
-
-// SAFETY: every call is passed on to the system allocator unchanged; only counters are kept.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract is the system allocator's.
-        let pointer = unsafe { System.alloc(layout) };
-        if !pointer.is_null() {
-            grew(layout.size());
-        }
-        pointer
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as for `alloc`.
-        let pointer = unsafe { System.alloc_zeroed(layout) };
-        if !pointer.is_null() {
-            grew(layout.size());
-        }
-        pointer
-    }
-
-    unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
-        // SAFETY: as for `alloc`.
-        unsafe { System.dealloc(pointer, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::SeqCst);
-    }
-
-    unsafe fn realloc(&self, pointer: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: as for `alloc`.
-        let moved = unsafe { System.realloc(pointer, layout, new_size) };
-        if !moved.is_null() {
-            // Counted as the old and the new block both live, as they may be while it copies.
-            grew(new_size);
-            LIVE.fetch_sub(layout.size(), Ordering::SeqCst);
-        }
-        moved
-    }
-}
+use support::counting::{Counting, peak_of};
 
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
-
-/// The most bytes `work` held at once beyond what was live before it.
-fn peak_of(work: impl FnOnce()) -> usize {
-    let before = LIVE.load(Ordering::SeqCst);
-    PEAK.store(before, Ordering::SeqCst);
-    work();
-    PEAK.load(Ordering::SeqCst) - before
-}
 
 /// An encoded image of `width x height` with a pattern in every channel.
 fn encoded(image: DynamicImage, encoding: Encoding) -> Vec<u8> {

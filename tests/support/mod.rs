@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod checkpoints;
+pub mod counting;
 pub mod gcs;
 pub mod server;
 

@@ -290,16 +290,25 @@ pub fn request(
     read_response(&mut stream)
 }
 
-/// Uploads `content` as the `file` field named `file_name` to `/predict{query}`.
-pub fn predict(server: &Server, file_name: &str, content: &[u8], query: &str) -> RawResponse {
-    let (content_type, body) = multipart("file", Some(file_name), content);
+/// Posts a multipart `body` of `content_type` to `/predict{query}`.
+fn post_predict(
+    server: &Server,
+    query: &str,
+    (content_type, body): (String, Vec<u8>),
+) -> RawResponse {
+    let path = format!("/predict{query}");
     request(
         server,
         "POST",
-        &format!("/predict{query}"),
+        &path,
         &[("Content-Type", &content_type)],
         &body,
     )
+}
+
+/// Uploads `content` as the `file` field named `file_name` to `/predict{query}`.
+pub fn predict(server: &Server, file_name: &str, content: &[u8], query: &str) -> RawResponse {
+    post_predict(server, query, multipart("file", Some(file_name), content))
 }
 
 /// Posts a form of text parts `fields`, then the file `(name, content)` as `file`, to `/predict`.
@@ -315,13 +324,7 @@ pub fn post_form(server: &Server, fields: &[(&str, &str)], file: (&str, &[u8])) 
         .unwrap();
     }
     body.extend_from_slice(&file_part);
-    request(
-        server,
-        "POST",
-        "/predict",
-        &[("Content-Type", &content_type)],
-        &body,
-    )
+    post_predict(server, "", (content_type, body))
 }
 
 /// Posts `content` as the multipart field `field` (with file name `name`, if any) to `/predict`.
@@ -331,12 +334,5 @@ pub fn post_multipart(
     name: Option<&str>,
     content: &[u8],
 ) -> RawResponse {
-    let (content_type, body) = multipart(field, name, content);
-    request(
-        server,
-        "POST",
-        "/predict",
-        &[("Content-Type", &content_type)],
-        &body,
-    )
+    post_predict(server, "", multipart(field, name, content))
 }
