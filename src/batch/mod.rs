@@ -33,8 +33,8 @@ use crate::config::BatchArgs;
 use crate::lifecycle::{self, LoadError};
 use crate::pipeline::{
     CloudDefaults, CloudOptionError, DecodeError, DecodeLimits, DepthMap, LoadedModel, NetInput,
-    OutputFormat, PointSamples, RenderError, RenderOptions, decode_checked, focal_length_35mm,
-    preprocess, probe, render,
+    PointSamples, RenderError, RenderOptions, decode_checked, point_samples, preprocess, probe,
+    render,
 };
 use crate::storage::{Store, StoreError};
 use progress::Progress;
@@ -478,10 +478,7 @@ impl Stages {
         let (options, cloud) = (self.options, self.cloud);
         let decoded = tokio::task::spawn_blocking(move || {
             let image = decode_checked(&bytes, &header, &limits)?;
-            let samples = (options.format == OutputFormat::Ply).then(|| {
-                let focal = focal_length_35mm(&bytes);
-                PointSamples::take(&image, focal, &options.cloud, &cloud, kind)
-            });
+            let samples = point_samples(&image, &bytes, &options, &cloud, kind);
             let input = preprocess(&image, kind, transform);
             Ok::<_, DecodeError>((input, image.dimensions(), samples))
         })

@@ -32,6 +32,7 @@ use midas_model::backend::Backend;
 // The network's input and output, named here too: they are the image steps' as well.
 pub use midas_model::engine::{DepthMap, NetInput};
 use midas_model::engine::{DepthModel, InferenceError};
+use midas_model::model::ModelKind;
 use midas_model::weights::WeightsReport;
 use postprocess::Depth16Bands;
 
@@ -125,6 +126,26 @@ pub fn render(
     })
 }
 
+/// What a point cloud takes from the decoded `image` (read from `bytes`, for its EXIF focal
+/// length), when `options` ask for one: the one place `serve`, `predict` and `batch` take it.
+pub fn point_samples(
+    image: &RgbImage,
+    bytes: &[u8],
+    options: &RenderOptions,
+    defaults: &CloudDefaults,
+    model: ModelKind,
+) -> Option<PointSamples> {
+    (options.format == OutputFormat::Ply).then(|| {
+        PointSamples::take(
+            image,
+            focal_length_35mm(bytes),
+            &options.cloud,
+            defaults,
+            model,
+        )
+    })
+}
+
 /// A PNG of `(width, height, colour, depth)` whose rows `band` resizes `band_rows` at a time.
 fn banded_png(
     (width, height, color, bit_depth): (u32, u32, png::ColorType, png::BitDepth),
@@ -191,15 +212,7 @@ impl LoadedModel {
     ) -> Result<EncodedChunks, PredictError> {
         let image = decode(bytes, limits)?;
         let original = image.dimensions();
-        let samples = (options.format == OutputFormat::Ply).then(|| {
-            PointSamples::take(
-                &image,
-                focal_length_35mm(bytes),
-                &options.cloud,
-                cloud,
-                self.model.kind(),
-            )
-        });
+        let samples = point_samples(&image, bytes, &options, cloud, self.model.kind());
         let depth = self.model.depth(self.preprocess(&image))?;
         Ok(render(&depth, original, options, samples)?)
     }

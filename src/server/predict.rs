@@ -30,7 +30,7 @@ use super::intake::{self, Received, RequestOptions};
 use super::output::{self, Answer, Timings, millis};
 use super::{AppState, Body};
 use crate::budget::decode_bytes;
-use crate::pipeline::{self, ImageHeader, NetInput, OutputFormat, PointSamples, RenderOptions};
+use crate::pipeline::{self, ImageHeader, NetInput, PointSamples, RenderOptions};
 
 /// Answers `POST /predict`, turning any failure into its JSON refusal.
 pub async fn handle(
@@ -220,10 +220,7 @@ async fn decode(
             height: image.height(),
             ..header
         };
-        let samples = (options.format == OutputFormat::Ply).then(|| {
-            let focal = pipeline::focal_length_35mm(&bytes);
-            PointSamples::take(&image, focal, &options.cloud, &cloud, kind)
-        });
+        let samples = pipeline::point_samples(&image, &bytes, &options, &cloud, kind);
         Ok(Decoded {
             input: pipeline::preprocess(&image, kind, transform),
             upright,
