@@ -1,6 +1,6 @@
 //! `GET /openapi.json`: the OpenAPI 3.1 description of the API, for clients that generate code
 //! from it. The document is written by hand (`openapi.json`, beside this file) and kept true by
-//! `tests/openapi.rs`, which validates it and checks the server's real answers against it. What
+//! `tests/service/openapi.rs`, which validates it and checks the server's real answers against it. What
 //! the flags decide (the colour map by default, the point-cloud defaults and bounds) is filled
 //! in at start-up, so the document describes the server that serves it.
 

@@ -1,7 +1,7 @@
 //! The full network against PyTorch running upstream's code on the same synthetic weights and
 //! inputs (fixtures from `scripts/reference/make_fixtures.py`).
 
-mod support;
+use crate::support;
 
 use midas_model::backend::BackendKind;
 use midas_model::model::ModelKind;

@@ -2,7 +2,7 @@
 //! colours against the photo, the refusals, and a real PLY reader (Python's `plyfile`) on what
 //! the server streams, `predict` writes and `batch` stores.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::Command;

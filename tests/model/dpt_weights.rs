@@ -1,7 +1,7 @@
 //! DPT-Hybrid weights: every accepted format (a Lightning checkpoint among them), a checkpoint
 //! really written by PyTorch Lightning, and `--model` against what the keys say.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! (fixtures from `scripts/reference/make_fixtures.py`: OpenCV resize, matplotlib tables,
 //! Pillow resize, PyTorch forward).
 
-mod support;
+use crate::support;
 
 use midas_serve::pipeline::{
     self, CloudDefaults, Colormap, DecodeLimits, DepthMap, OutputFormat, RenderOptions,

@@ -1,6 +1,6 @@
 //! Weight loading: every accepted format and layout, and every refusal with its message.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;

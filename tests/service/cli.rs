@@ -1,6 +1,6 @@
 //! The command-line contract: `forward`, `predict` and the help text, run as a user would.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -1,9 +1,9 @@
 //! `GET /openapi.json` against the server that serves it: the document is valid OpenAPI 3.1,
 //! real answers on every route match it, and schemathesis's generated requests (valid and
-//! hostile) get only answers it describes. The checking is `tests/openapi/check.py`, run with
+//! hostile) get only answers it describes. The checking is `openapi_check.py`, beside this file, run with
 //! the Python that `scripts/test.sh` provides (schemathesis, openapi-spec-validator).
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 
@@ -42,7 +42,7 @@ fn the_openapi_document_describes_the_server_that_serves_it() {
     let output = Command::new(&python)
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/tests/openapi/check.py"
+            "/tests/service/openapi_check.py"
         ))
         .arg(format!("http://{}", server.addr))
         .arg(support::fixture(""))

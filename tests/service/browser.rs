@@ -2,7 +2,7 @@
 //! choose a photo in the form, submit, and the depth map appears beside the photo, with the
 //! point cloud drawn in WebGL (coloured points, and a drag turns them).
 
-mod support;
+use crate::support;
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};

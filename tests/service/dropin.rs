@@ -1,7 +1,7 @@
 //! The replaced service's clients work unchanged, and a prediction can be fetched again by the
 //! id its `Location` names.
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -2,7 +2,7 @@
 //! tree of real images (good, corrupt and not images at all), on local directories and on a
 //! real Cloud Storage emulator, including tasks killed mid-run and a store that goes away.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 """Keeps GET /openapi.json true to the server that serves it.
 
-Run by tests/openapi.rs against a real server: python check.py BASE_URL FIXTURES_DIR WORK_DIR
+Run by tests/service/openapi.rs against a real server: python check.py BASE_URL FIXTURES_DIR WORK_DIR
 
 1. The document is a valid OpenAPI 3.1 description (openapi-spec-validator).
 2. Real requests, a success and a refusal on every route, are answered as the document says:

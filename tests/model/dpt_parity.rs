@@ -6,7 +6,7 @@
 //! multiple of 16 but not of 32 (odd token grids, explicit fusion sizes). On lavapipe a forward
 //! costs far more, so CI runs wgpu at 64x64 and the full size runs with `--ignored`.
 
-mod support;
+use crate::support;
 
 use midas_model::backend::{Backend, BackendKind};
 use midas_model::engine::DepthModel;

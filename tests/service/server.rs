@@ -1,7 +1,7 @@
 //! The real server over loopback with real HTTP clients: golden outputs, streaming, the store,
 //! concurrency, overload, observability and graceful shutdown.
 
-mod support;
+use crate::support;
 
 use std::io::Write;
 use std::path::Path;
