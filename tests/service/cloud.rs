@@ -285,15 +285,10 @@ fn the_default_mapping_puts_the_percentiles_at_near_and_far_and_drops_edges() {
     assert!(kept > (width * height / 2) as usize, "{kept}");
 }
 
-/// Python with `plyfile`, as `scripts/test.sh` provides it.
-fn python() -> String {
-    std::env::var("MIDAS_TEST_PYTHON").unwrap_or_else(|_| "python3".to_string())
-}
-
 /// What `plyfile` reads from `path`: vertex count, then each property's name and type.
 fn read_with_plyfile(path: &Path) -> String {
     let script = "import sys\nfrom plyfile import PlyData\nd = PlyData.read(sys.argv[1])\nv = d['vertex']\nprint(v.count, ' '.join(f'{p.name}:{p.val_dtype}' for p in v.properties), d.text, d.byte_order)\nimport numpy\nassert numpy.isfinite(v['z']).all() and (v['z'] > 0).all()\n";
-    let output = Command::new(python())
+    let output = Command::new(support::python())
         .args(["-c", script])
         .arg(path)
         .output()

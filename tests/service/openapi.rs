@@ -38,7 +38,7 @@ fn the_openapi_document_describes_the_server_that_serves_it() {
     assert_eq!(parameters["colormap"]["schema"]["default"], "viridis");
     assert_eq!(document["info"]["version"], env!("CARGO_PKG_VERSION"));
 
-    let python = std::env::var("MIDAS_TEST_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let python = support::python();
     let output = Command::new(&python)
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),

@@ -121,3 +121,8 @@ pub fn assert_parity(
         );
     }
 }
+
+/// The Python with the test tools (plyfile, schemathesis, …), as `scripts/test.sh` provides it.
+pub fn python() -> String {
+    std::env::var("MIDAS_TEST_PYTHON").unwrap_or_else(|_| "python3".to_string())
+}
