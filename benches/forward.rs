@@ -1,7 +1,8 @@
 //! Forward pass of each network per compiled backend, with the untrained weights (speed does
 //! not depend on their values), once as shipped and, on CPU backends, once with Burn's
 //! operations alone (`<backend>-burn-only`). MiDaS small runs at the three input shapes a photo
-//! becomes (256x256 square, 256x192 for 4:3, 256x128 for 16:9), DPT-Hybrid at its 384x384.
+//! becomes (256x256 square, 256x192 for 4:3, 256x128 for 16:9), DPT-Hybrid at its 384x384,
+//! Depth Anything V2 at its 518x518 (`BENCH_MODELS=depth_anything_v2_vits` for Small alone).
 //! `cargo bench --bench forward`; `BENCH_BACKENDS=flex,ndarray` limits the backends (wgpu on a
 //! CPU-only machine runs on lavapipe, which is very slow), `BENCH_MODELS=dpt_hybrid_384` the
 //! networks. `scripts/reference/bench_pytorch.py` measures PyTorch on the same inputs.
@@ -17,6 +18,7 @@ fn sizes(model: ModelKind) -> &'static [(usize, usize)] {
     match model {
         ModelKind::MidasV21Small256 => &[(256, 256), (256, 192), (256, 128)],
         ModelKind::DptHybrid384 => &[(384, 384)],
+        ModelKind::DepthAnythingV2(..) => &[(518, 518)],
     }
 }
 
@@ -37,10 +39,10 @@ fn forward(c: &mut Criterion) {
 
 fn bench_model(c: &mut Criterion, model_kind: ModelKind) {
     let mut group = c.benchmark_group(format!("forward/{model_kind}"));
-    // DPT-Hybrid takes seconds per pass: criterion's minimum of 10 samples.
+    // DPT-Hybrid and Depth Anything V2 take seconds per pass: criterion's minimum of 10 samples.
     group.sample_size(match model_kind {
         ModelKind::MidasV21Small256 => 20,
-        ModelKind::DptHybrid384 => 10,
+        ModelKind::DptHybrid384 | ModelKind::DepthAnythingV2(..) => 10,
     });
     for kind in BackendKind::compiled() {
         if !wanted("BENCH_BACKENDS", kind.name()) {

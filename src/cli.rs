@@ -138,6 +138,7 @@ async fn predict(args: PredictArgs) -> anyhow::Result<()> {
         colormap: args.colormap,
         format: args.format,
         cloud: args.cloud.options().context("--cloud")?,
+        max_depth: loaded.weights.max_depth,
     };
     let cloud = args.cloud.defaults();
     for file in &args.files {

@@ -55,15 +55,17 @@ pub enum Command {
 pub struct ModelArgs {
     /// Weights: a file path, an https:// URL or gs://bucket/object; PyTorch .pt/.pth/.ckpt (a
     /// PyTorch Lightning checkpoint too), .safetensors (upstream MiDaS keys) or .bpk from
-    /// model-import. The network is recognised from the keys. A model's name
-    /// (midas_v21_small_256, dpt_hybrid_384) fetches upstream's released weights for it once
-    /// into the cache. Without it the untrained deterministic model runs, and every output
+    /// model-import. The network is recognised from the keys. A published file's name
+    /// (midas_v21_small_256, dpt_hybrid_384, depth_anything_v2_vits,
+    /// depth_anything_v2_metric_vkitti_vits, ...) fetches upstream's weights once into the cache. Without it the untrained deterministic model runs, and every output
     /// says so. An empty value counts as absent (deployment templates often set the variable
     /// to "").
     #[arg(long, env = "MIDAS_WEIGHTS", value_parser = parse_location)]
     pub weights: Option<OptionalLocation>,
-    /// Where weights named by model are downloaded from: upstream's release downloads, or a
-    /// mirror holding the same paths (v2_1/midas_v21_small_256.pt, v3/dpt_hybrid_384.pt).
+    /// Where weights named by file are downloaded from: upstream's downloads (MiDaS's GitHub
+    /// releases, Depth Anything's Hugging Face repositories), or one mirror holding the same
+    /// paths (v2_1/midas_v21_small_256.pt, v3/dpt_hybrid_384.pt,
+    /// Depth-Anything-V2-Small/resolve/main/depth_anything_v2_vits.pth, ...).
     #[arg(long, env = "MIDAS_WEIGHTS_MIRROR", default_value = UPSTREAM_RELEASES)]
     pub weights_mirror: String,
     /// Expected sha256 (hex) of the weights file; a mismatch stops start-up. Empty: no pin.
@@ -78,6 +80,11 @@ pub struct ModelArgs {
     /// [default: midas_v21_small_256].
     #[arg(long = "model", env = "MIDAS_MODEL", value_parser = parse_model)]
     pub kind: Option<OptionalModel>,
+    /// A metric Depth Anything V2 model's largest depth in metres (upstream's max_depth: 20 for
+    /// the Hypersim fine-tunes, 80 for the VKITTI ones). Read from the weights file's name when
+    /// it names the data set; required for a metric model otherwise.
+    #[arg(long, env = "MIDAS_MAX_DEPTH", value_parser = parse_max_depth)]
+    pub max_depth: Option<f32>,
     /// Backend that runs the network.
     #[arg(long, env = "MIDAS_BACKEND", default_value_t = default_backend())]
     pub backend: BackendKind,
@@ -95,6 +102,13 @@ fn parse_model(text: &str) -> Result<OptionalModel, String> {
         return Ok(OptionalModel(None));
     }
     ModelKind::from_str(text, false).map(|kind| OptionalModel(Some(kind)))
+}
+
+fn parse_max_depth(text: &str) -> Result<f32, String> {
+    match text.parse::<f32>() {
+        Ok(value) if value.is_finite() && value > 0.0 => Ok(value),
+        _ => Err(format!("{text:?} is not a positive number of metres")),
+    }
 }
 
 /// A weights location, or none for an empty value.
@@ -157,7 +171,7 @@ pub struct ForwardArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Input tensor: float32 [N,3,H,W], already normalised, H and W multiples of 32 (16 for
-    /// dpt_hybrid_384).
+    /// dpt_hybrid_384, 14 for Depth Anything V2).
     #[arg(long)]
     pub input: PathBuf,
     /// Output tensor: float32 [N,H,W], the raw network output.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use midas_model::backend::Device;
-use midas_model::model::{ModelKind, Network};
+use midas_model::model::{MIDAS_RELEASES, ModelKind, Network, published_weights};
 use midas_model::weights::{self, WeightsError, WeightsReport, hex, sha256_file};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -92,26 +92,31 @@ impl FromStr for WeightsLocation {
     }
 }
 
-/// Where upstream publishes its weights; `--weights-mirror` replaces it.
-pub const UPSTREAM_RELEASES: &str = "https://github.com/isl-org/MiDaS/releases/download";
+/// `--weights-mirror`'s default: each publisher's own downloads (MiDaS's release downloads
+/// stand for them all).
+pub const UPSTREAM_RELEASES: &str = MIDAS_RELEASES;
 
 impl WeightsLocation {
-    /// A bare model name (`midas_v21_small_256`, `dpt_hybrid_384`) stands for upstream's
-    /// weights of that model under `mirror` ([`UPSTREAM_RELEASES`] or a copy of it), unless a
-    /// file of that name exists: a path keeps meaning the file.
+    /// A published file's bare name (`midas_v21_small_256`, `dpt_hybrid_384`,
+    /// `depth_anything_v2_vits`, ...) stands for upstream's download of it, under `mirror` when
+    /// one replaces [`UPSTREAM_RELEASES`], unless a file of that name exists: a path keeps
+    /// meaning the file.
     pub fn resolve_named(self, mirror: &str) -> Self {
         let Self::Path(path) = &self else {
             return self;
         };
-        let named = ModelKind::ALL
+        let named = published_weights()
             .into_iter()
-            .find(|kind| path.as_os_str() == kind.name());
+            .find(|weights| path.as_os_str() == weights.name.as_str());
         match named {
-            Some(kind) if !path.exists() => Self::Url(format!(
-                "{}/{}",
-                mirror.trim_end_matches('/'),
-                kind.release_file()
-            )),
+            Some(weights) if !path.exists() => {
+                let root = if mirror == UPSTREAM_RELEASES {
+                    weights.root
+                } else {
+                    mirror
+                };
+                Self::Url(format!("{}/{}", root.trim_end_matches('/'), weights.path))
+            }
             _ => self,
         }
     }

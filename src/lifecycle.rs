@@ -11,6 +11,8 @@ use crate::pipeline::{LoadedModel, Transform};
 use midas_model::backend::{Backend, BackendError};
 use midas_model::engine::DepthModel;
 use midas_model::kernels::simd::Isa;
+use midas_model::model::Network;
+use midas_model::weights::WeightsReport;
 
 /// Why a model could not be made ready.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +23,33 @@ pub enum LoadError {
     /// The weights could not be fetched or loaded.
     #[error(transparent)]
     Weights(#[from] FetchError),
+    /// A metric model's largest depth is unknown, or one was given for a relative model.
+    #[error("{0}")]
+    MaxDepth(String),
+}
+
+/// A metric model's largest depth: `--max-depth`, else what the weights say (their file name's
+/// data set, a `.bpk`'s metadata). Refused for a relative model, and required for a metric one.
+fn settle_max_depth(
+    network: &mut Network,
+    report: &mut WeightsReport,
+    requested: Option<f32>,
+) -> Result<(), LoadError> {
+    let kind = network.kind();
+    match (requested, kind.is_metric()) {
+        (Some(max_depth), true) => {
+            network.set_max_depth(max_depth);
+            report.max_depth = Some(max_depth);
+            Ok(())
+        }
+        (Some(_), false) => Err(LoadError::MaxDepth(format!(
+            "--max-depth applies to metric models only, and {kind} predicts relative depth (name a metric one with --model depth_anything_v2_metric_vits, _vitb or _vitl)"
+        ))),
+        (None, true) if report.max_depth.is_none() => Err(LoadError::MaxDepth(format!(
+            "{kind} predicts metres up to a largest depth the weights do not state: pass --max-depth (upstream's max_depth: 20 for the Hypersim fine-tunes, 80 for the VKITTI ones)"
+        ))),
+        (None, _) => Ok(()),
+    }
 }
 
 /// Starts the backend and loads the weights `args` names (or the untrained model, loudly), to
@@ -38,7 +67,7 @@ pub async fn load(args: &ModelArgs, transform: Transform) -> Result<LoadedModel,
         cache_dir: args.cache_dir(),
         sha256: args.sha256_pin(),
     };
-    let (network, report) = fetch::load(
+    let (mut network, mut report) = fetch::load(
         args.location().as_ref(),
         &options,
         args.key_prefix.as_deref(),
@@ -46,10 +75,11 @@ pub async fn load(args: &ModelArgs, transform: Transform) -> Result<LoadedModel,
         &backend.device,
     )
     .await?;
+    settle_max_depth(&mut network, &mut report, args.max_depth)?;
     if report.untrained {
         tracing::warn!(
             model = %report.model,
-            "NO WEIGHTS GIVEN: running the UNTRAINED deterministic {} model; its depth maps are meaningless. Pass --weights (or MIDAS_WEIGHTS) with a MiDaS checkpoint",
+            "NO WEIGHTS GIVEN: running the UNTRAINED deterministic {} model; its depth maps are meaningless. Pass --weights (or MIDAS_WEIGHTS) with a MiDaS or Depth Anything V2 checkpoint",
             report.model
         );
     } else {
@@ -62,6 +92,7 @@ pub async fn load(args: &ModelArgs, transform: Transform) -> Result<LoadedModel,
             parameters = report.parameters,
             prefix_stripped = report.prefix_stripped.as_deref().unwrap_or(""),
             outside_state_dict = report.outside_state_dict,
+            max_depth = report.max_depth,
             "weights loaded"
         );
     }

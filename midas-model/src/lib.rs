@@ -1,5 +1,6 @@
-//! MiDaS depth estimation on Burn: MiDaS v2.1 small (`midas_v21_small_256`) and MiDaS v3.0
-//! DPT-Hybrid (`dpt_hybrid_384`), numerically equal to upstream's PyTorch.
+//! Monocular depth estimation on Burn: MiDaS v2.1 small (`midas_v21_small_256`), MiDaS v3.0
+//! DPT-Hybrid (`dpt_hybrid_384`) and Depth Anything V2 (`depth_anything_v2_vits`, `_vitb`,
+//! `_vitl`, relative or metric), numerically equal to upstream's PyTorch.
 //!
 //! From a weights file to depth in four steps:
 //!
@@ -11,7 +12,7 @@
 //! 3. [`engine::DepthModel::new`] takes the network over for the backend: on a CPU backend it is
 //!    packed for this crate's own [`kernels`], several times faster than Burn's CPU operations.
 //! 4. [`engine::DepthModel::depth`] turns a normalised image ([`engine::NetInput`]) into a
-//!    relative inverse depth map ([`engine::DepthMap`]).
+//!    depth map ([`engine::DepthMap`]): relative inverse depth, or metres for a metric model.
 //!
 //! ```no_run
 //! use midas_model::backend::{Backend, BackendKind};

@@ -1,5 +1,6 @@
-//! `model-import`: converts MiDaS weights (v2.1 small or v3.0 DPT-Hybrid; PyTorch
-//! `.pt`/`.pth`/`.ckpt` or `.safetensors`, in upstream's key layout) to Burn's `.bpk`, which
+//! `model-import`: converts MiDaS (v2.1 small, v3.0 DPT-Hybrid) or Depth Anything V2 weights
+//! (PyTorch `.pt`/`.pth`/`.ckpt` or `.safetensors`, in upstream's key layout) to Burn's `.bpk`,
+//! which
 //! `midas-serve` loads without any remapping or conversion (DPT's weight standardisation is done
 //! here, once). The written file is read back and checked against the source on a probe input
 //! before the command succeeds.
@@ -14,7 +15,8 @@ use midas_model::engine::DepthModel;
 use midas_model::model::{ModelKind, Network};
 use midas_model::weights::{self, WeightsFormat, WeightsReport, synthetic};
 
-/// Convert MiDaS weights (v2.1 small or v3.0 DPT-Hybrid) to Burn's burnpack format.
+/// Convert MiDaS (v2.1 small, v3.0 DPT-Hybrid) or Depth Anything V2 weights to Burn's burnpack
+/// format.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
@@ -30,10 +32,15 @@ struct Args {
     /// The network the weights must be for (recognised from the keys when absent).
     #[arg(long = "model")]
     kind: Option<ModelKind>,
+    /// A metric Depth Anything V2 model's largest depth in metres, stored in the burnpack (read
+    /// from the input's name when it names the data set: 20 for hypersim, 80 for vkitti).
+    #[arg(long)]
+    max_depth: Option<f32>,
 }
 
-/// Probe input size (width, height): the network's input for a 4:3 photo.
-const PROBE: (usize, usize) = (256, 192);
+/// Probe input size (width, height) in multiples of the network's input multiple: a 4:3 input
+/// (256x192 for MiDaS small).
+const PROBE_MULTIPLES: (usize, usize) = (8, 6);
 
 fn step(number: usize, text: &str) {
     eprintln!("[{number}/4] {text}");
@@ -66,12 +73,30 @@ fn main() -> anyhow::Result<()> {
         "{} is already a burnpack",
         args.input.display()
     );
-    let (model, report) = weights::load_file(
+    let (mut model, mut report) = weights::load_file(
         &args.input,
         args.key_prefix.as_deref(),
         args.kind,
         &backend.device,
     )?;
+    if let Some(max_depth) = args.max_depth {
+        ensure!(
+            max_depth.is_finite() && max_depth > 0.0,
+            "--max-depth must be a positive number of metres"
+        );
+        ensure!(
+            model.set_max_depth(max_depth),
+            "--max-depth applies to metric models only, and {} predicts relative depth",
+            report.model
+        );
+        report.max_depth = Some(max_depth);
+    }
+    ensure!(
+        !report.model.is_metric() || report.max_depth.is_some(),
+        "{} predicts metres up to a largest depth {} does not state: pass --max-depth (20 for the Hypersim fine-tunes, 80 for the VKITTI ones)",
+        report.model,
+        args.input.display()
+    );
     step(
         2,
         &format!(
@@ -91,16 +116,18 @@ fn main() -> anyhow::Result<()> {
         ],
     )?;
 
+    let multiple = report.model.input_multiple();
+    let probe = (PROBE_MULTIPLES.0 * multiple, PROBE_MULTIPLES.1 * multiple);
     step(
         4,
         &format!(
             "verifying {} on a {}x{} probe input",
             args.output.display(),
-            PROBE.0,
-            PROBE.1
+            probe.0,
+            probe.1
         ),
     );
-    if let Err(error) = verify(&args.output, model, &report, &backend) {
+    if let Err(error) = verify(&args.output, model, &report, &backend, probe) {
         let _ = std::fs::remove_file(&args.output);
         return Err(error.context("verification failed; the output was removed"));
     }
@@ -124,13 +151,15 @@ fn verify(
     model: Network,
     report: &WeightsReport,
     backend: &Backend,
+    (width, height): (usize, usize),
 ) -> anyhow::Result<()> {
     let (reloaded, reloaded_report) = weights::load_file(output, None, None, &backend.device)?;
     ensure!(
-        reloaded_report.parameters == report.parameters,
-        "parameter count changed on reload"
+        reloaded_report.parameters == report.parameters
+            && reloaded_report.model == report.model
+            && reloaded_report.max_depth == report.max_depth,
+        "model, parameter count or largest depth changed on reload"
     );
-    let (width, height) = PROBE;
     let input = synthetic::network_input(width, height);
     let expected = DepthModel::new(model, backend).forward(input.clone(), 1, height, width)?;
     let actual = DepthModel::new(reloaded, backend).forward(input, 1, height, width)?;
@@ -166,6 +195,9 @@ fn print_summary(
     println!("format           {format}");
     println!("tensors          {}", report.tensors);
     println!("parameters       {}", report.parameters);
+    if let Some(max_depth) = report.max_depth {
+        println!("max depth        {max_depth} m");
+    }
     println!(
         "prefix stripped  {}",
         report.prefix_stripped.as_deref().unwrap_or("none")

@@ -14,11 +14,17 @@ module-global dict upstream's forward reads its hooked features from, so PyTorch
 
     /tmp/midas-ref/bin/python scripts/reference/bench_pytorch.py --midas-src /tmp/MiDaS --threads 2 --model dpt_hybrid_384
 
+`--model depth_anything_v2_vits` (or `_vitb`) times upstream's Depth Anything V2 at 518x518 with the
+weights of `synthetic.depth_anything_state_dict`, from a DepthAnything/Depth-Anything-V2 checkout:
+
+    /tmp/midas-ref/bin/python scripts/reference/bench_pytorch.py --depth-anything-src /tmp/Depth-Anything-V2 --threads 2 --model depth_anything_v2_vits
+
 Prints one JSON object per runtime and size: {"runtime", "shape", "runs", "median_ms", "min_ms"}.
 """
 
 import argparse
 import json
+import pathlib
 import statistics
 import tempfile
 import time
@@ -31,8 +37,10 @@ import upstream
 SIZES = {
     "midas_v21_small_256": [(256, 256), (256, 192), (256, 128)],
     "dpt_hybrid_384": [(384, 384)],
+    "depth_anything_v2_vits": [(518, 518)],
+    "depth_anything_v2_vitb": [(518, 518)],
 }
-DEFAULT_RUNS = {"midas_v21_small_256": 30, "dpt_hybrid_384": 5}
+DEFAULT_RUNS = {"midas_v21_small_256": 30, "dpt_hybrid_384": 5, "depth_anything_v2_vits": 5, "depth_anything_v2_vitb": 3}
 
 
 def measure(run, runs):
@@ -47,7 +55,8 @@ def measure(run, runs):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--midas-src", required=True, help="isl-org/MiDaS checkout")
+    parser.add_argument("--midas-src", help="isl-org/MiDaS checkout (the MiDaS models)")
+    parser.add_argument("--depth-anything-src", help="DepthAnything/Depth-Anything-V2 checkout (its models)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", choices=sorted(SIZES), default="midas_v21_small_256")
     parser.add_argument("--runs", type=int, help="timed runs per size (default 30; 5 for DPT-Hybrid)")
@@ -58,15 +67,25 @@ def main():
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
 
-    if args.model == "dpt_hybrid_384":
-        model = upstream.build_dpt_hybrid(upstream.load_dpt(args.midas_src))
-        weights = synthetic.dpt_state_dict
+    if args.model.startswith("depth_anything_v2_"):
+        import depth_anything
+
+        if not args.depth_anything_src:
+            parser.error("--depth-anything-src is required for Depth Anything V2")
+        encoder = args.model.removeprefix("depth_anything_v2_")
+        model, _ = depth_anything.build(pathlib.Path(args.depth_anything_src), encoder, metric=False)
     else:
-        MidasNet_small, _, _ = upstream.load_upstream(args.midas_src)
-        model = upstream.build_small(MidasNet_small)
-        weights = synthetic.state_dict
-    layout = [(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in model.state_dict().items()]
-    model.load_state_dict(weights(layout), strict=True)
+        if not args.midas_src:
+            parser.error("--midas-src is required for the MiDaS models")
+        if args.model == "dpt_hybrid_384":
+            model = upstream.build_dpt_hybrid(upstream.load_dpt(args.midas_src))
+            weights = synthetic.dpt_state_dict
+        else:
+            MidasNet_small, _, _ = upstream.load_upstream(args.midas_src)
+            model = upstream.build_small(MidasNet_small)
+            weights = synthetic.state_dict
+        layout = [(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in model.state_dict().items()]
+        model.load_state_dict(weights(layout), strict=True)
 
     for width, height in SIZES[args.model]:
         x = torch.from_numpy(synthetic.network_input(width, height))
@@ -80,7 +99,7 @@ def main():
         import onnxruntime
 
         with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
-            dynamo = args.model == "dpt_hybrid_384"
+            dynamo = args.model != "midas_v21_small_256"
             torch.onnx.export(model, x, f.name, opset_version=18 if dynamo else 17, dynamo=dynamo)
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = args.threads

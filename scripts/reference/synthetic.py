@@ -111,9 +111,9 @@ def dpt_kind_of(key, shape):
     raise ValueError(f"unrecognised DPT key {key} {shape}")
 
 
-def dpt_tensor(name, shape):
-    """One synthetic DPT-Hybrid tensor, from the stream of its full upstream key."""
-    kind = dpt_kind_of(name, shape)
+def dpt_tensor(name, shape, kind=None):
+    """One synthetic DPT-Hybrid (or Depth Anything V2) tensor, from the stream of its full upstream key."""
+    kind = kind or dpt_kind_of(name, shape)
     count = int(np.prod(shape)) if shape else 1
     u = uniform(name, count)
     if kind == "embedding":
@@ -128,6 +128,9 @@ def dpt_tensor(name, shape):
         value = u * np.float32(math.sqrt(3.0 / fan_in))
     elif kind == "bias":
         value = u * np.float32(0.05)
+    elif kind == "head_bias":
+        # Depth Anything V2's last bias: most of the untrained output above the final ReLU.
+        value = np.float32(3.0) + u * np.float32(0.05)
     else:
         raise ValueError(f"no formula for {name} ({kind})")
     return value.astype(np.float32).reshape(shape)
@@ -142,6 +145,34 @@ def dpt_state_dict(layout):
         if dtype != "float32":
             raise ValueError(f"unexpected dtype {dtype} for {key}")
         out[key] = torch.from_numpy(dpt_tensor(key, tuple(shape)))
+    return out
+
+
+def depth_anything_kind_of(key, shape):
+    """The role of a Depth Anything V2 key, which decides its formula (as Rust's `Role`)."""
+    path = key.split(".")
+    leaf = path[-1]
+    if leaf in ("cls_token", "pos_embed", "mask_token"):
+        return "embedding"
+    if leaf == "gamma":
+        # DINOv2's LayerScale: 1 +- 0.1, like a norm's scale.
+        return "norm_weight"
+    if key.endswith("depth_head.scratch.output_conv2.2.bias"):
+        return "head_bias"
+    return dpt_kind_of(key, shape)
+
+
+def depth_anything_state_dict(layout):
+    """Synthetic values for every entry of a Depth Anything V2 layout [(key, dtype, shape)]."""
+    import torch
+
+    out = {}
+    for key, dtype, shape in layout:
+        if dtype != "float32":
+            raise ValueError(f"unexpected dtype {dtype} for {key}")
+        shape = tuple(shape)
+        kind = depth_anything_kind_of(key, shape)
+        out[key] = torch.from_numpy(dpt_tensor(key, shape, kind))
     return out
 
 

@@ -311,6 +311,7 @@ impl Stages {
         loaded: Arc<LoadedModel>,
     ) -> Result<Self, BatchError> {
         let budget = args.memory_budget.max(1) << 20;
+        let max_depth = loaded.weights.max_depth;
         // The global pool's size honours RAYON_NUM_THREADS and the CPU quota.
         let cpus = rayon::current_num_threads();
         let workers = match args.workers {
@@ -338,6 +339,7 @@ impl Stages {
                 colormap: args.colormap,
                 format: args.format,
                 cloud: args.cloud.options()?,
+                max_depth,
             },
             cloud: args.cloud.defaults(),
             max_input_bytes: args.max_input_bytes,

@@ -14,7 +14,8 @@
 //! - **Depth.** MiDaS predicts relative inverse depth `d` (larger is nearer, up to an unknown
 //!   scale and shift). Given `scale` (and `shift`, default 0), `1/z = scale * d + shift`, for
 //!   users who calibrated. Otherwise the robust default: `1/z` is taken linear in `d`, with the
-//!   2nd percentile of `d` at `far` and the 98th at `near`.
+//!   2nd percentile of `d` at `far` and the 98th at `near`. A metric model (Depth Anything V2's
+//!   metric fine-tunes) predicts `z` in metres: it is used as it is, with no guess.
 //! - **Dropped points.** No finite positive depth; beyond `far`; on a depth discontinuity
 //!   ("flying pixels" smeared between a foreground edge and the background): a point is dropped
 //!   when one of the network cells it is sampled from differs from a 4-neighbour by more than
@@ -399,10 +400,15 @@ enum Mapping {
     Percentiles { low: f32, high: f32, a: f64, b: f64 },
     /// `1/z = scale d + shift`.
     Affine { scale: f64, shift: f64 },
+    /// `z = d`: a metric model's output, in metres.
+    Metres,
 }
 
 impl Mapping {
-    fn new(depth: &DepthMap, options: &CloudOptions) -> Self {
+    fn new(depth: &DepthMap, options: &CloudOptions, model: ModelKind) -> Self {
+        if model.is_metric() {
+            return Self::Metres;
+        }
         if let Some(scale) = options.scale {
             return Self::Affine {
                 scale,
@@ -438,6 +444,7 @@ impl Mapping {
         let inverse = match *self {
             Self::Percentiles { a, b, .. } => a * disparity + b,
             Self::Affine { scale, shift } => scale * disparity + shift,
+            Self::Metres => return disparity,
         };
         1.0 / inverse
     }
@@ -452,6 +459,7 @@ impl Mapping {
             Self::Affine { scale, shift } => {
                 format!("affine: 1/z = {scale} * disparity + {shift}")
             }
+            Self::Metres => "metres: z is the model's output".to_string(),
         }
     }
 }
@@ -470,7 +478,7 @@ struct DepthField {
 impl DepthField {
     fn new(depth: DepthMap, samples: &PointSamples) -> Self {
         let options = &samples.options;
-        let mapping = Mapping::new(&depth, options);
+        let mapping = Mapping::new(&depth, options, samples.model);
         let threshold = options.edges.unwrap_or(DEFAULT_EDGES);
         let (w, h) = (depth.width, depth.height);
         let z: Vec<f64> = depth
@@ -497,7 +505,7 @@ impl DepthField {
         }
         let far = match mapping {
             Mapping::Percentiles { .. } => Some(options.far.unwrap_or(DEFAULT_FAR)),
-            Mapping::Affine { .. } => options.far,
+            Mapping::Affine { .. } | Mapping::Metres => options.far,
         };
         Self {
             depth,
@@ -592,7 +600,12 @@ fn header(samples: &PointSamples, mapping: &Mapping, count: usize) -> Bytes {
     let mut text = String::from("ply\nformat binary_little_endian 1.0\n");
     let lines = [
         format!("model {}", samples.model),
-        "depth relative (inverse depth up to an unknown scale and shift; see mapping)".to_string(),
+        if samples.model.is_metric() {
+            "depth metric: z in metres, as the model predicts it".to_string()
+        } else {
+            "depth relative (inverse depth up to an unknown scale and shift; see mapping)"
+                .to_string()
+        },
         format!(
             "intrinsics fx {} fy {} cx {} cy {} source {}",
             camera.fx,

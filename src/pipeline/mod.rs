@@ -20,7 +20,10 @@ pub use decode::{
 };
 pub use encode::{EncodeError, OutputFormat, PngChunks, RowBands, npy};
 pub use format::{DecodeError, ImageFormat, ImageHeader};
-pub use postprocess::{BandResizer, ResizeError, colour_indices, colourise, depth16, resize_rgb};
+pub use postprocess::{
+    BandResizer, METRIC_UNITS_PER_METRE, ResizeError, colour_indices, colourise, colourise_metres,
+    depth16, resize_rgb,
+};
 pub use preprocess::{NET_SIZE, Transform, max_input_pixels, preprocess, target_size};
 pub use probe::{HeaderProbe, probe};
 
@@ -45,6 +48,10 @@ pub struct RenderOptions {
     pub format: OutputFormat,
     /// The point cloud's parameters, for [`OutputFormat::Ply`].
     pub cloud: CloudOptions,
+    /// Set for a metric model, whose output is metres up to this depth: PNGs are coloured on
+    /// that fixed scale and 16-bit PNGs carry metres ([`METRIC_UNITS_PER_METRE`] per metre)
+    /// instead of min-max scaled values.
+    pub max_depth: Option<f32>,
 }
 
 /// Why rendering a depth map failed.
@@ -93,7 +100,10 @@ pub fn render(
     let from = (depth.width, depth.height);
     Ok(match options.format {
         OutputFormat::Png => {
-            let rgb = colourise(depth, options.colormap);
+            let rgb = match options.max_depth {
+                Some(max_depth) => colourise_metres(depth, options.colormap, max_depth),
+                None => colourise(depth, options.colormap),
+            };
             let resizer = BandResizer::new(rgb, from, original, PixelType::U8x3);
             let band_rows = resizer.band_rows();
             Box::new(banded_png(
@@ -103,7 +113,10 @@ pub fn render(
             )?)
         }
         OutputFormat::Png16 => {
-            let mut resizer = Depth16Bands::new(depth, original)?;
+            let mut resizer = match options.max_depth {
+                Some(_) => Depth16Bands::metres(depth, original),
+                None => Depth16Bands::new(depth, original)?,
+            };
             let band_rows = resizer.band_rows();
             Box::new(banded_png(
                 (

@@ -35,11 +35,30 @@ pub fn colour_indices(depth: &[f32]) -> impl Iterator<Item = usize> + '_ {
 
 /// Paints the depth map with a colour table, at the network's resolution (RGB, row-major).
 pub fn colourise(depth: &DepthMap, colormap: Colormap) -> Vec<u8> {
+    paint(colour_indices(&depth.data), colormap)
+}
+
+/// Paints a metric depth map (metres) on a fixed scale: 0 m at the top of the colour table
+/// and `max_depth` at its bottom, so that near is bright as in a relative map, and one colour
+/// means one distance in every image: `trunc((1 - d / max_depth) * 256)`, clamped.
+pub fn colourise_metres(depth: &DepthMap, colormap: Colormap, max_depth: f32) -> Vec<u8> {
+    let indices = depth
+        .data
+        .iter()
+        .map(move |&d| ((1.0 - d / max_depth).clamp(0.0, 1.0) * 256.0).min(255.0) as usize);
+    paint(indices, colormap)
+}
+
+fn paint(indices: impl Iterator<Item = usize>, colormap: Colormap) -> Vec<u8> {
     let table = colormap.table();
-    colour_indices(&depth.data)
+    indices
         .flat_map(|i| [table[3 * i], table[3 * i + 1], table[3 * i + 2]])
         .collect()
 }
+
+/// A 16-bit PNG's units per metre for a metric model: KITTI's depth-map convention
+/// (`uint16 = metres x 256`, up to 255.996 m at 3.9 mm steps).
+pub const METRIC_UNITS_PER_METRE: f32 = 256.0;
 
 /// Most output rows one resize call produces: the resizer's coefficient tables grow with the
 /// output's height, so a 1 x 24,000,000 output is resized in bands of this many rows.
@@ -181,6 +200,8 @@ pub fn resize_rgb(
 /// pass over the bands finds them; a map that is one band keeps that band for the second.
 pub struct Depth16Bands {
     resizer: BandResizer,
+    /// Metres in KITTI's units ([`METRIC_UNITS_PER_METRE`]) rather than min-max scaled.
+    metric: bool,
     low: f32,
     high: f32,
     /// The resized values of the only band, when there is one.
@@ -214,10 +235,24 @@ impl Depth16Bands {
         }
         Ok(Self {
             resizer,
+            metric: false,
             low,
             high,
             cached,
         })
+    }
+
+    /// A metric model's map of metres for an output of size `to`, in KITTI's units: no
+    /// min-max scaling, so values mean the same distance in every image.
+    pub fn metres(depth: &DepthMap, to: (u32, u32)) -> Self {
+        let bytes = depth.data.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        Self {
+            resizer: BandResizer::new(bytes, (depth.width, depth.height), to, PixelType::F32),
+            metric: true,
+            low: 0.0,
+            high: 0.0,
+            cached: None,
+        }
     }
 
     /// Rows per band.
@@ -233,9 +268,12 @@ impl Depth16Bands {
         };
         let (low, high) = (f64::from(self.low), f64::from(self.high));
         let range = high - low;
+        let metric = self.metric;
         Ok(floats(&values)
             .map(|v| {
-                if range > f64::EPSILON {
+                if metric {
+                    (v * METRIC_UNITS_PER_METRE).round().clamp(0.0, 65535.0) as u16
+                } else if range > f64::EPSILON {
                     (65535.0 * (f64::from(v) - low) / range) as u16
                 } else {
                     0

@@ -4,7 +4,8 @@
 //! `Resize(net, net, keep_aspect_ratio=True, ensure_multiple_of=32, resize_method=...,
 //! image_interpolation_method=cv2.INTER_CUBIC)`, `NormalizeImage`, `PrepareForNet`, with
 //! `upper_bound` sizing and ImageNet statistics for MiDaS small, `minimal` sizing and
-//! mean = std = 0.5 for DPT-Hybrid. [`Transform::Squash`] is the replaced service's own:
+//! mean = std = 0.5 for DPT-Hybrid; Depth Anything V2's (`image2tensor`) sizes by `lower_bound`
+//! to multiples of 14 with ImageNet statistics. [`Transform::Squash`] is the replaced service's own:
 //! torchvision's `Resize((net, net))` on a PIL image (Pillow's antialiased bilinear, in 8 bits,
 //! aspect ratio not kept) and `ToTensor()` (/255, no normalisation).
 
@@ -16,15 +17,13 @@ use midas_model::model::ModelKind;
 /// MiDaS small's input side (its longer side, with `upper_bound` sizing).
 pub const NET_SIZE: u32 = 256;
 
-/// Both sides of an upstream-transform input are multiples of this.
-const MULTIPLE: f64 = 32.0;
-
-/// `minimal` sizing keeps the image's scale as near 1 as it can, so a very elongated image
-/// would give a very long input (a 10:1 panorama: 3840x384, ten times the work). The longer
-/// side is capped at this many times the net size; only images beyond 4:1 are affected.
+/// `minimal` (DPT) and `lower_bound` (Depth Anything) sizing keep the image's aspect with one
+/// side at the net size, so a very elongated image would give a very long input (a 10:1
+/// panorama: 3840x384, ten times the work). The longer side is capped at this many times the
+/// net size; only images beyond 4:1 are affected.
 const MINIMAL_CAP: u32 = 4;
 
-/// ImageNet statistics used by MiDaS small's `NormalizeImage`.
+/// ImageNet statistics used by MiDaS small's and Depth Anything's `NormalizeImage`.
 const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
@@ -54,23 +53,35 @@ impl Transform {
 /// OpenCV's bicubic parameter (Pillow uses -0.5; see [`super::postprocess`]).
 const CUBIC_A: f32 = -0.75;
 
-/// Upstream's `constrain_to_multiple_of` with `max_val`: NumPy's round (half to even) to a
-/// multiple of 32, replaced by floor when that would exceed `max`.
-fn constrain(x: f64, max: f64) -> usize {
-    let rounded = (x / MULTIPLE).round_ties_even() * MULTIPLE;
+/// Upstream's `constrain_to_multiple_of(x, min_val, max_val)`: NumPy's round (half to even)
+/// to a multiple of `multiple`, replaced by floor when that would exceed `max` and by ceiling
+/// when it would fall below `min`.
+fn constrain(x: f64, multiple: f64, (min, max): (f64, f64)) -> usize {
+    let rounded = (x / multiple).round_ties_even() * multiple;
     let y = if rounded > max {
-        (x / MULTIPLE).floor() * MULTIPLE
+        (x / multiple).floor() * multiple
+    } else if rounded < min {
+        (x / multiple).ceil() * multiple
     } else {
         rounded
     };
     y as usize
 }
 
-/// `upper_bound` sizing: the longer side becomes `bound`, both sides multiples of 32.
-fn upper_bound(width: f64, height: f64, bound: f64) -> (usize, usize) {
+/// Upstream's `ensure_multiple_of`: 32 in MiDaS's transforms (DPT-Hybrid's network would take
+/// 16), the patch size 14 in Depth Anything's.
+fn size_multiple(kind: ModelKind) -> f64 {
+    match kind {
+        ModelKind::MidasV21Small256 | ModelKind::DptHybrid384 => 32.0,
+        ModelKind::DepthAnythingV2(..) => kind.input_multiple() as f64,
+    }
+}
+
+/// `upper_bound` sizing: the longer side becomes `bound`, both sides multiples of `multiple`.
+fn upper_bound(width: f64, height: f64, bound: f64, multiple: f64) -> (usize, usize) {
     let scale = (bound / width).min(bound / height);
     // A side that rounds to 0 (an image over 16 times longer than wide) still gets one block.
-    let side = |x: f64| constrain(scale * x, bound).max(MULTIPLE as usize);
+    let side = |x: f64| constrain(scale * x, multiple, (0.0, bound)).max(multiple as usize);
     (side(width), side(height))
 }
 
@@ -81,43 +92,51 @@ fn upper_bound(width: f64, height: f64, bound: f64) -> (usize, usize) {
 /// DPT-Hybrid (`minimal`): the scale of whichever side needs the smaller change to become 384
 /// applies to both, so 640x480 gives 512x384 and 1920x1080 672x384 (longer side capped at
 /// 1536, see [`MINIMAL_CAP`]).
+/// Depth Anything V2 (`lower_bound`, multiples of 14): the shorter side becomes 518, so 640x480
+/// gives 686x518 and 1920x1080 924x518 (longer side capped at 2072).
 pub fn target_size(kind: ModelKind, width: u32, height: u32) -> (usize, usize) {
     let (width, height) = (f64::from(width), f64::from(height));
     let net = f64::from(kind.net_size());
-    match kind {
-        ModelKind::MidasV21Small256 => upper_bound(width, height, net),
-        ModelKind::DptHybrid384 => {
-            let (scale_w, scale_h) = (net / width, net / height);
-            let scale = if (1.0 - scale_w).abs() < (1.0 - scale_h).abs() {
-                scale_w
-            } else {
-                scale_h
-            };
-            let cap = net * f64::from(MINIMAL_CAP);
-            if scale * width.max(height) > cap {
-                return upper_bound(width, height, cap);
-            }
-            let side = |x: f64| constrain(scale * x, f64::INFINITY).max(MULTIPLE as usize);
-            (side(width), side(height))
-        }
+    let multiple = size_multiple(kind);
+    let cap = net * f64::from(MINIMAL_CAP);
+    let (scale_w, scale_h) = (net / width, net / height);
+    let scale = match kind {
+        ModelKind::MidasV21Small256 => return upper_bound(width, height, net, multiple),
+        ModelKind::DptHybrid384 if (1.0 - scale_w).abs() < (1.0 - scale_h).abs() => scale_w,
+        ModelKind::DptHybrid384 => scale_h,
+        ModelKind::DepthAnythingV2(..) => scale_w.max(scale_h),
+    };
+    if scale * width.max(height) > cap {
+        return upper_bound(width, height, cap, multiple);
     }
+    let min = if matches!(kind, ModelKind::DepthAnythingV2(..)) {
+        net
+    } else {
+        0.0
+    };
+    let side = |x: f64| constrain(scale * x, multiple, (min, f64::INFINITY)).max(multiple as usize);
+    (side(width), side(height))
 }
 
 /// The most pixels a network input can have under `transform`: what sizes the forward pass's
-/// memory. MiDaS small's upstream inputs fit in 256x256; DPT's are 384 on one side and at most
-/// [`MINIMAL_CAP`] times that on the other.
+/// memory. MiDaS small's upstream inputs fit in 256x256; DPT's and Depth Anything's are the net
+/// size on one side and at most [`MINIMAL_CAP`] times that on the other.
 pub fn max_input_pixels(kind: ModelKind, transform: Transform) -> u64 {
     let net = u64::from(kind.net_size());
     match (transform, kind) {
         (Transform::Squash, _) | (Transform::Upstream, ModelKind::MidasV21Small256) => net * net,
-        (Transform::Upstream, ModelKind::DptHybrid384) => net * net * u64::from(MINIMAL_CAP),
+        (Transform::Upstream, ModelKind::DptHybrid384 | ModelKind::DepthAnythingV2(..)) => {
+            net * net * u64::from(MINIMAL_CAP)
+        }
     }
 }
 
 /// Per-channel `(mean, std)` of the upstream transform's `NormalizeImage`.
 fn normalisation(kind: ModelKind) -> ([f32; 3], [f32; 3]) {
     match kind {
-        ModelKind::MidasV21Small256 => (IMAGENET_MEAN, IMAGENET_STD),
+        ModelKind::MidasV21Small256 | ModelKind::DepthAnythingV2(..) => {
+            (IMAGENET_MEAN, IMAGENET_STD)
+        }
         ModelKind::DptHybrid384 => ([0.5; 3], [0.5; 3]),
     }
 }
@@ -370,6 +389,13 @@ mod tests {
         assert_eq!(target_size(dpt, 100, 100), (384, 384));
         // Beyond 4:1 the longer side is capped at 1536.
         assert_eq!(target_size(dpt, 10_000, 1000), (1536, 160));
+        let vits = ModelKind::ALL[2];
+        assert_eq!(target_size(vits, 640, 480), (686, 518));
+        assert_eq!(target_size(vits, 1920, 1080), (924, 518));
+        assert_eq!(target_size(vits, 518, 518), (518, 518));
+        assert_eq!(target_size(vits, 100, 60), (868, 518));
+        assert_eq!(target_size(vits, 530, 520), (532, 518));
+        assert_eq!(target_size(vits, 10_000, 1000), (2072, 210));
     }
 
     #[test]

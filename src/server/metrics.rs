@@ -43,7 +43,7 @@ pub struct ObjectLabels {
 /// so dashboards can split latency by model and backend across deployments.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
-    /// `midas_v21_small_256` or `dpt_hybrid_384`.
+    /// The network's name (`midas_v21_small_256`, `dpt_hybrid_384`, `depth_anything_v2_vits`, ...).
     pub model: &'static str,
     /// `flex`, `ndarray` or `wgpu`.
     pub backend: &'static str,

@@ -175,6 +175,7 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
     let openapi = openapi::render(&config);
     let workers = std::thread::available_parallelism().map_or(2, usize::from);
     let budget = memory_budget(&config, &model)?;
+    let max_depth = model.weights.max_depth;
     let state = Arc::new(AppState {
         store,
         queue,
@@ -188,6 +189,7 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
         openapi,
         default_options: RenderOptions {
             colormap: config.default_colormap,
+            max_depth,
             ..RenderOptions::default()
         },
         config,

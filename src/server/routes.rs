@@ -214,6 +214,7 @@ fn readiness(state: &AppState) -> Response<Body> {
             "adapter": state.model.adapter,
             "untrained": state.model.weights.untrained,
             "weights": state.model.weights.source,
+            "max_depth": state.model.weights.max_depth,
             "queue_depth": state.queue.waiting(),
             "memory_budget_bytes": state.budget.total(),
             "memory_available_bytes": state.budget.available(),

@@ -5,6 +5,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod depth_anything;
 mod dpt_parity;
 mod dpt_weights;
 mod forward_parity;

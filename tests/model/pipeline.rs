@@ -188,6 +188,7 @@ fn untrained_pipeline(transform: pipeline::Transform) -> pipeline::LoadedModel {
         weights_sha256: None,
         key_prefix: None,
         kind: None,
+        max_depth: None,
         backend: midas_model::backend::BackendKind::Flex,
         cache_dir: None,
     };

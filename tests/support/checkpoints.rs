@@ -1,6 +1,7 @@
 //! Writes the synthetic weights in upstream MiDaS's full key layouts (every key of
 //! `tests/fixtures/upstream_layout.tsv` for MiDaS small and `tests/fixtures/dpt_layout.tsv` for
-//! DPT-Hybrid, which `scripts/reference/{make_fixtures,dpt}.py` dumped from the real upstream
+//! DPT-Hybrid, `tests/fixtures/depth_anything_vits_layout.tsv` for Depth Anything V2 Small,
+//! which `scripts/reference/{make_fixtures,dpt,depth_anything}.py` dumped from the real upstream
 //! models) as real PyTorch and safetensors files, so that the loaders are exercised on the
 //! formats users bring.
 
@@ -29,6 +30,11 @@ pub fn upstream_layout() -> Vec<Entry> {
 /// Upstream DPT-Hybrid's layout, in its order.
 pub fn dpt_layout() -> Vec<Entry> {
     layout("dpt_layout.tsv")
+}
+
+/// Upstream Depth Anything V2 Small's layout, in its order.
+pub fn depth_anything_layout() -> Vec<Entry> {
+    layout("depth_anything_vits_layout.tsv")
 }
 
 /// A layout fixture (found from the root crate's and `model-import`'s tests).
@@ -149,6 +155,33 @@ pub fn synthetic_dpt_state_dict(prefix: &str) -> Vec<Tensor> {
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect(),
+        })
+        .collect()
+}
+
+/// The synthetic Depth Anything V2 Small state dict in upstream's layout (every key, the unused
+/// mask token and first unit of `refinenet4` included), every key prefixed by `prefix`; the
+/// roles are `synthetic.py`'s `depth_anything_kind_of`.
+pub fn synthetic_depth_anything_state_dict(prefix: &str) -> Vec<Tensor> {
+    depth_anything_layout()
+        .iter()
+        .map(|entry| {
+            let leaf = entry.key.rsplit('.').next().unwrap_or_default();
+            let role = match leaf {
+                "mask_token" => Role::Embedding,
+                "gamma" => Role::BnWeight,
+                _ if entry.key == "depth_head.scratch.output_conv2.2.bias" => Role::HeadBias,
+                _ => dpt_role(&entry.key, entry.shape.len()),
+            };
+            Tensor {
+                key: format!("{prefix}{}", entry.key),
+                dtype: entry.dtype.clone(),
+                shape: entry.shape.clone(),
+                bytes: synthetic::values(&entry.key, &entry.shape, role)
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            }
         })
         .collect()
 }

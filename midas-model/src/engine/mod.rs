@@ -25,14 +25,15 @@ pub struct NetInput {
     pub data: Vec<f32>,
 }
 
-/// A `[height, width]` relative inverse depth map, as the network produces it.
+/// A `[height, width]` depth map as the network produces it: relative inverse depth (larger
+/// is nearer), or metres for a metric model ([`ModelKind::is_metric`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DepthMap {
     /// Width in pixels.
     pub width: usize,
     /// Height in pixels.
     pub height: usize,
-    /// Row-major values, larger is nearer.
+    /// Row-major values.
     pub data: Vec<f32>,
 }
 

@@ -6,7 +6,8 @@ use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 
 use super::resnet::ResNetV2;
-use super::vit::{EMBED_DIM, HybridVit, Reassemble, TokenEmbedding, TransformerBlock};
+use super::transformer::TransformerBlock;
+use super::vit::{EMBED_DIM, HybridVit, Reassemble, TokenEmbedding};
 use super::{DecoderConfig, Scratch};
 
 /// `pretrained`: the hybrid ViT and the reassembly of its two hooked token sets.
@@ -123,7 +124,9 @@ impl DptHybrid {
 
     /// Runs the network.
     pub fn forward(&self, input: Tensor<4>) -> Tensor<3> {
-        self.scratch.forward(self.pretrained.forward(input))
+        let [_, _, height, width] = input.dims();
+        self.scratch
+            .forward(self.pretrained.forward(input), [height, width])
     }
 
     /// The network taken apart (see [`DptParts`]).

@@ -6,7 +6,7 @@
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
-use burn::tensor::activation::relu;
+use burn::tensor::activation::{relu, sigmoid};
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 
@@ -117,15 +117,20 @@ impl FeatureFusionBlock {
     }
 }
 
-/// `scratch.output_conv`: conv 3x3 (features -> features/2), bilinear x2, conv 3x3 -> 32, ReLU,
-/// conv 1x1 -> 1, ReLU (`non_negative=True`).
+/// `scratch.output_conv` (MiDaS) or `output_conv1` and `output_conv2` (Depth Anything V2): conv
+/// 3x3 (features -> features/2), bilinear to the input's size (x2 in MiDaS), conv 3x3 -> 32,
+/// ReLU, conv 1x1 -> 1, then ReLU (relative output: MiDaS's `non_negative=True`) or, for a
+/// metric Depth Anything V2 head, a sigmoid times the largest depth.
 #[derive(Module, Debug)]
 pub struct OutputHead {
     pub(crate) conv1: Conv2d,
     pub(crate) conv2: Conv2d,
     pub(crate) conv3: Conv2d,
-    /// The upsampling's convention: false for MiDaS small, true for DPT.
+    /// The upsampling's convention: false for MiDaS small, true for DPT and Depth Anything.
     pub(crate) align_corners: bool,
+    /// For a metric head, the depth in metres a sigmoid of one maps to; `None` for relative
+    /// output.
+    pub(crate) max_depth: Option<f32>,
 }
 
 /// Channels of the head's hidden convolution (hard-coded upstream).
@@ -147,15 +152,21 @@ impl OutputHead {
                 true,
             ),
             align_corners,
+            max_depth: None,
         }
     }
 
-    /// Maps the finest decoder feature to a `[batch, 1, H, W]` non-negative inverse depth.
-    pub fn forward(&self, input: Tensor<4>) -> Tensor<4> {
+    /// Maps the finest decoder feature to the `[batch, 1, H, W]` output (`size` is `[H, W]`,
+    /// the network input's): non-negative inverse depth, or metres for a metric head.
+    pub fn forward(&self, input: Tensor<4>, size: [usize; 2]) -> Tensor<4> {
         let x = self.conv1.forward(input);
-        let x = resize(x.clone(), doubled(&x), self.align_corners);
+        let x = resize(x, size, self.align_corners);
         let x = relu(self.conv2.forward(x));
-        relu(self.conv3.forward(x))
+        let x = self.conv3.forward(x);
+        match self.max_depth {
+            Some(max_depth) => sigmoid(x).mul_scalar(max_depth),
+            None => relu(x),
+        }
     }
 }
 
@@ -225,9 +236,10 @@ impl Scratch {
         }
     }
 
-    /// The encoder's features at 1/4, 1/8, 1/16 and 1/32 of the input's resolution to
-    /// `[batch, H, W]` inverse depth.
-    pub fn forward(&self, features: [Tensor<4>; 4]) -> Tensor<3> {
+    /// The encoder's four features, finest first (1/4, 1/8, 1/16 and 1/32 of the input's
+    /// resolution in MiDaS; 4, 2, 1 and 1/2 tokens per token in Depth Anything V2) to the
+    /// `[batch, H, W]` output, `size` being `[H, W]`.
+    pub fn forward(&self, features: [Tensor<4>; 4], size: [usize; 2]) -> Tensor<3> {
         let [layer1, layer2, layer3, layer4] = features;
         let layer1 = self.layer1_rn.forward(layer1);
         let layer2 = self.layer2_rn.forward(layer2);
@@ -241,6 +253,6 @@ impl Scratch {
         let size1 = doubled(&layer1);
         let path2 = self.refinenet2.forward(path3, Some(layer2), size2);
         let path1 = self.refinenet1.forward(path2, Some(layer1), size1);
-        self.output_conv.forward(path1).squeeze_dim(1)
+        self.output_conv.forward(path1, size).squeeze_dim(1)
     }
 }

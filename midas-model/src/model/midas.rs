@@ -35,7 +35,9 @@ impl MidasSmall {
 
     /// Runs the network.
     pub fn forward(&self, input: Tensor<4>) -> Tensor<3> {
-        self.scratch.forward(self.pretrained.forward(input))
+        let [_, _, height, width] = input.dims();
+        self.scratch
+            .forward(self.pretrained.forward(input), [height, width])
     }
 
     /// The encoder and the decoder, to run them apart.

@@ -1,4 +1,4 @@
-//! The two MiDaS networks as Burn modules: the network definitions and nothing else. Weight
+//! The networks as Burn modules: the network definitions and nothing else. Weight
 //! loading lives in [`crate::weights`], running them in [`crate::engine`].
 //!
 //! - MiDaS v2.1 small (`midas_v21_small_256`): isl-org/MiDaS `midas/midas_net_custom.py` over the
@@ -6,25 +6,40 @@
 //! - MiDaS v3.0 DPT-Hybrid (`dpt_hybrid_384`): `midas/dpt_depth.py` over timm's
 //!   `vit_base_r50_s16_384` (ResNet-50 stages + ViT-B/16).
 //!
-//! Both share the decoder of `midas/blocks.py`. The structure mirrors upstream layer for layer
+//! - Depth Anything V2 (`depth_anything_v2_vits`, `_vitb`, `_vitl`, and their metric
+//!   fine-tunes): DepthAnything/Depth-Anything-V2's `DepthAnythingV2`, a DINOv2 encoder and a
+//!   DPT head.
+//!
+//! All three share the decoder of `midas/blocks.py`. The structure mirrors upstream layer for layer
 //! so that every parameter has exactly one upstream key; [`crate::weights::layout`] holds the
 //! few renames between the two.
 
+mod depth_anything;
+mod dinov2;
 mod dpt;
 mod efficientnet;
 mod fusion;
 mod kind;
 mod midas;
 mod resnet;
+mod transformer;
 mod vit;
 
+pub use depth_anything::{
+    DepthAnythingHead, DepthAnythingParts, DepthAnythingV2, Reassembly, TokenEmbedding,
+};
+pub use dinov2::{Dinov2, PATCH, VitSize, patch_tokens};
 pub use dpt::{DptEncoder, DptHybrid, DptParts, TokenBridge};
 pub use efficientnet::{DepthwiseSeparableConv, EfficientNetLite3, InvertedResidual};
 pub use fusion::{DecoderConfig, FeatureFusionBlock, OutputHead, ResidualConvUnit, Scratch};
-pub use kind::ModelKind;
+pub use kind::{
+    DEPTH_ANYTHING_RELEASES, DepthHead, MIDAS_RELEASES, MetricDataset, ModelKind, PublishedWeights,
+    published_weights,
+};
 pub use midas::MidasSmall;
 pub use resnet::{Bottleneck, ConvNorm, ResNetV2, group_norm};
-pub use vit::{EMBED_DIM, HEADS, HOOKS, LN_EPSILON, TransformerBlock};
+pub use transformer::{HEAD_DIM, LN_EPSILON, LayerScale, TransformerBlock};
+pub use vit::{EMBED_DIM, HOOKS};
 
 use burn::nn::Initializer;
 use burn::nn::PaddingConfig2d;
@@ -51,21 +66,32 @@ fn conv2d(
         .init(device)
 }
 
-/// A loaded network of either kind, with its parameters set.
+/// A loaded network of any kind, with its parameters set.
 #[derive(Clone, Debug)]
 pub enum Network {
     /// MiDaS v2.1 small.
     MidasSmall(Box<MidasSmall>),
     /// MiDaS v3.0 DPT-Hybrid.
     DptHybrid(Box<DptHybrid>),
+    /// Depth Anything V2, relative or metric.
+    DepthAnything(Box<DepthAnythingV2>),
 }
 
+/// The largest depth a metric head starts with until [`Network::set_max_depth`] gives the
+/// real one: one, so that its output is the fraction of the largest depth.
+const UNIT_MAX_DEPTH: f32 = 1.0;
+
 impl Network {
-    /// A network of `kind` with every parameter zero.
+    /// A network of `kind` with every parameter zero (a metric head's largest depth one metre
+    /// until [`Network::set_max_depth`]).
     pub fn new(kind: ModelKind, device: &Device) -> Self {
         match kind {
             ModelKind::MidasV21Small256 => Self::MidasSmall(Box::new(MidasSmall::new(device))),
             ModelKind::DptHybrid384 => Self::DptHybrid(Box::new(DptHybrid::new(device))),
+            ModelKind::DepthAnythingV2(size, head) => {
+                let max_depth = (head == DepthHead::Metric).then_some(UNIT_MAX_DEPTH);
+                Self::DepthAnything(Box::new(DepthAnythingV2::new(device, size, max_depth)))
+            }
         }
     }
 
@@ -74,6 +100,33 @@ impl Network {
         match self {
             Self::MidasSmall(_) => ModelKind::MidasV21Small256,
             Self::DptHybrid(_) => ModelKind::DptHybrid384,
+            Self::DepthAnything(model) => {
+                let head = match model.max_depth() {
+                    Some(_) => DepthHead::Metric,
+                    None => DepthHead::Relative,
+                };
+                ModelKind::DepthAnythingV2(model.size(), head)
+            }
+        }
+    }
+
+    /// A metric network's largest depth in metres (`None` for relative output).
+    pub fn max_depth(&self) -> Option<f32> {
+        match self {
+            Self::DepthAnything(model) => model.max_depth(),
+            _ => None,
+        }
+    }
+
+    /// Sets a metric network's largest depth in metres; `false` (nothing changed) for a
+    /// network with relative output.
+    pub fn set_max_depth(&mut self, max_depth: f32) -> bool {
+        match self {
+            Self::DepthAnything(model) if model.max_depth().is_some() => {
+                model.set_max_depth(max_depth);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -82,6 +135,7 @@ impl Network {
         match self {
             Self::MidasSmall(model) => model.num_params(),
             Self::DptHybrid(model) => model.num_params(),
+            Self::DepthAnything(model) => model.num_params(),
         }
     }
 
@@ -90,6 +144,7 @@ impl Network {
         match self {
             Self::MidasSmall(model) => model.forward(input),
             Self::DptHybrid(model) => model.forward(input),
+            Self::DepthAnything(model) => model.forward(input),
         }
     }
 }

@@ -4,26 +4,21 @@
 
 use burn::module::Param;
 use burn::nn::conv::Conv2d;
-use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{Linear, PaddingConfig2d};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::gelu;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 
 use super::conv2d;
 use super::resnet::ResNetV2;
+use super::transformer::{TransformerBlock, linear};
 
 /// Token width.
 pub const EMBED_DIM: usize = 768;
 
-/// Attention heads (64 features each).
-pub const HEADS: usize = 12;
-
 /// Transformer blocks.
 const DEPTH: usize = 12;
-
-/// The MLP's hidden width (4x).
-const MLP_DIM: usize = 3072;
 
 /// Side of the position embedding's grid: 384 / 16.
 pub const POS_GRID: usize = 24;
@@ -31,95 +26,9 @@ pub const POS_GRID: usize = 24;
 /// Channels of the ResNet features the tokens are projected from.
 const BACKBONE_CHANNELS: usize = 1024;
 
-/// timm's ViT LayerNorm epsilon (`partial(nn.LayerNorm, eps=1e-6)`; PyTorch's default is 1e-5).
-pub const LN_EPSILON: f64 = 1e-6;
-
 /// The blocks whose outputs MiDaS takes (`hooks=[0, 1, 8, 11]`; the first two are the ResNet's
 /// in the hybrid).
 pub const HOOKS: [usize; 2] = [8, 11];
-
-fn linear(device: &Device, d_input: usize, d_output: usize) -> Linear {
-    LinearConfig::new(d_input, d_output)
-        .with_initializer(Initializer::Zeros)
-        .init(device)
-}
-
-fn layer_norm(device: &Device) -> LayerNorm {
-    LayerNormConfig::new(EMBED_DIM)
-        .with_epsilon(LN_EPSILON)
-        .init(device)
-}
-
-/// Multi-head self-attention with a fused `qkv` projection (rows `[q | k | v]`).
-#[derive(Module, Debug)]
-pub struct Attention {
-    pub(crate) qkv: Linear,
-    pub(crate) proj: Linear,
-}
-
-impl Attention {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let [batch, tokens, _] = x.dims();
-        let head_dim = EMBED_DIM / HEADS;
-        let qkv = self
-            .qkv
-            .forward(x)
-            .reshape([batch, tokens, 3, HEADS, head_dim])
-            .permute([2, 0, 3, 1, 4]);
-        let part = |index: usize| {
-            qkv.clone()
-                .narrow(0, index, 1)
-                .reshape([batch, HEADS, tokens, head_dim])
-        };
-        let (q, k, v) = (part(0), part(1), part(2));
-        let scale = (head_dim as f64).powf(-0.5);
-        let weights = softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale), 3);
-        let out = weights
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([batch, tokens, EMBED_DIM]);
-        self.proj.forward(out)
-    }
-}
-
-/// The block's MLP: fc1, exact (erf) GELU, fc2.
-#[derive(Module, Debug)]
-pub struct Mlp {
-    pub(crate) fc1: Linear,
-    pub(crate) fc2: Linear,
-}
-
-/// A pre-norm transformer block (no LayerScale, dropout is identity at inference).
-#[derive(Module, Debug)]
-pub struct TransformerBlock {
-    pub(crate) norm1: LayerNorm,
-    pub(crate) attn: Attention,
-    pub(crate) norm2: LayerNorm,
-    pub(crate) mlp: Mlp,
-}
-
-impl TransformerBlock {
-    fn new(device: &Device) -> Self {
-        Self {
-            norm1: layer_norm(device),
-            attn: Attention {
-                qkv: linear(device, EMBED_DIM, 3 * EMBED_DIM),
-                proj: linear(device, EMBED_DIM, EMBED_DIM),
-            },
-            norm2: layer_norm(device),
-            mlp: Mlp {
-                fc1: linear(device, EMBED_DIM, MLP_DIM),
-                fc2: linear(device, MLP_DIM, EMBED_DIM),
-            },
-        }
-    }
-
-    pub(crate) fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = x.clone() + self.attn.forward(self.norm1.forward(x));
-        let hidden = gelu(self.mlp.fc1.forward(self.norm2.forward(x.clone())));
-        x + self.mlp.fc2.forward(hidden)
-    }
-}
 
 /// timm's `HybridEmbed`: the ResNet, then a 1x1 projection of its 1/16 features to tokens.
 #[derive(Module, Debug)]
@@ -168,7 +77,9 @@ impl HybridVit {
             },
             cls_token: zeros([1, 1, EMBED_DIM]),
             pos_embed: zeros([1, 1 + POS_GRID * POS_GRID, EMBED_DIM]),
-            blocks: (0..DEPTH).map(|_| TransformerBlock::new(device)).collect(),
+            blocks: (0..DEPTH)
+                .map(|_| TransformerBlock::new(device, EMBED_DIM, false))
+                .collect(),
         }
     }
 

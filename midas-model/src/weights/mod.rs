@@ -28,7 +28,7 @@ use burn::store::{
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::model::{ModelKind, Network};
+use crate::model::{MetricDataset, ModelKind, Network, VitSize};
 
 /// How many names an error lists per category before summarising the rest.
 const LISTED_NAMES: usize = 12;
@@ -72,11 +72,12 @@ pub enum WeightsError {
         /// The parser's message.
         message: String,
     },
-    /// No key looks like either model's.
+    /// No key looks like any model's.
     #[error(
-        "{path}: no MiDaS state dict found (no key ends with '{small}' (midas_v21_small_256) or '{dpt}' (dpt_hybrid_384)); first keys: {sample}",
+        "{path}: no MiDaS or Depth Anything V2 state dict found (no key ends with '{small}' (midas_v21_small_256), '{dpt}' (dpt_hybrid_384) or '{depth_anything}' (depth_anything_v2_*)); first keys: {sample}",
         small = layout::anchor_key(ModelKind::MidasV21Small256),
-        dpt = layout::anchor_key(ModelKind::DptHybrid384)
+        dpt = layout::anchor_key(ModelKind::DptHybrid384),
+        depth_anything = layout::anchor_key(ModelKind::ALL[2])
     )]
     NotMidas {
         /// The file.
@@ -229,6 +230,9 @@ pub struct WeightsReport {
     pub unused_upstream_keys: usize,
     /// Tensors outside the state dict (optimizer state in a checkpoint, say), ignored.
     pub outside_state_dict: usize,
+    /// A metric model's largest depth in metres, where the file says it (a `.bpk`'s metadata,
+    /// or the data set a `.pth`'s name mentions); `None` otherwise and for relative models.
+    pub max_depth: Option<f32>,
 }
 
 /// The model with the deterministic synthetic weights: what runs when no weights are given.
@@ -242,7 +246,7 @@ pub fn untrained(kind: ModelKind, device: &Device) -> (Network, WeightsReport) {
         })
         .collect();
     let result = apply_upstream(&mut network, tensors);
-    debug_assert!(mismatch(&result, upstream_name).is_empty());
+    debug_assert!(mismatch(&result, layout::upstream_key).is_empty());
     let report = WeightsReport {
         model: kind,
         source: "synthetic".to_string(),
@@ -254,6 +258,7 @@ pub fn untrained(kind: ModelKind, device: &Device) -> (Network, WeightsReport) {
         prefix_stripped: None,
         unused_upstream_keys: 0,
         outside_state_dict: 0,
+        max_depth: None,
     };
     (network, report)
 }
@@ -273,6 +278,8 @@ pub struct StateDict {
     pub unused_upstream_keys: usize,
     /// Tensors outside the state dict (a checkpoint's optimizer state, say), never read.
     pub outside_state_dict: usize,
+    /// A metric model's largest depth in metres, where the file says it.
+    pub max_depth: Option<f32>,
 }
 
 /// Reads a weights file's keys and selects its state dict.
@@ -302,7 +309,9 @@ pub fn read_state_dict(
     }
     .map_err(corrupt)?;
     if format == WeightsFormat::Burnpack {
-        let model = check_requested(path, kind, recognise_burnpack(&tensors), &tensors)?;
+        let metadata = BurnpackMetadata::read(path).map_err(corrupt)?;
+        let found = recognise_burnpack(&tensors, metadata.model);
+        let model = check_requested(path, kind, found, &tensors)?;
         return Ok(StateDict {
             format,
             model,
@@ -310,12 +319,18 @@ pub fn read_state_dict(
             prefix: String::new(),
             unused_upstream_keys: 0,
             outside_state_dict: 0,
+            max_depth: metadata.max_depth.filter(|_| model.is_metric()),
         });
     }
     let (model, prefix) = match (key_prefix, kind) {
         (Some(prefix), Some(kind)) => (kind, prefix.to_string()),
         _ => recognise_upstream(path, key_prefix, kind, &tensors)?,
     };
+    let max_depth = path
+        .file_name()
+        .and_then(|name| MetricDataset::from_file_name(&name.to_string_lossy()))
+        .map(MetricDataset::max_depth)
+        .filter(|_| model.is_metric());
     let mut state_dict = StateDict {
         format,
         model,
@@ -323,6 +338,7 @@ pub fn read_state_dict(
         prefix,
         unused_upstream_keys: 0,
         outside_state_dict: 0,
+        max_depth,
     };
     for mut tensor in tensors {
         let Some(key) = tensor.name.strip_prefix(&state_dict.prefix) else {
@@ -393,12 +409,13 @@ fn load_hashed(
         let result = match &mut network {
             Network::MidasSmall(m) => m.apply(state_dict.tensors, None, None, false),
             Network::DptHybrid(m) => m.apply(state_dict.tensors, None, None, false),
+            Network::DepthAnything(m) => m.apply(state_dict.tensors, None, None, false),
         };
         let details = mismatch(&result, |name| name.to_string());
         (result, details)
     } else {
         let result = apply_upstream(&mut network, state_dict.tensors);
-        let details = mismatch(&result, upstream_name);
+        let details = mismatch(&result, layout::upstream_key);
         (result, details)
     };
     if !details.is_empty() {
@@ -407,6 +424,9 @@ fn load_hashed(
             model: state_dict.model,
             details,
         });
+    }
+    if let Some(max_depth) = state_dict.max_depth {
+        network.set_max_depth(max_depth);
     }
     let report = WeightsReport {
         model: state_dict.model,
@@ -419,6 +439,7 @@ fn load_hashed(
         prefix_stripped: (!state_dict.prefix.is_empty()).then_some(state_dict.prefix),
         unused_upstream_keys: state_dict.unused_upstream_keys,
         outside_state_dict: state_dict.outside_state_dict,
+        max_depth: state_dict.max_depth,
     };
     Ok((network, report))
 }
@@ -439,14 +460,66 @@ fn apply_upstream(network: &mut Network, tensors: Vec<PackTensor>) -> ApplyResul
             standardise::standardise_backbone(model);
             result
         }
+        Network::DepthAnything(model) => model.apply(tensors, None, adapter(), true),
     }
 }
 
-/// The network whose anchor key a burnpack holds (its keys are Burn's paths).
-fn recognise_burnpack(tensors: &[PackTensor]) -> Option<ModelKind> {
-    ModelKind::ALL.into_iter().find(|&kind| {
+/// What `model-import` writes beside a burnpack's tensors.
+struct BurnpackMetadata {
+    /// The network it was converted as.
+    model: Option<ModelKind>,
+    /// A metric network's largest depth.
+    max_depth: Option<f32>,
+}
+
+impl BurnpackMetadata {
+    fn read(path: &Path) -> Result<Self, String> {
+        let reader = burn::store::burn_pack::Reader::from_file(path).map_err(|e| e.to_string())?;
+        let metadata = reader.metadata();
+        Ok(Self {
+            model: metadata
+                .get("model")
+                .and_then(|name| ModelKind::from_name(name)),
+            max_depth: metadata
+                .get("max_depth")
+                .and_then(|value| value.parse::<f32>().ok())
+                .filter(|value| value.is_finite() && *value > 0.0),
+        })
+    }
+}
+
+/// The network a burnpack holds (its keys are Burn's paths): the one its metadata names if its
+/// tensors fit it, else the first whose anchor key and shapes it holds.
+fn recognise_burnpack(tensors: &[PackTensor], named: Option<ModelKind>) -> Option<ModelKind> {
+    let fits = |kind: ModelKind| {
         let anchor = layout::to_burn(layout::anchor_key(kind));
-        tensors.iter().any(|t| t.name == anchor)
+        tensors
+            .iter()
+            .any(|t| t.name == anchor && shapes_fit(kind, &t.shape))
+    };
+    named
+        .filter(|&kind| fits(kind))
+        .or_else(|| ModelKind::ALL.into_iter().find(|&kind| fits(kind)))
+}
+
+/// Whether the anchor tensor's shape fits `kind`: Depth Anything V2's encoder size is read from
+/// its patch embedding's width; the MiDaS models have one size each.
+fn shapes_fit(kind: ModelKind, anchor_shape: &[usize]) -> bool {
+    match kind {
+        ModelKind::DepthAnythingV2(size, _) => {
+            anchor_shape.first().copied().and_then(VitSize::from_dim) == Some(size)
+        }
+        ModelKind::MidasV21Small256 | ModelKind::DptHybrid384 => true,
+    }
+}
+
+/// Whether a weights file's name says it holds a metric model (`metric`, or the name of a data
+/// set the metric models were fine-tuned on).
+fn named_metric(path: &Path) -> bool {
+    path.file_name().is_some_and(|name| {
+        let name = name.to_string_lossy();
+        name.to_ascii_lowercase().contains("metric")
+            || MetricDataset::from_file_name(&name).is_some()
     })
 }
 
@@ -497,7 +570,7 @@ fn recognise_upstream(
     tensors: &[PackTensor],
 ) -> Result<(ModelKind, String), WeightsError> {
     let names = || tensors.iter().map(|t| t.name.as_str());
-    let found: Vec<(ModelKind, String)> = ModelKind::ALL
+    let mut found: Vec<(ModelKind, String)> = ModelKind::ALL
         .into_iter()
         .filter_map(|kind| match key_prefix {
             Some(prefix) => names()
@@ -505,7 +578,16 @@ fn recognise_upstream(
                 .then(|| (kind, prefix.to_string())),
             None => layout::detect_prefix(kind, names()).map(|prefix| (kind, prefix)),
         })
+        .filter(|(kind, prefix)| {
+            let anchor = format!("{prefix}{}", layout::anchor_key(*kind));
+            tensors
+                .iter()
+                .any(|t| t.name == anchor && shapes_fit(*kind, &t.shape))
+        })
         .collect();
+    // A metric head has the same keys as a relative one: the file's name tells them apart.
+    let metric = named_metric(path);
+    found.sort_by_key(|(kind, _)| kind.is_metric() != metric);
     // The requested network if its keys are there, else the first one whose keys are.
     let recognised = requested
         .filter(|kind| found.iter().any(|(k, _)| k == kind))
@@ -525,16 +607,6 @@ fn read_all(mut store: impl ModuleStore) -> Result<Vec<PackTensor>, String> {
         .get_all_tensors()
         .map(|all| all.values().cloned().collect())
         .map_err(|e| e.to_string())
-}
-
-/// The upstream key a Burn path is loaded from, for error messages about upstream files.
-fn upstream_name(burn_path: &str) -> String {
-    let upstream = layout::to_upstream(burn_path);
-    match upstream.rsplit_once('.') {
-        Some((parent, "gamma")) => format!("{parent}.weight"),
-        Some((parent, "beta")) => format!("{parent}.bias"),
-        _ => upstream,
-    }
 }
 
 fn mismatch(result: &ApplyResult, name: impl Fn(&str) -> String) -> MismatchDetails {
@@ -563,9 +635,13 @@ pub fn save_burnpack(
     for (key, value) in metadata {
         store = store.metadata(*key, *value);
     }
+    if let Some(max_depth) = network.max_depth() {
+        store = store.metadata("max_depth", max_depth.to_string());
+    }
     match network {
         Network::MidasSmall(model) => model.save_into(&mut store),
         Network::DptHybrid(model) => model.save_into(&mut store),
+        Network::DepthAnything(model) => model.save_into(&mut store),
     }
     .map_err(|e| WeightsError::Corrupt {
         path: path.to_path_buf(),

@@ -56,6 +56,9 @@ pub enum Role {
     BnRunningVar,
     /// DPT's class token and position embedding: within ±0.1.
     Embedding,
+    /// Depth Anything V2's last bias (before the relative head's ReLU): 3 ± 0.05, so that
+    /// most of the untrained output is above zero (a parity test over zeros tests little).
+    HeadBias,
 }
 
 /// The synthetic values of the tensor with upstream key `key`.
@@ -73,8 +76,12 @@ pub fn values(key: &str, shape: &[usize], role: Role) -> Vec<f32> {
         Role::BnWeight => affine(1.0, 0.1),
         Role::BnBias | Role::BnRunningMean | Role::Embedding => u.iter().map(|v| v * 0.1).collect(),
         Role::BnRunningVar => affine(0.75, 0.25),
+        Role::HeadBias => affine(3.0, 0.05),
     }
 }
+
+/// Depth Anything V2's last bias, whose formula is [`Role::HeadBias`].
+const HEAD_BIAS_KEY: &str = "depth_head.scratch.output_conv2.2.bias";
 
 /// A normalised `[1, 3, height, width]` network input in [-2, 2), as the forward fixtures use.
 pub fn network_input(width: usize, height: usize) -> Vec<f32> {
@@ -87,18 +94,24 @@ pub fn network_input(width: usize, height: usize) -> Vec<f32> {
 /// The upstream key and role of a Burn parameter path (normalisation layers' `gamma`/`beta`
 /// are upstream's `weight`/`bias`; Burn's BatchNorm and GroupNorm/LayerNorm share the names).
 fn upstream_key_and_role(burn_path: &str, rank: usize) -> (String, Role) {
-    let upstream = layout::to_upstream(burn_path);
-    let (parent, leaf) = upstream.rsplit_once('.').unwrap_or(("", &upstream));
-    let (leaf, role) = match leaf {
-        "gamma" => ("weight", Role::BnWeight),
-        "beta" => ("bias", Role::BnBias),
-        "running_mean" => (leaf, Role::BnRunningMean),
-        "running_var" => (leaf, Role::BnRunningVar),
-        "cls_token" | "pos_embed" => (leaf, Role::Embedding),
-        "weight" if rank >= 2 => (leaf, Role::ConvWeight),
-        _ => (leaf, Role::ConvBias),
+    let leaf = burn_path.rsplit('.').next().unwrap_or(burn_path);
+    let role = match leaf {
+        // A norm's scale, or DINOv2's LayerScale factor: 1 ± 0.1 either way.
+        "gamma" => Role::BnWeight,
+        "beta" => Role::BnBias,
+        "running_mean" => Role::BnRunningMean,
+        "running_var" => Role::BnRunningVar,
+        "cls_token" | "pos_embed" => Role::Embedding,
+        "weight" if rank >= 2 => Role::ConvWeight,
+        _ => Role::ConvBias,
     };
-    (format!("{parent}.{leaf}"), role)
+    let key = layout::upstream_key(burn_path);
+    let role = if key == HEAD_BIAS_KEY {
+        Role::HeadBias
+    } else {
+        role
+    };
+    (key, role)
 }
 
 /// The synthetic state dict of `kind` in upstream's form: upstream keys, upstream shapes
@@ -108,6 +121,7 @@ pub fn state_dict(network: &Network) -> Vec<PackTensor> {
     let snapshots = match network {
         Network::MidasSmall(model) => model.collect(None, None, false),
         Network::DptHybrid(model) => model.collect(None, None, false),
+        Network::DepthAnything(model) => model.collect(None, None, false),
     };
     snapshots
         .into_iter()
@@ -156,6 +170,25 @@ mod tests {
             upstream_key_and_role("pretrained.reassemble4.readout.weight", 2),
             (
                 "pretrained.act_postprocess4.0.project.0.weight".to_string(),
+                Role::ConvWeight
+            )
+        );
+    }
+
+    #[test]
+    fn depth_anything_roles() {
+        assert_eq!(
+            upstream_key_and_role("pretrained.blocks.4.ls2.gamma", 1),
+            ("pretrained.blocks.4.ls2.gamma".to_string(), Role::BnWeight)
+        );
+        assert_eq!(
+            upstream_key_and_role("pretrained.norm.gamma", 1),
+            ("pretrained.norm.weight".to_string(), Role::BnWeight)
+        );
+        assert_eq!(
+            upstream_key_and_role("depth_head.reassembly.upsample4.weight", 4),
+            (
+                "depth_head.resize_layers.0.weight".to_string(),
                 Role::ConvWeight
             )
         );

@@ -86,6 +86,7 @@ struct Head {
     conv2: WinogradConv,
     conv3: PackedConv,
     align_corners: bool,
+    max_depth: Option<f32>,
 }
 
 impl Head {
@@ -95,14 +96,26 @@ impl Head {
             conv2: WinogradConv::from_conv(head.conv2),
             conv3: PackedConv::from_conv(head.conv3),
             align_corners: head.align_corners,
+            max_depth: head.max_depth,
         }
     }
 
-    fn forward(&self, input: &FeatureMap) -> FeatureMap {
+    /// `size` is the network input's `(height, width)`.
+    fn forward(&self, input: &FeatureMap, size: (usize, usize)) -> FeatureMap {
         let x = winograd3x3(input, &self.conv1, false, Activation::Identity, &[]);
-        let x = upsample(&x, (2 * x.height, 2 * x.width), self.align_corners);
+        let x = upsample(&x, size, self.align_corners);
         let x = winograd3x3(&x, &self.conv2, false, Activation::Relu, &[]);
-        conv1x1(&x, &self.conv3, Activation::Relu, &[])
+        match self.max_depth {
+            None => conv1x1(&x, &self.conv3, Activation::Relu, &[]),
+            Some(max_depth) => {
+                let mut depth = conv1x1(&x, &self.conv3, Activation::Identity, &[]);
+                // One value per output pixel: libm's exp is a small share of the head.
+                for value in &mut depth.data {
+                    *value = max_depth / (1.0 + (-*value).exp());
+                }
+                depth
+            }
+        }
     }
 }
 
@@ -134,8 +147,9 @@ impl CpuDecoder {
         }
     }
 
-    /// The encoder's four features (finest first) to `[batch, 1, H, W]` inverse depth.
-    pub fn forward(&self, features: [FeatureMap; 4]) -> FeatureMap {
+    /// The encoder's four features (finest first) to the `[batch, 1, H, W]` output, `size`
+    /// being the network input's `(H, W)`.
+    pub fn forward(&self, features: [FeatureMap; 4], output: (usize, usize)) -> FeatureMap {
         let [layer1, layer2, layer3, layer4] = features;
         let project = |level: usize, feature: &FeatureMap| {
             winograd3x3(
@@ -157,6 +171,6 @@ impl CpuDecoder {
         let path = f3.forward(path, Some(&layer3), size(&layer2));
         let path = f2.forward(path, Some(&layer2), size(&layer1));
         let path = f1.forward(path, Some(&layer1), (2 * layer1.height, 2 * layer1.width));
-        self.head.forward(&path)
+        self.head.forward(&path, output)
     }
 }

@@ -10,19 +10,30 @@ mod transformer;
 use decoder::CpuDecoder;
 use encoder::CpuEncoder;
 use resnet::CpuResNet;
-use transformer::CpuTransformer;
+use transformer::{CpuTransformer, PackedNorm};
 
 use burn::prelude::*;
+use burn::tensor::TensorData;
 
 use super::{Engine, InferenceError};
-use crate::kernels::FeatureMap;
-use crate::model::{DptHybrid, MidasSmall, Network, TokenBridge};
+use crate::kernels::{FeatureMap, tensor_values};
+use crate::model::{
+    DepthAnythingV2, DptHybrid, HOOKS, MidasSmall, Network, Reassembly, TokenBridge,
+    TokenEmbedding, VitSize, patch_tokens,
+};
+
+/// The `(height, width)` of a `[batch, channels, height, width]` input.
+fn spatial(input: &Tensor<4>) -> (usize, usize) {
+    let [_, _, height, width] = input.dims();
+    (height, width)
+}
 
 /// Packs a loaded network for the kernels, taking its parameters over.
 pub(super) fn pack(network: Network) -> Box<dyn Engine> {
     match network {
         Network::MidasSmall(model) => Box::new(SmallKernels::pack(*model)),
         Network::DptHybrid(model) => Box::new(DptKernels::pack(*model)),
+        Network::DepthAnything(model) => Box::new(DepthAnythingKernels::pack(*model)),
     }
 }
 
@@ -45,7 +56,8 @@ impl SmallKernels {
 
 impl Engine for SmallKernels {
     fn forward(&self, input: Tensor<4>) -> Result<Vec<f32>, InferenceError> {
-        Ok(self.decoder.forward(self.encoder.forward(input)).data)
+        let size = spatial(&input);
+        Ok(self.decoder.forward(self.encoder.forward(input), size).data)
     }
 }
 
@@ -74,10 +86,62 @@ impl DptKernels {
 
 impl Engine for DptKernels {
     fn forward(&self, input: Tensor<4>) -> Result<Vec<f32>, InferenceError> {
+        let size = spatial(&input);
         let [quarter, eighth, sixteenth] = self.backbone.forward(input);
         let (tokens, grid) = self.bridge.tokens(sixteenth);
-        let [level3, level4] = self.bridge.reassemble(self.blocks.forward(tokens), grid);
+        let [level3, level4] = self
+            .bridge
+            .reassemble(self.blocks.forward(tokens, HOOKS), grid);
         let features = [quarter, eighth, level3, level4].map(FeatureMap::from_tensor);
-        Ok(self.decoder.forward(features).data)
+        Ok(self.decoder.forward(features, size).data)
+    }
+}
+
+/// Depth Anything V2: its DINOv2 blocks (nearly all the encoder's work) and final LayerNorm,
+/// and its decoder on the kernels; the patch embedding and the reassembly of the hooked tokens
+/// (a few percent) on Burn's CPU operations.
+#[derive(Debug)]
+struct DepthAnythingKernels {
+    size: VitSize,
+    embedding: TokenEmbedding,
+    blocks: CpuTransformer,
+    norm: PackedNorm,
+    reassembly: Reassembly,
+    decoder: CpuDecoder,
+}
+
+impl DepthAnythingKernels {
+    fn pack(model: DepthAnythingV2) -> Self {
+        let parts = model.into_parts();
+        Self {
+            size: parts.size,
+            embedding: parts.embedding,
+            blocks: CpuTransformer::pack(parts.blocks),
+            norm: PackedNorm::pack(parts.norm),
+            reassembly: parts.reassembly,
+            decoder: CpuDecoder::pack(parts.decoder),
+        }
+    }
+}
+
+impl Engine for DepthAnythingKernels {
+    fn forward(&self, input: Tensor<4>) -> Result<Vec<f32>, InferenceError> {
+        let size = spatial(&input);
+        let (tokens, grid) = self.embedding.tokens(input);
+        let device = tokens.device();
+        let shape = tokens.dims();
+        let hooked = self
+            .blocks
+            .run(tensor_values(tokens), shape[1], self.size.hooks())
+            .map(|values| {
+                let mut normed = vec![0.0; values.len()];
+                self.norm.apply(&values, &mut normed);
+                patch_tokens(Tensor::from_data(TensorData::new(normed, shape), &device))
+            });
+        let features = self
+            .reassembly
+            .forward(hooked, grid)
+            .map(FeatureMap::from_tensor);
+        Ok(self.decoder.forward(features, size).data)
     }
 }

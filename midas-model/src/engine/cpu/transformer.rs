@@ -1,6 +1,6 @@
-//! DPT-Hybrid's twelve ViT-B blocks on the CPU: the token sequence stays one row-major
-//! `[tokens, 768]` buffer per image from the first block to the last, and each step is a GEMM
-//! or one vectorised pass over rows.
+//! The ViT blocks on the CPU (DPT-Hybrid's ViT-B, Depth Anything V2's DINOv2): the token
+//! sequence stays one row-major `[tokens, dim]` buffer per image from the first block to the
+//! last, and each step is a GEMM or one vectorised pass over rows.
 //!
 //! On Burn's operations a block is 19 kernels with a copy for every reshape and permute of the
 //! attention, and GELU and softmax call libm's scalar `erf` and `exp`. Here the linears run
@@ -8,7 +8,10 @@
 //! after `fc1`) or before the GEMM accumulates onto the residual stream (`proj`, `fc2`, which
 //! thereby need no separate residual addition); attention reads `q`, `k` and `v` in place from
 //! the `qkv` output through strides, one head per task, and `1/sqrt(64)` is folded into the
-//! `q` weights at packing (a power of two: exact).
+//! `q` weights at packing (a power of two: exact). DINOv2's LayerScale is folded into the
+//! columns of `proj` and `fc2` and their biases at packing: one multiplication moved into the
+//! weights, so the residual accumulation stays one GEMM (the result differs from upstream's
+//! order by rounding only).
 
 use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
@@ -16,13 +19,10 @@ use burn::tensor::TensorData;
 use rayon::prelude::*;
 
 use crate::kernels::{SharedOut, WorkBuffer, gemm, simd, strided_gemm, tensor_values};
-use crate::model::{EMBED_DIM, HEADS, HOOKS, LN_EPSILON, TransformerBlock};
+use crate::model::{HEAD_DIM, LN_EPSILON, LayerScale, TransformerBlock};
 
 /// Rows per task of the row-wise passes (LayerNorm, bias, GELU).
 const ROWS_PER_TASK: usize = 32;
-
-/// Features per head.
-const HEAD_DIM: usize = EMBED_DIM / HEADS;
 
 /// A linear layer's parameters: `weights` `[inputs, outputs]` row-major, as Burn keeps them.
 #[derive(Debug)]
@@ -46,6 +46,16 @@ impl PackedLinear {
             inputs,
             outputs,
         }
+    }
+
+    /// Multiplies output column `j` (weights and bias) by `scale[j]`: a LayerScale after the
+    /// layer, folded in.
+    fn scale_outputs(&mut self, scale: &[f32]) {
+        assert_eq!(scale.len(), self.outputs);
+        for row in self.weights.chunks_exact_mut(self.outputs) {
+            row.iter_mut().zip(scale).for_each(|(w, s)| *w *= s);
+        }
+        self.bias.iter_mut().zip(scale).for_each(|(b, s)| *b *= s);
     }
 
     /// `out (+)= input @ weights` over `rows` rows, without the bias; `accumulate` adds to what
@@ -73,14 +83,15 @@ impl PackedLinear {
 
 /// LayerNorm's parameters.
 #[derive(Debug)]
-struct PackedNorm {
+pub struct PackedNorm {
     gamma: Vec<f32>,
     beta: Vec<f32>,
     epsilon: f32,
 }
 
 impl PackedNorm {
-    fn pack(norm: LayerNorm) -> Self {
+    /// Packs a LayerNorm with the ViTs' epsilon.
+    pub fn pack(norm: LayerNorm) -> Self {
         let gamma = tensor_values(norm.gamma.into_value());
         let beta = match norm.beta {
             Some(beta) => tensor_values(beta.into_value()),
@@ -95,7 +106,7 @@ impl PackedNorm {
     }
 
     /// `output = LayerNorm(input)` row by row, rows in parallel.
-    fn apply(&self, input: &[f32], output: &mut [f32]) {
+    pub fn apply(&self, input: &[f32], output: &mut [f32]) {
         let chunk = ROWS_PER_TASK * self.gamma.len();
         input
             .par_chunks(chunk)
@@ -109,6 +120,8 @@ impl PackedNorm {
 /// One pre-norm block, packed.
 #[derive(Debug)]
 struct PackedBlock {
+    /// Token width.
+    dim: usize,
     norm1: PackedNorm,
     qkv: PackedLinear,
     proj: PackedLinear,
@@ -119,33 +132,43 @@ struct PackedBlock {
 
 impl PackedBlock {
     fn pack(block: TransformerBlock) -> Self {
+        let dim = block.dim();
         let mut qkv = PackedLinear::pack(block.attn.qkv);
         let scale = (HEAD_DIM as f32).powf(-0.5);
         for row in qkv.weights.chunks_exact_mut(qkv.outputs) {
-            row[..EMBED_DIM].iter_mut().for_each(|w| *w *= scale);
+            row[..dim].iter_mut().for_each(|w| *w *= scale);
         }
-        qkv.bias[..EMBED_DIM].iter_mut().for_each(|b| *b *= scale);
+        qkv.bias[..dim].iter_mut().for_each(|b| *b *= scale);
+        let mut proj = PackedLinear::pack(block.attn.proj);
+        let mut fc2 = PackedLinear::pack(block.mlp.fc2);
+        for (linear, layer_scale) in [(&mut proj, block.ls1), (&mut fc2, block.ls2)] {
+            if let Some(LayerScale { gamma }) = layer_scale {
+                linear.scale_outputs(&tensor_values(gamma.into_value()));
+            }
+        }
         Self {
+            dim,
             norm1: PackedNorm::pack(block.norm1),
             qkv,
-            proj: PackedLinear::pack(block.attn.proj),
+            proj,
             norm2: PackedNorm::pack(block.norm2),
             fc1: PackedLinear::pack(block.mlp.fc1),
-            fc2: PackedLinear::pack(block.mlp.fc2),
+            fc2,
         }
     }
 
-    /// Runs the block on `x`, `[images * tokens, 768]`, in place.
+    /// Runs the block on `x`, `[images * tokens, dim]`, in place.
     fn forward(&self, x: &mut [f32], tokens: usize, buffers: &mut Buffers) {
-        let rows = x.len() / EMBED_DIM;
+        let dim = self.dim;
+        let rows = x.len() / dim;
         self.norm1.apply(x, &mut buffers.normed);
         self.qkv
             .product(&buffers.normed, rows, &mut buffers.qkv, false);
         for_row_chunks(&mut buffers.qkv, self.qkv.outputs, |chunk| {
             simd::add_bias(chunk, &self.qkv.bias)
         });
-        attention(&buffers.qkv, tokens, &mut buffers.attended);
-        for_row_chunks(x, EMBED_DIM, |chunk| simd::add_bias(chunk, &self.proj.bias));
+        attention(&buffers.qkv, tokens, dim, &mut buffers.attended);
+        for_row_chunks(x, dim, |chunk| simd::add_bias(chunk, &self.proj.bias));
         self.proj.product(&buffers.attended, rows, x, true);
 
         self.norm2.apply(x, &mut buffers.normed);
@@ -154,7 +177,7 @@ impl PackedBlock {
         for_row_chunks(&mut buffers.hidden, self.fc1.outputs, |chunk| {
             simd::bias_gelu(chunk, &self.fc1.bias)
         });
-        for_row_chunks(x, EMBED_DIM, |chunk| simd::add_bias(chunk, &self.fc2.bias));
+        for_row_chunks(x, dim, |chunk| simd::add_bias(chunk, &self.fc2.bias));
         self.fc2.product(&buffers.hidden, rows, x, true);
     }
 }
@@ -172,21 +195,23 @@ struct Buffers {
     hidden: Vec<f32>,
 }
 
-/// Multi-head self-attention over `qkv` (`[images * tokens, 3 * 768]`, columns `[q | k | v]`,
-/// heads of 64 columns in each), into `out` (`[images * tokens, 768]`, heads side by side):
+/// Multi-head self-attention over `qkv` (`[images * tokens, 3 * dim]`, columns `[q | k | v]`,
+/// heads of 64 columns in each), into `out` (`[images * tokens, dim]`, heads side by side):
 /// `softmax(q kᵀ) v` per image and head, one task each.
-fn attention(qkv: &[f32], tokens: usize, out: &mut [f32]) {
-    let stride = 3 * EMBED_DIM;
+fn attention(qkv: &[f32], tokens: usize, dim: usize, out: &mut [f32]) {
+    let heads = dim / HEAD_DIM;
+    let stride = 3 * dim;
     let images = qkv.len() / (tokens * stride);
+    assert_eq!(dim, heads * HEAD_DIM);
     assert_eq!(qkv.len(), images * tokens * stride);
-    assert_eq!(out.len(), images * tokens * EMBED_DIM);
+    assert_eq!(out.len(), images * tokens * dim);
     let target = SharedOut(out.as_mut_ptr());
-    (0..images * HEADS).into_par_iter().for_each(|task| {
-        let (image, head) = (task / HEADS, task % HEADS);
+    (0..images * heads).into_par_iter().for_each(|task| {
+        let (image, head) = (task / heads, task % heads);
         let base = image * tokens * stride + head * HEAD_DIM;
         let q = qkv[base..].as_ptr();
-        let k = qkv[base + EMBED_DIM..].as_ptr();
-        let v = qkv[base + 2 * EMBED_DIM..].as_ptr();
+        let k = qkv[base + dim..].as_ptr();
+        let v = qkv[base + 2 * dim..].as_ptr();
         let mut scores = WorkBuffer::take(tokens * tokens);
         // SAFETY: q, k and v index `tokens` rows of 64 values at row stride `stride` inside
         // `qkv` (its length is checked above); `scores` holds tokens x tokens values; this task
@@ -204,10 +229,8 @@ fn attention(qkv: &[f32], tokens: usize, out: &mut [f32]) {
             simd::softmax(&mut scores, tokens);
             strided_gemm(
                 (tokens, HEAD_DIM, tokens),
-                target
-                    .get()
-                    .add(image * tokens * EMBED_DIM + head * HEAD_DIM),
-                EMBED_DIM,
+                target.get().add(image * tokens * dim + head * HEAD_DIM),
+                dim,
                 (scores.as_ptr(), tokens, 1),
                 (v, stride, 1),
                 false,
@@ -231,29 +254,30 @@ impl CpuTransformer {
         }
     }
 
-    /// Runs the blocks on the embedded tokens, `[batch, tokens, 768]`: the outputs of the
-    /// blocks in [`HOOKS`], as [`crate::model::TokenBridge::reassemble`] takes them.
-    pub fn forward(&self, tokens: Tensor<3>) -> [Tensor<3>; 2] {
+    /// Runs the blocks on the embedded tokens, `[batch, tokens, dim]`: the outputs of the
+    /// blocks `hooks` names (indices from 0, ascending), as tensors of the same shape.
+    pub fn forward<const N: usize>(&self, tokens: Tensor<3>, hooks: [usize; N]) -> [Tensor<3>; N] {
         let device = tokens.device();
         let shape = tokens.dims();
-        self.run(tensor_values(tokens), shape[1], HOOKS)
+        self.run(tensor_values(tokens), shape[1], hooks)
             .map(|values| Tensor::from_data(TensorData::new(values, shape), &device))
     }
 
-    /// Runs every block on `x`, `[images, tokens, 768]` row-major, and returns the outputs of
+    /// Runs every block on `x`, `[images, tokens, dim]` row-major, and returns the outputs of
     /// the blocks `hooks` names (indices from 0, ascending).
-    fn run<const N: usize>(
+    pub fn run<const N: usize>(
         &self,
         mut x: Vec<f32>,
         tokens: usize,
         hooks: [usize; N],
     ) -> [Vec<f32>; N] {
-        assert!(tokens > 0 && x.len().is_multiple_of(tokens * EMBED_DIM));
-        let rows = x.len() / EMBED_DIM;
+        let dim = self.blocks.first().map_or(1, |block| block.dim);
+        assert!(tokens > 0 && x.len().is_multiple_of(tokens * dim));
+        let rows = x.len() / dim;
         let mut buffers = Buffers {
-            normed: vec![0.0; rows * EMBED_DIM],
-            qkv: vec![0.0; rows * 3 * EMBED_DIM],
-            attended: vec![0.0; rows * EMBED_DIM],
+            normed: vec![0.0; rows * dim],
+            qkv: vec![0.0; rows * 3 * dim],
+            attended: vec![0.0; rows * dim],
             hidden: vec![0.0; rows * self.blocks.first().map_or(0, |b| b.fc1.outputs)],
         };
         let mut hooked = Vec::with_capacity(N);
@@ -281,7 +305,6 @@ mod tests {
     use burn::tensor::Distribution;
 
     use super::*;
-    use crate::model::DptHybrid;
 
     fn device() -> Device {
         Device::flex()
@@ -301,38 +324,46 @@ mod tests {
         linear.bias = Some(random([outputs], 0.2));
     }
 
-    fn randomise_norm(norm: &mut LayerNorm) {
-        *norm = LayerNormConfig::new(EMBED_DIM)
-            .with_epsilon(1e-6)
-            .init(&device());
-        norm.gamma = Param::from_tensor(norm.gamma.val() + random([EMBED_DIM], 0.5).val());
-        norm.beta = Some(random([EMBED_DIM], 0.5));
+    fn randomise_norm(norm: &mut LayerNorm, dim: usize) {
+        *norm = LayerNormConfig::new(dim).with_epsilon(1e-6).init(&device());
+        norm.gamma = Param::from_tensor(norm.gamma.val() + random([dim], 0.5).val());
+        norm.beta = Some(random([dim], 0.5));
     }
 
-    /// Blocks of the real network's shapes with random parameters (the zero-initialised ones
-    /// would test nothing).
-    fn random_blocks(count: usize) -> Vec<TransformerBlock> {
-        let mut blocks = DptHybrid::new(&device()).into_parts().blocks;
-        blocks.truncate(count);
+    /// Blocks of `dim`-wide tokens (with LayerScale when `layer_scale`) with random parameters
+    /// (the zero-initialised ones would test nothing).
+    fn random_blocks(count: usize, dim: usize, layer_scale: bool) -> Vec<TransformerBlock> {
+        let mut blocks: Vec<_> = (0..count)
+            .map(|_| TransformerBlock::new(&device(), dim, layer_scale))
+            .collect();
         for block in &mut blocks {
-            randomise_norm(&mut block.norm1);
-            randomise_norm(&mut block.norm2);
+            randomise_norm(&mut block.norm1, dim);
+            randomise_norm(&mut block.norm2, dim);
             randomise_linear(&mut block.attn.qkv);
             randomise_linear(&mut block.attn.proj);
             randomise_linear(&mut block.mlp.fc1);
             randomise_linear(&mut block.mlp.fc2);
+            for scale in [&mut block.ls1, &mut block.ls2].into_iter().flatten() {
+                scale.gamma = Param::from_tensor(random([dim], 1.0).val());
+            }
         }
         blocks
+    }
+
+    /// DPT-Hybrid's ViT-B blocks and DINOv2's ViT-S ones with LayerScale.
+    #[test]
+    fn blocks_match_burn() {
+        check_blocks(768, false);
+        check_blocks(384, true);
     }
 
     /// Two images of an odd token count (not a multiple of any vector width or GEMM tile) and
     /// three blocks, hooks on the second and third, against Burn's operations on the same
     /// blocks; NaN fails.
-    #[test]
-    fn blocks_match_burn() {
-        let blocks = random_blocks(3);
+    fn check_blocks(dim: usize, layer_scale: bool) {
+        let blocks = random_blocks(3, dim, layer_scale);
         let (images, tokens) = (2, 37);
-        let x: Tensor<3> = random([images, tokens, EMBED_DIM], 2.0).val();
+        let x: Tensor<3> = random([images, tokens, dim], 2.0).val();
         let mut expected = Vec::new();
         let mut reference = x.clone();
         for block in &blocks {
