@@ -32,7 +32,6 @@ import time
 import torch
 
 import synthetic
-import upstream
 
 SIZES = {
     "midas_v21_small_256": [(256, 256), (256, 192), (256, 128)],
@@ -75,6 +74,8 @@ def main():
         encoder = args.model.removeprefix("depth_anything_v2_")
         model, _ = depth_anything.build(pathlib.Path(args.depth_anything_src), encoder, metric=False)
     else:
+        import upstream
+
         if not args.midas_src:
             parser.error("--midas-src is required for the MiDaS models")
         if args.model == "dpt_hybrid_384":
