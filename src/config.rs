@@ -76,7 +76,7 @@ pub struct ModelArgs {
     #[arg(long, env = "MIDAS_KEY_PREFIX")]
     pub key_prefix: Option<String>,
     /// The network. Recognised from the weights' keys when absent (then an error if they are
-    /// the other network's); without weights, the untrained model of this kind
+    /// another network's); without weights, the untrained model of this kind
     /// [default: midas_v21_small_256].
     #[arg(long = "model", env = "MIDAS_MODEL", value_parser = parse_model)]
     pub kind: Option<OptionalModel>,

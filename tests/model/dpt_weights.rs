@@ -182,7 +182,10 @@ fn small_weights_are_not_taken_for_dpt() {
         "{message}"
     );
     let message = load(&other, Some(DPT)).unwrap_err().to_string();
-    assert!(message.contains("neither model"), "{message}");
+    assert!(
+        message.contains("none of the supported models"),
+        "{message}"
+    );
 }
 
 /// `tests/fixtures/checkpoints/dpt_tiny.ckpt` was written by a real pytorch_lightning 2.6.6

@@ -244,7 +244,8 @@ fn mismatched_weights_are_refused_with_the_names() {
     );
     let message = load_error(&path);
     assert!(
-        message.contains("no MiDaS state dict found") && message.contains("fc.weight"),
+        message.contains("no MiDaS or Depth Anything V2 state dict found")
+            && message.contains("fc.weight"),
         "{message}"
     );
 

@@ -553,7 +553,10 @@ fn check_requested(
         (Some(requested), None) => Err(WeightsError::WrongModel {
             path: path.to_path_buf(),
             requested,
-            found: format!("neither model (first keys: {})", sample_keys(tensors)),
+            found: format!(
+                "none of the supported models (first keys: {})",
+                sample_keys(tensors)
+            ),
         }),
         (None, None) => Err(WeightsError::NotMidas {
             path: path.to_path_buf(),

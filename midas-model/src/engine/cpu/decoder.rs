@@ -1,4 +1,4 @@
-//! The MiDaS decoder (`scratch`, either model's) on the CPU kernels, with its weights packed
+//! The fusion decoder (`scratch`, every model's) on the CPU kernels, with its weights packed
 //! from the Burn module.
 //!
 //! Same mathematics as [`crate::model::Scratch`], in a cheaper order where it is exact: the
