@@ -1,7 +1,8 @@
-//! The MiDaS decoder (`scratch`) shared by both models, from `midas/blocks.py`:
-//! `ResidualConvUnit_custom`, `FeatureFusionBlock_custom` (with `bn=False`, `deconv=False`) and
-//! the output head. The models differ only in widths and in the head's bilinear convention
-//! ([`DecoderConfig`]).
+//! The MiDaS decoder (`scratch`) every model shares, from `midas/blocks.py` (Depth Anything V2's
+//! `util/blocks.py` is the same code): `ResidualConvUnit_custom`, `FeatureFusionBlock_custom`
+//! (with `bn=False`, `deconv=False`) and the output head. The models differ only in widths, in
+//! the head's bilinear convention ([`DecoderConfig`]) and, for Depth Anything V2's metric
+//! models, in the head's last activation ([`OutputHead`]).
 
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
