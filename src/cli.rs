@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use midas_serve::config::{BatchArgs, Command, ForwardArgs, PredictArgs};
 use midas_serve::lifecycle;
-use midas_serve::pipeline::{RenderOptions, Transform};
+use midas_serve::pipeline::Transform;
 use npyz::WriterBuilder;
 
 /// How long the process waits, once a subcommand is done, for blocking threads still running.
@@ -134,12 +134,11 @@ async fn predict(args: PredictArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
     let loaded = lifecycle::load(&args.model, args.image.transform).await?;
     let limits = args.image.limits();
-    let options = RenderOptions {
-        colormap: args.colormap,
-        format: args.format,
-        cloud: args.cloud.options().context("--cloud")?,
-        max_depth: loaded.weights.max_depth,
-    };
+    let options = loaded.render_options(
+        args.colormap,
+        args.format,
+        args.cloud.options().context("--cloud")?,
+    );
     let cloud = args.cloud.defaults();
     for file in &args.files {
         let start = Instant::now();

@@ -6,7 +6,7 @@
 
 use burn::module::Param;
 use burn::nn::PaddingConfig2d;
-use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, GroupNormConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
@@ -16,8 +16,9 @@ use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use midas_model::backend::{Backend, BackendKind};
 use midas_model::engine::DepthModel;
 use midas_model::kernels::{
-    Activation, FeatureMap, PackedConv, PackedDepthwise, PackedGroupNorm, WinogradConv, conv_same,
-    conv1x1, depthwise, group_norm, upsample2x, winograd3x3,
+    Activation, FeatureMap, PackedConv, PackedDepthwise, PackedGroupNorm, PackedTranspose,
+    WinogradConv, bilinear_rows, conv_padded, conv_same, conv_transpose, conv1x1, conv1x1_tokens,
+    depthwise, group_norm, upsample, upsample2x, winograd3x3,
 };
 use midas_model::model::ModelKind;
 use midas_model::weights::{self, synthetic};
@@ -240,6 +241,68 @@ fn strided_stem_convolution_matches_burn_with_same_padding() {
     }
 }
 
+/// Depth Anything's reassembly: a 3x3 stride-2 convolution with one row of zeros around (on
+/// an odd and an even side, where it differs from SAME padding), transposed convolutions whose
+/// kernel is their stride (x4 and x2), and a 1x1 projection read from tokens (class token
+/// first) of two images, each against Burn's layer.
+#[test]
+fn reassembly_layers_match_burn() {
+    for [batch, height, width] in [[1, 9, 7], [2, 6, 10]] {
+        let layer = Conv2dConfig::new([24, 16], [3, 3])
+            .with_stride([2, 2])
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .init(&device());
+        let x = random([batch, 24, height, width]);
+        assert_close(
+            conv_padded(
+                &FeatureMap::from_tensor(x.clone()),
+                &PackedConv::from_conv(layer.clone()),
+                1,
+                Activation::Identity,
+            ),
+            layer.forward(x),
+            &format!("3x3 stride 2, {batch}x{height}x{width}"),
+        );
+    }
+    for stride in [4, 2] {
+        let layer = ConvTranspose2dConfig::new([12, 20], [stride, stride])
+            .with_stride([stride, stride])
+            .init(&device());
+        let x = random([2, 12, 5, 7]);
+        assert_close(
+            conv_transpose(
+                &FeatureMap::from_tensor(x.clone()),
+                &PackedTranspose::from_conv(layer.clone()),
+            ),
+            layer.forward(x),
+            &format!("transposed x{stride}"),
+        );
+    }
+    let (batch, dim, (h, w)) = (2, 32, (5, 3));
+    let tokens: Tensor<3> = Tensor::random(
+        [batch, 1 + h * w, dim],
+        Distribution::Uniform(-1.0, 1.0),
+        &device(),
+    );
+    let layer = conv(dim, 8, 1);
+    let patches = tokens
+        .clone()
+        .narrow(1, 1, h * w)
+        .swap_dims(1, 2)
+        .reshape([batch, dim, h, w]);
+    let flat = tokens.into_data().try_into_vec::<f32>().unwrap();
+    assert_close(
+        conv1x1_tokens(
+            &flat,
+            1 + h * w,
+            (h, w),
+            &PackedConv::from_conv(layer.clone()),
+        ),
+        layer.forward(patches),
+        "1x1 from tokens",
+    );
+}
+
 #[test]
 fn depthwise_matches_burn_with_same_padding() {
     for (kernel, stride) in [(3, 1), (3, 2), (5, 1), (5, 2)] {
@@ -295,6 +358,31 @@ fn upsampling_matches_burn_with_and_without_aligned_corners() {
                 interpolate(x, options),
                 &format!("{height}x{width} align_corners={align_corners}"),
             );
+        }
+    }
+}
+
+/// Every band of rows of a resize to an odd size, the first and last included, equals the
+/// same rows of the whole resize, value for value.
+#[test]
+fn upsampled_bands_are_the_rows_of_the_whole_resize() {
+    let input = FeatureMap::from_tensor(random([2, 3, 7, 9]));
+    let size = (23, 31);
+    for align_corners in [false, true] {
+        let whole = upsample(&input, size, align_corners);
+        for rows in [0..1, 0..5, 4..17, 17..23, 22..23] {
+            let band = bilinear_rows(&input, size, align_corners, rows.clone());
+            assert_eq!((band.height, band.width), (rows.len(), size.1));
+            for plane in 0..2 * 3 {
+                let start = plane * size.0 * size.1;
+                let expected = &whole.data[start + rows.start * size.1..start + rows.end * size.1];
+                let got =
+                    &band.data[plane * rows.len() * size.1..(plane + 1) * rows.len() * size.1];
+                assert_eq!(
+                    got, expected,
+                    "rows {rows:?}, align_corners={align_corners}"
+                );
+            }
         }
     }
 }

@@ -14,6 +14,8 @@ with `synthetic.depth_anything_state_dict`. By default it writes what CI compare
   tests/fixtures/depth_anything_vits_layout.tsv     every key of the vits state dict, dtype and shape
   tests/fixtures/forward/depth_anything_v2_vits_WxH.npy           relative output [1, H, W]
   tests/fixtures/forward/depth_anything_v2_metric_vits_WxH.npy    metric output (max_depth 20)
+  tests/fixtures/forward/depth_anything_v2_vits_126x98_to_WxH.npy that output resized back to an
+      image of WxH as `infer_image` does it (bilinear, align_corners=True), enlarged and shrunk
 With `--all DIR` it writes, into DIR, every encoder (vits, vitb) x head x size the parity is claimed
 for, for `MIDAS_DEPTH_ANYTHING_FIXTURES=DIR cargo test ... -- --ignored depth_anything`.
 """
@@ -42,6 +44,8 @@ METRIC_MAX_DEPTH = 20.0
 # the position embedding is interpolated), then the rest checked with --all.
 CI_SIZES = [(518, 518), (126, 98)]
 ALL_SIZES = [(518, 518), (714, 518), (518, 364), (126, 98)]
+# Image sizes (width, height) the 126x98 output is resized back to: larger, and smaller in both sides.
+RESIZED = [(171, 133), (100, 75)]
 
 
 def model_class(src, metric):
@@ -102,6 +106,14 @@ def write(model, name, sizes, out_dir):
         np.save(out_dir / f"{name}_{width}x{height}.npy", y)
 
 
+def write_resized(out_dir):
+    """`infer_image`'s resize back to the image's size, of the small relative output."""
+    depth = torch.from_numpy(np.load(out_dir / "depth_anything_v2_vits_126x98.npy"))
+    for width, height in RESIZED:
+        resized = torch.nn.functional.interpolate(depth[:, None], (height, width), mode="bilinear", align_corners=True)
+        np.save(out_dir / f"depth_anything_v2_vits_126x98_to_{width}x{height}.npy", resized[0, 0].numpy())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", required=True, type=pathlib.Path, help="DepthAnything/Depth-Anything-V2 checkout")
@@ -119,6 +131,7 @@ def main():
     write_layout(layout, FIXTURES / "depth_anything_vits_layout.tsv")
     print(f"layout: {len(layout)} keys, {sum(int(np.prod(s)) for _, _, s in layout)} values")
     write(relative, "depth_anything_v2_vits", CI_SIZES, FIXTURES / "forward")
+    write_resized(FIXTURES / "forward")
     metric, _ = build(args.src, "vits", metric=True)
     write(metric, "depth_anything_v2_metric_vits", CI_SIZES[1:], FIXTURES / "forward")
 

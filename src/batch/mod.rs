@@ -311,7 +311,6 @@ impl Stages {
         loaded: Arc<LoadedModel>,
     ) -> Result<Self, BatchError> {
         let budget = args.memory_budget.max(1) << 20;
-        let max_depth = loaded.weights.max_depth;
         // The global pool's size honours RAYON_NUM_THREADS and the CPU quota.
         let cpus = rayon::current_num_threads();
         let workers = match args.workers {
@@ -329,18 +328,14 @@ impl Stages {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| BatchError::Threads(e.to_string()))?;
+        let options = loaded.render_options(args.colormap, args.format, args.cloud.options()?);
         tracing::info!(workers, threads_each = threads, "forward pools ready");
         Ok(Self {
             source,
             dest,
             loaded,
             limits: args.image.limits(),
-            options: RenderOptions {
-                colormap: args.colormap,
-                format: args.format,
-                cloud: args.cloud.options()?,
-                max_depth,
-            },
+            options,
             cloud: args.cloud.defaults(),
             max_input_bytes: args.max_input_bytes,
             readers: args.readers.max(1),

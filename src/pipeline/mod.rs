@@ -21,8 +21,8 @@ pub use decode::{
 pub use encode::{EncodeError, OutputFormat, PngChunks, RowBands, npy};
 pub use format::{DecodeError, ImageFormat, ImageHeader};
 pub use postprocess::{
-    BandResizer, METRIC_UNITS_PER_METRE, ResizeError, colour_indices, colourise, colourise_metres,
-    depth16, resize_rgb,
+    BandResizer, METRIC_UNITS_PER_METRE, OutputResize, ResizeError, Scale, colour_indices,
+    colourise, depth16, resize_rgb,
 };
 pub use preprocess::{NET_SIZE, Transform, max_input_pixels, preprocess, target_size};
 pub use probe::{HeaderProbe, probe};
@@ -52,6 +52,8 @@ pub struct RenderOptions {
     /// that fixed scale and 16-bit PNGs carry metres ([`METRIC_UNITS_PER_METRE`] per metre)
     /// instead of min-max scaled values.
     pub max_depth: Option<f32>,
+    /// How the output returns to the image's size (the model family's rule).
+    pub resize: OutputResize,
 }
 
 /// Why rendering a depth map failed.
@@ -100,22 +102,31 @@ pub fn render(
     let from = (depth.width, depth.height);
     Ok(match options.format {
         OutputFormat::Png => {
-            let rgb = match options.max_depth {
-                Some(max_depth) => colourise_metres(depth, options.colormap, max_depth),
-                None => colourise(depth, options.colormap),
-            };
-            let resizer = BandResizer::new(rgb, from, original, PixelType::U8x3);
-            let band_rows = resizer.band_rows();
-            Box::new(banded_png(
-                (width, height, png::ColorType::Rgb, png::BitDepth::Eight),
-                band_rows,
-                move |top, rows| resizer.band(top, rows),
-            )?)
+            let shape = (width, height, png::ColorType::Rgb, png::BitDepth::Eight);
+            let scale = Scale::of(depth, options.max_depth);
+            let colormap = options.colormap;
+            match options.resize {
+                OutputResize::Bicubic => {
+                    let rgb = scale.paint(&depth.data, colormap);
+                    let resizer = BandResizer::new(rgb, from, original, PixelType::U8x3);
+                    let band_rows = resizer.band_rows();
+                    Box::new(banded_png(shape, band_rows, move |top, rows| {
+                        resizer.band(top, rows)
+                    })?)
+                }
+                OutputResize::BilinearAligned => {
+                    let resizer = BandResizer::depth(depth, original, options.resize);
+                    let band_rows = resizer.band_rows();
+                    Box::new(banded_png(shape, band_rows, move |top, rows| {
+                        Ok(scale.paint(&resizer.depth_band(top, rows)?, colormap))
+                    })?)
+                }
+            }
         }
         OutputFormat::Png16 => {
             let mut resizer = match options.max_depth {
-                Some(_) => Depth16Bands::metres(depth, original),
-                None => Depth16Bands::new(depth, original)?,
+                Some(_) => Depth16Bands::metres(depth, original, options.resize),
+                None => Depth16Bands::new(depth, original, options.resize)?,
             };
             let band_rows = resizer.band_rows();
             Box::new(banded_png(
@@ -209,6 +220,23 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
+    /// How to render this model's outputs: `colormap`, `format` and `cloud` as asked, with
+    /// the model's metric scale and its family's resize back.
+    pub fn render_options(
+        &self,
+        colormap: Colormap,
+        format: OutputFormat,
+        cloud: CloudOptions,
+    ) -> RenderOptions {
+        RenderOptions {
+            colormap,
+            format,
+            cloud,
+            max_depth: self.weights.max_depth,
+            resize: OutputResize::of(self.model.kind()),
+        }
+    }
+
     /// The network input for a decoded image.
     pub fn preprocess(&self, image: &RgbImage) -> NetInput {
         preprocess(image, self.model.kind(), self.transform)

@@ -1,11 +1,15 @@
-//! Step 4: network output to an image of the input's size, as the original service did: depth
-//! scaled by its maximum, painted through a 256-entry colour table, resized back with Pillow's
-//! antialiased bicubic (`Image.resize(size, Image.BICUBIC)`, a Catmull-Rom kernel).
+//! Step 4: network output to an image of the input's size. For MiDaS as the original service
+//! did it: depth scaled by its maximum, painted through a 256-entry colour table, resized back
+//! with Pillow's antialiased bicubic (`Image.resize(size, Image.BICUBIC)`, a Catmull-Rom
+//! kernel). For Depth Anything V2 as its `infer_image` does it: the depth resized back with
+//! bilinear, `align_corners=True`, then painted ([`OutputResize`]).
 
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 
 use midas_model::engine::DepthMap;
+use midas_model::kernels::{FeatureMap, bilinear_rows};
+use midas_model::model::ModelKind;
 
 use super::Colormap;
 
@@ -23,30 +27,61 @@ pub struct ResizeError {
 /// [`super::render`] refuses a map that holds one.
 pub fn colour_indices(depth: &[f32]) -> impl Iterator<Item = usize> + '_ {
     let peak = depth.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let valid = peak.is_finite() && peak > 0.0;
-    depth.iter().map(move |&d| {
-        if valid {
-            ((d / peak * 256.0) as usize).min(255)
-        } else {
-            0
+    depth
+        .iter()
+        .map(move |&d| Scale::Relative { peak }.index(d))
+}
+
+/// How a depth becomes a colour-table index.
+#[derive(Clone, Copy, Debug)]
+pub enum Scale {
+    /// A relative map scaled by its `peak` ([`colour_indices`]'s rule).
+    Relative {
+        /// The map's largest value.
+        peak: f32,
+    },
+    /// Metres on a fixed scale: 0 m at the top of the colour table and `max_depth` at its
+    /// bottom, so that near is bright as in a relative map, and one colour means one distance
+    /// in every image: `trunc((1 - d / max_depth) * 256)`, clamped.
+    Metres {
+        /// The model's largest depth.
+        max_depth: f32,
+    },
+}
+
+impl Scale {
+    /// The scale of `depth`'s map: metres when the model's `max_depth` is known, else
+    /// relative to the map's peak.
+    pub fn of(depth: &DepthMap, max_depth: Option<f32>) -> Self {
+        match max_depth {
+            Some(max_depth) => Self::Metres { max_depth },
+            None => Self::Relative {
+                peak: depth.data.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+            },
         }
-    })
+    }
+
+    fn index(self, d: f32) -> usize {
+        match self {
+            Self::Relative { peak } if peak.is_finite() && peak > 0.0 => {
+                ((d / peak * 256.0) as usize).min(255)
+            }
+            Self::Relative { .. } => 0,
+            Self::Metres { max_depth } => {
+                ((1.0 - d / max_depth).clamp(0.0, 1.0) * 256.0).min(255.0) as usize
+            }
+        }
+    }
+
+    /// Paints `depth` (RGB, row-major).
+    pub fn paint(self, depth: &[f32], colormap: Colormap) -> Vec<u8> {
+        paint(depth.iter().map(|&d| self.index(d)), colormap)
+    }
 }
 
 /// Paints the depth map with a colour table, at the network's resolution (RGB, row-major).
 pub fn colourise(depth: &DepthMap, colormap: Colormap) -> Vec<u8> {
     paint(colour_indices(&depth.data), colormap)
-}
-
-/// Paints a metric depth map (metres) on a fixed scale: 0 m at the top of the colour table
-/// and `max_depth` at its bottom, so that near is bright as in a relative map, and one colour
-/// means one distance in every image: `trunc((1 - d / max_depth) * 256)`, clamped.
-pub fn colourise_metres(depth: &DepthMap, colormap: Colormap, max_depth: f32) -> Vec<u8> {
-    let indices = depth
-        .data
-        .iter()
-        .map(move |&d| ((1.0 - d / max_depth).clamp(0.0, 1.0) * 256.0).min(255.0) as usize);
-    paint(indices, colormap)
 }
 
 fn paint(indices: impl Iterator<Item = usize>, colormap: Colormap) -> Vec<u8> {
@@ -67,6 +102,29 @@ const BAND_ROWS: u32 = 1 << 14;
 /// Widest tile one resize call produces, for the same reason across a very wide output.
 const TILE_COLUMNS: u32 = 1 << 16;
 
+/// How the network's output returns to the image's size: each model family as its upstream
+/// code does it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OutputResize {
+    /// MiDaS's (and the replaced service's): Pillow's antialiased bicubic, after painting for
+    /// colour PNGs.
+    #[default]
+    Bicubic,
+    /// Depth Anything V2's `infer_image`: the depth itself with PyTorch's bilinear,
+    /// `align_corners=True` (two taps, no antialiasing, also when shrinking), painted after.
+    BilinearAligned,
+}
+
+impl OutputResize {
+    /// The family's rule.
+    pub fn of(kind: ModelKind) -> Self {
+        match kind {
+            ModelKind::DepthAnythingV2(..) => Self::BilinearAligned,
+            _ => Self::Bicubic,
+        }
+    }
+}
+
 /// A small map (the network's output) resized to a large one a band of rows at a time, so that
 /// what it holds follows the band, not the output: a 1 x 24,000,000 output costs what a
 /// 16384-row one does. An output up to 16384 x 65536 is one band, resized in one call. Larger
@@ -80,6 +138,7 @@ pub struct BandResizer {
     pixel_type: PixelType,
     band_rows: u32,
     tile_columns: u32,
+    filter: OutputResize,
 }
 
 impl BandResizer {
@@ -111,6 +170,16 @@ impl BandResizer {
             pixel_type,
             band_rows,
             tile_columns: tile_columns.max(1),
+            filter: OutputResize::Bicubic,
+        }
+    }
+
+    /// Resizes a depth map to `to` by `filter`, into floats.
+    pub fn depth(depth: &DepthMap, to: (u32, u32), filter: OutputResize) -> Self {
+        let bytes = depth.data.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        Self {
+            filter,
+            ..Self::new(bytes, (depth.width, depth.height), to, PixelType::F32)
         }
     }
 
@@ -124,7 +193,27 @@ impl BandResizer {
         self.band_rows as usize * self.to.0 as usize * self.pixel_type.size()
     }
 
-    /// Output rows `top..top + rows`, row-major.
+    /// Output rows `top..top + rows` of a depth map, row-major.
+    pub fn depth_band(&self, top: u32, rows: u32) -> Result<Vec<f32>, ResizeError> {
+        assert_eq!(self.pixel_type, PixelType::F32, "a depth map's resizer");
+        Ok(match self.filter {
+            OutputResize::Bicubic => floats(&self.band(top, rows)?).collect(),
+            OutputResize::BilinearAligned => {
+                let source = FeatureMap {
+                    data: floats(&self.source).collect(),
+                    batch: 1,
+                    channels: 1,
+                    height: self.from.1,
+                    width: self.from.0,
+                };
+                let (width, height) = (self.to.0 as usize, self.to.1 as usize);
+                let rows = top as usize..(top + rows) as usize;
+                bilinear_rows(&source, (height, width), true, rows).data
+            }
+        })
+    }
+
+    /// Output rows `top..top + rows`, row-major, by Pillow's bicubic.
     pub fn band(&self, top: u32, rows: u32) -> Result<Vec<u8>, ResizeError> {
         let (width, height) = self.to;
         let error = |message: String| ResizeError {
@@ -205,7 +294,7 @@ pub struct Depth16Bands {
     low: f32,
     high: f32,
     /// The resized values of the only band, when there is one.
-    cached: Option<Vec<u8>>,
+    cached: Option<Vec<f32>>,
 }
 
 fn floats(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
@@ -215,17 +304,20 @@ fn floats(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
 }
 
 impl Depth16Bands {
-    /// Prepares `depth` for an output of size `to`.
-    pub fn new(depth: &DepthMap, to: (u32, u32)) -> Result<Self, ResizeError> {
-        let bytes = depth.data.iter().flat_map(|v| v.to_ne_bytes()).collect();
-        let resizer = BandResizer::new(bytes, (depth.width, depth.height), to, PixelType::F32);
+    /// Prepares `depth` for an output of size `to`, resized by `filter`.
+    pub fn new(
+        depth: &DepthMap,
+        to: (u32, u32),
+        filter: OutputResize,
+    ) -> Result<Self, ResizeError> {
+        let resizer = BandResizer::depth(depth, to, filter);
         let (mut low, mut high) = (f32::INFINITY, f32::NEG_INFINITY);
         let mut cached = None;
         let mut top = 0;
         while top < to.1 {
             let rows = resizer.band_rows().min(to.1 - top);
-            let band = resizer.band(top, rows)?;
-            for v in floats(&band) {
+            let band = resizer.depth_band(top, rows)?;
+            for &v in &band {
                 (low, high) = (low.min(v), high.max(v));
             }
             if rows == to.1 {
@@ -244,10 +336,9 @@ impl Depth16Bands {
 
     /// A metric model's map of metres for an output of size `to`, in KITTI's units: no
     /// min-max scaling, so values mean the same distance in every image.
-    pub fn metres(depth: &DepthMap, to: (u32, u32)) -> Self {
-        let bytes = depth.data.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    pub fn metres(depth: &DepthMap, to: (u32, u32), filter: OutputResize) -> Self {
         Self {
-            resizer: BandResizer::new(bytes, (depth.width, depth.height), to, PixelType::F32),
+            resizer: BandResizer::depth(depth, to, filter),
             metric: true,
             low: 0.0,
             high: 0.0,
@@ -264,12 +355,13 @@ impl Depth16Bands {
     pub fn band(&mut self, top: u32, rows: u32) -> Result<Vec<u8>, ResizeError> {
         let values = match self.cached.take() {
             Some(values) => values,
-            None => self.resizer.band(top, rows)?,
+            None => self.resizer.depth_band(top, rows)?,
         };
         let (low, high) = (f64::from(self.low), f64::from(self.high));
         let range = high - low;
         let metric = self.metric;
-        Ok(floats(&values)
+        Ok(values
+            .into_iter()
             .map(|v| {
                 if metric {
                     (v * METRIC_UNITS_PER_METRE).round().clamp(0.0, 65535.0) as u16
@@ -286,7 +378,7 @@ impl Depth16Bands {
 
 /// [`Depth16Bands`] for the whole output at once, as values.
 pub fn depth16(depth: &DepthMap, to: (u32, u32)) -> Result<Vec<u16>, ResizeError> {
-    let mut bands = Depth16Bands::new(depth, to)?;
+    let mut bands = Depth16Bands::new(depth, to, OutputResize::Bicubic)?;
     let mut values = Vec::with_capacity(to.0 as usize * to.1 as usize);
     let mut top = 0;
     while top < to.1 {

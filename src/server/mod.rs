@@ -38,7 +38,9 @@ use tokio::sync::Semaphore;
 pub use crate::budget::{MemoryBudget, resident_bytes};
 use crate::config::ServeArgs;
 use crate::lifecycle::{self, LoadError};
-use crate::pipeline::{DecodeLimits, LoadedModel, RenderOptions, Transform};
+use crate::pipeline::{
+    CloudOptions, DecodeLimits, LoadedModel, OutputFormat, RenderOptions, Transform,
+};
 use crate::storage::{Store, StoreError};
 pub use inference::InferenceQueue;
 pub use metrics::{Metrics, ModelLabels};
@@ -129,6 +131,11 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
     let limits = config.image.limits();
     // Seconds of compute on some backends: off the runtime's worker threads.
     tokio::task::block_in_place(|| warm_up(&loaded, &limits))?;
+    let default_options = loaded.render_options(
+        config.default_colormap,
+        OutputFormat::default(),
+        CloudOptions::default(),
+    );
     let model = ModelInfo {
         kind: loaded.model.kind(),
         transform: loaded.transform,
@@ -175,7 +182,6 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
     let openapi = openapi::render(&config);
     let workers = std::thread::available_parallelism().map_or(2, usize::from);
     let budget = memory_budget(&config, &model)?;
-    let max_depth = model.weights.max_depth;
     let state = Arc::new(AppState {
         store,
         queue,
@@ -187,11 +193,7 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
         ready: AtomicBool::new(true),
         page,
         openapi,
-        default_options: RenderOptions {
-            colormap: config.default_colormap,
-            max_depth,
-            ..RenderOptions::default()
-        },
+        default_options,
         config,
     });
     tracing::info!(addr = %local, startup_ms = started.elapsed().as_millis() as u64, "listening");

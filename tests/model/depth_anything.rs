@@ -17,11 +17,14 @@ use midas_model::backend::{Backend, BackendKind};
 use midas_model::engine::DepthModel;
 use midas_model::model::{DepthHead, ModelKind, Network, VitSize};
 use midas_model::weights::{self, WeightsError, WeightsFormat, layout, synthetic};
+use midas_serve::pipeline::{
+    self, BandResizer, Colormap, DepthMap, OutputFormat, OutputResize, RenderOptions, Scale,
+};
 use support::checkpoints::{
     as_dict, depth_anything_layout, synthetic_depth_anything_state_dict, write_pt,
     write_safetensors,
 };
-use support::fixture;
+use support::{fixture, max_abs_diff, read_npy};
 
 const RELATIVE: ModelKind = ModelKind::DepthAnythingV2(VitSize::Small, DepthHead::Relative);
 const METRIC: ModelKind = ModelKind::DepthAnythingV2(VitSize::Small, DepthHead::Metric);
@@ -301,4 +304,79 @@ fn encoder_size_is_read_from_the_shapes() {
         message.contains("pretrained.blocks.0.attn.qkv.weight"),
         "{message}"
     );
+}
+
+/// The output returns to the image's size as upstream's `infer_image` does it (PyTorch's
+/// bilinear, `align_corners=True`), enlarged and shrunk, whole and in bands; the 16-bit PNG
+/// `render` writes is that map min-max scaled, and the colour PNG that map painted.
+#[test]
+fn output_is_resized_back_as_infer_image_does() {
+    let (shape, data) = read_npy(&fixture("forward/depth_anything_v2_vits_126x98.npy"));
+    let depth = DepthMap {
+        width: shape[2],
+        height: shape[1],
+        data,
+    };
+    for (width, height) in [(171u32, 133u32), (100, 75)] {
+        let (_, expected) = read_npy(&fixture(&format!(
+            "forward/depth_anything_v2_vits_126x98_to_{width}x{height}.npy"
+        )));
+        let resizer = BandResizer::depth(&depth, (width, height), OutputResize::BilinearAligned);
+        let whole = resizer.depth_band(0, height).unwrap();
+        let (low, high) = expected
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
+                (l.min(v), h.max(v))
+            });
+        let worst = max_abs_diff(&whole, &expected);
+        assert!(
+            worst <= 1e-5 * (high - low),
+            "{width}x{height}: max |diff| {worst}, range {}",
+            high - low
+        );
+        let mut banded = resizer.depth_band(0, 40).unwrap();
+        banded.extend(resizer.depth_band(40, height - 40).unwrap());
+        assert_eq!(
+            banded, whole,
+            "{width}x{height}: bands differ from the whole"
+        );
+
+        let rendered = |format| {
+            let options = RenderOptions {
+                format,
+                resize: OutputResize::BilinearAligned,
+                ..RenderOptions::default()
+            };
+            let bytes: Vec<u8> = pipeline::render(&depth, (width, height), options, None)
+                .unwrap()
+                .flat_map(|chunk| chunk.unwrap().to_vec())
+                .collect();
+            image::load_from_memory(&bytes).unwrap()
+        };
+        let levels = rendered(OutputFormat::Png16).into_luma16();
+        assert_eq!(levels.dimensions(), (width, height));
+        let off = levels
+            .as_raw()
+            .iter()
+            .zip(&expected)
+            .map(|(&level, &v)| {
+                let want = 65535.0 * (v - low) / (high - low);
+                (f32::from(level) - want).abs()
+            })
+            .fold(0.0f32, f32::max);
+        assert!(off <= 2.0, "{width}x{height}: 16-bit levels off by {off}");
+        let colours = rendered(OutputFormat::Png).into_rgb8();
+        let painted = Scale::of(&depth, None).paint(&expected, Colormap::default());
+        let differing = colours
+            .as_raw()
+            .chunks(3)
+            .zip(painted.chunks(3))
+            .filter(|(a, b)| a != b)
+            .count();
+        // A value on a colour's boundary may fall either side by a rounding.
+        assert!(
+            differing * 1000 <= (width * height) as usize,
+            "{width}x{height}: {differing} pixels painted differently"
+        );
+    }
 }

@@ -317,13 +317,60 @@ pub fn conv1x1(
     }
 }
 
-/// Fills `col` (`[channels * kernel * kernel, out_height * out_width]`) with the inputs each
-/// output position's taps read, zero in the padding, for a convolution with TensorFlow's SAME
-/// padding.
-fn im2col_same(image: &[f32], input: &FeatureMap, kernel: usize, stride: usize, col: &mut [f32]) {
+/// 1x1 convolution of ViT tokens into a feature map, `conv(patches) + bias`: `tokens` holds
+/// `batch` images of `per_image` tokens of `in_channels` values (row-major, as the transformer
+/// leaves them), the first `per_image - height * width` of each (the class token) skipped, the
+/// rest the patches of a `height x width` grid in row order. The GEMM reads them transposed,
+/// so the tokens need no pass into the maps' channel-major layout first.
+pub fn conv1x1_tokens(
+    tokens: &[f32],
+    per_image: usize,
+    (height, width): (usize, usize),
+    conv: &PackedConv,
+) -> FeatureMap {
+    assert_eq!(
+        (conv.kernel, conv.stride),
+        (1, 1),
+        "a 1x1, stride-1 convolution"
+    );
+    let (plane, channels) = (height * width, conv.in_channels);
+    assert!(per_image >= plane && tokens.len().is_multiple_of(per_image * channels));
+    let batch = tokens.len() / (per_image * channels);
+    let out_len = conv.out_channels * plane;
+    // SAFETY: each image's GEMM writes all its output planes; the reads stay inside `tokens`
+    // (its length is checked above).
+    unsafe {
+        FeatureMap::filled_by(batch, conv.out_channels, height, width, |out| {
+            for image in 0..batch {
+                let patches = tokens[(image * per_image + per_image - plane) * channels..].as_ptr();
+                let out_image = SharedOut(out.get().add(image * out_len));
+                strided_gemm(
+                    (conv.out_channels, plane, channels),
+                    out_image.get(),
+                    plane,
+                    (conv.weights.as_ptr(), channels, 1),
+                    (patches, 1, channels),
+                    false,
+                    true,
+                );
+                conv.finish(out_image, &[], plane, (0, plane), Activation::Identity);
+            }
+        })
+    }
+}
+
+/// The im2col matrix of one image (`[in_channels * kernel * kernel, out_height * out_width]`):
+/// the input values each output position's taps read, zero in the padding; `rows` and
+/// `columns` are each axis's `(output length, padding before the first input)`.
+fn im2col(
+    image: &[f32],
+    input: &FeatureMap,
+    (kernel, stride): (usize, usize),
+    (out_height, pad_top): (usize, usize),
+    (out_width, pad_left): (usize, usize),
+    col: &mut [f32],
+) {
     let (height, width) = (input.height, input.width);
-    let (out_height, pad_top) = same(height, kernel, stride);
-    let (out_width, pad_left) = same(width, kernel, stride);
     let taps = col.chunks_exact_mut(out_height * out_width);
     for (tap, row) in taps.enumerate() {
         let (channel, ky, kx) = (tap / (kernel * kernel), tap / kernel % kernel, tap % kernel);
@@ -345,9 +392,47 @@ fn im2col_same(image: &[f32], input: &FeatureMap, kernel: usize, stride: usize, 
 /// A dense convolution of any kernel size and stride with TensorFlow's SAME padding, the
 /// encoder's stem: `activation(conv(input) + bias)`.
 pub fn conv_same(input: &FeatureMap, conv: &PackedConv, activation: Activation) -> FeatureMap {
+    let rows = same(input.height, conv.kernel, conv.stride);
+    let columns = same(input.width, conv.kernel, conv.stride);
+    conv_im2col(input, conv, rows, columns, activation)
+}
+
+/// A dense convolution of any kernel size and stride with `padding` zeros on every side, as
+/// PyTorch's `Conv2d(padding=padding)`: `activation(conv(input) + bias)`.
+pub fn conv_padded(
+    input: &FeatureMap,
+    conv: &PackedConv,
+    padding: usize,
+    activation: Activation,
+) -> FeatureMap {
+    let axis = |length: usize| {
+        let padded = length + 2 * padding;
+        assert!(
+            padded >= conv.kernel,
+            "the kernel is larger than the padded input"
+        );
+        ((padded - conv.kernel) / conv.stride + 1, padding)
+    };
+    conv_im2col(
+        input,
+        conv,
+        axis(input.height),
+        axis(input.width),
+        activation,
+    )
+}
+
+/// A dense convolution through im2col and one GEMM per image; `rows` and `columns` as
+/// [`im2col`]'s.
+fn conv_im2col(
+    input: &FeatureMap,
+    conv: &PackedConv,
+    rows: (usize, usize),
+    columns: (usize, usize),
+    activation: Activation,
+) -> FeatureMap {
     input.assert_shape(conv.in_channels);
-    let (out_height, _) = same(input.height, conv.kernel, conv.stride);
-    let (out_width, _) = same(input.width, conv.kernel, conv.stride);
+    let (out_height, out_width) = (rows.0, columns.0);
     let plane = out_height * out_width;
     let out_len = conv.out_channels * plane;
     let mut col = WorkBuffer::take(conv.depth() * plane);
@@ -362,7 +447,8 @@ pub fn conv_same(input: &FeatureMap, conv: &PackedConv, activation: Activation) 
                 for image in 0..input.batch {
                     let source =
                         &input.data[image * input.image_len()..(image + 1) * input.image_len()];
-                    im2col_same(source, input, conv.kernel, conv.stride, &mut col);
+                    let shape = (conv.kernel, conv.stride);
+                    im2col(source, input, shape, rows, columns, &mut col);
                     let out_image = SharedOut(out.get().add(image * out_len));
                     gemm(
                         conv.out_channels,

@@ -1,6 +1,6 @@
 //! CPU kernels, the operations the CPU engine ([`crate::engine`]) assembles networks from: dense
-//! 3x3 (Winograd), 1x1 and strided convolutions, depthwise convolutions, GroupNorm and x2
-//! bilinear upsampling, over Burn's tensor data.
+//! 3x3 (Winograd), 1x1 and strided convolutions, depthwise convolutions, transposed
+//! convolutions, GroupNorm and bilinear resizing, over Burn's tensor data.
 //!
 //! Burn's CPU convolution re-lays out its input to NHWC, re-packs the weights and builds im2col
 //! tiles on every call; BatchNorm and activations are separate passes; its bilinear resize is
@@ -15,15 +15,17 @@ mod conv;
 mod depthwise;
 mod group_norm;
 pub mod simd;
+mod transpose;
 mod upsample;
 mod winograd;
 
 pub(crate) use buffers::WorkBuffer;
-pub use conv::{PackedConv, conv_same, conv1x1};
+pub use conv::{PackedConv, conv_padded, conv_same, conv1x1, conv1x1_tokens};
 pub(crate) use conv::{gemm, strided_gemm};
 pub use depthwise::{PackedDepthwise, depthwise};
 pub use group_norm::{PackedGroupNorm, group_norm};
-pub use upsample::{upsample, upsample2x};
+pub use transpose::{PackedTranspose, conv_transpose};
+pub use upsample::{bilinear_rows, upsample, upsample2x};
 pub use winograd::{WinogradConv, winograd3x3};
 
 use std::mem::MaybeUninit;

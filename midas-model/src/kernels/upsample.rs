@@ -1,5 +1,7 @@
-//! Bilinear upsampling (x2, or to an explicit size) as two separable passes (rows, then
-//! columns), each output value a blend of two inputs with precomputed taps.
+//! Bilinear resizing (x2, to an explicit size, or a band of an output's rows) as two separable
+//! passes (rows, then columns), each output value a blend of two inputs with precomputed taps.
+
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -41,15 +43,36 @@ pub fn upsample(
     (out_height, out_width): (usize, usize),
     align_corners: bool,
 ) -> FeatureMap {
-    input.assert_shape(input.channels);
-    let (height, width) = (input.height, input.width);
     assert!(
-        out_height >= height && out_width >= width && height > 0 && width > 0,
+        out_height >= input.height && out_width >= input.width,
         "upsampling only"
     );
-    let row_taps = taps(height, out_height, align_corners);
+    bilinear_rows(input, (out_height, out_width), align_corners, 0..out_height)
+}
+
+/// Rows `rows` of every plane resized bilinearly to `(out_height, out_width)` (PyTorch's
+/// `interpolate(mode="bilinear")` without antialiasing, so shrinking takes the same two taps),
+/// computed from the source rows they blend only: a consumer that works a band of rows at a
+/// time never holds the whole resized map.
+pub fn bilinear_rows(
+    input: &FeatureMap,
+    (out_height, out_width): (usize, usize),
+    align_corners: bool,
+    rows: Range<usize>,
+) -> FeatureMap {
+    input.assert_shape(input.channels);
+    let (height, width) = (input.height, input.width);
+    assert!(height > 0 && width > 0 && out_width > 0, "empty map");
+    assert!(
+        rows.start < rows.end && rows.end <= out_height,
+        "rows {rows:?} outside 0..{out_height}"
+    );
+    let row_taps = &taps(height, out_height, align_corners)[rows.clone()];
+    // The source rows the band blends: from its first row's first tap to its last row's second.
+    let first_source = row_taps[0].0;
+    let sources = row_taps[row_taps.len() - 1].1 + 1 - first_source;
     let column_taps = taps(width, out_width, align_corners);
-    let out_plane = out_height * out_width;
+    let out_plane = rows.len() * out_width;
     let columns = simd::RowTaps::new(column_taps.into_iter().map(|(a, _, t)| (a, t)));
     let plane_task = |out: SharedOut, buffers: &mut (Vec<f32>, Vec<f32>), index: usize| {
         simd::vectorised(
@@ -57,7 +80,8 @@ pub fn upsample(
             || {
                 let (wide, padded) = buffers;
                 let plane = &input.data[index * height * width..(index + 1) * height * width];
-                for (source_row, wide_row) in plane.chunks(width).zip(wide.chunks_mut(out_width)) {
+                let source_rows = plane.chunks(width).skip(first_source).take(sources);
+                for (source_row, wide_row) in source_rows.zip(wide.chunks_mut(out_width)) {
                     // The row and its last value again, so that every tap's second source is
                     // the one after its first, and no index needs a bounds test.
                     padded[..width].copy_from_slice(source_row);
@@ -66,7 +90,8 @@ pub fn upsample(
                 }
                 // SAFETY: plane `index` of the output is this task's alone.
                 let out_rows = unsafe { out.uninit(index * out_plane, out_plane) };
-                for (out_row, &(a, b, t)) in out_rows.chunks_mut(out_width).zip(&row_taps) {
+                for (out_row, &(a, b, t)) in out_rows.chunks_mut(out_width).zip(row_taps) {
+                    let (a, b) = (a - first_source, b - first_source);
                     let first = &wide[a * out_width..(a + 1) * out_width];
                     let second = &wide[b * out_width..(b + 1) * out_width];
                     for ((value, x), y) in out_row.iter_mut().zip(first).zip(second) {
@@ -78,11 +103,11 @@ pub fn upsample(
     };
     // SAFETY: one task per plane, each writing every row of it.
     unsafe {
-        FeatureMap::filled_by(input.batch, input.channels, out_height, out_width, |out| {
+        FeatureMap::filled_by(input.batch, input.channels, rows.len(), out_width, |out| {
             (0..input.batch * input.channels)
                 .into_par_iter()
                 .for_each_init(
-                    || (vec![0.0f32; height * out_width], vec![0.0f32; width + 1]),
+                    || (vec![0.0f32; sources * out_width], vec![0.0f32; width + 1]),
                     |buffers, index| plane_task(out, buffers, index),
                 );
         })

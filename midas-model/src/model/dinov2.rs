@@ -170,7 +170,7 @@ impl Dinov2 {
 }
 
 /// Drops the class token: `[batch, 1 + n, dim]` to `[batch, n, dim]`.
-pub fn patch_tokens(tokens: Tensor<3>) -> Tensor<3> {
+fn patch_tokens(tokens: Tensor<3>) -> Tensor<3> {
     let count = tokens.dims()[1];
     tokens.narrow(1, 1, count - 1)
 }

@@ -28,7 +28,7 @@ mod vit;
 pub use depth_anything::{
     DepthAnythingHead, DepthAnythingParts, DepthAnythingV2, Reassembly, TokenEmbedding,
 };
-pub use dinov2::{Dinov2, PATCH, VitSize, patch_tokens};
+pub use dinov2::{Dinov2, PATCH, VitSize};
 pub use dpt::{DptEncoder, DptHybrid, DptParts, TokenBridge};
 pub use efficientnet::{DepthwiseSeparableConv, EfficientNetLite3, InvertedResidual};
 pub use fusion::{DecoderConfig, FeatureFusionBlock, OutputHead, ResidualConvUnit, Scratch};

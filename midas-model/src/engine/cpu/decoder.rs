@@ -7,8 +7,12 @@
 //! projection four times cheaper and, with `expand`, upsamples half the channels.
 
 use crate::kernels::{
-    Activation, FeatureMap, PackedConv, WinogradConv, conv1x1, upsample, winograd3x3,
+    Activation, FeatureMap, PackedConv, WinogradConv, bilinear_rows, conv1x1, upsample, winograd3x3,
 };
+
+/// What one band of the output head's upsampled map holds at most (a few bands' worth of
+/// rows stay in the caches while the band's three layers run over them).
+const HEAD_BAND_BYTES: usize = 8 << 20;
 use crate::model::{FeatureFusionBlock, OutputHead, ResidualConvUnit, Scratch};
 
 /// `ResidualConvUnit_custom`'s two convolutions.
@@ -101,20 +105,51 @@ impl Head {
     }
 
     /// `size` is the network input's `(height, width)`.
-    fn forward(&self, input: &FeatureMap, size: (usize, usize)) -> FeatureMap {
-        let x = winograd3x3(input, &self.conv1, false, Activation::Identity, &[]);
-        let x = upsample(&x, size, self.align_corners);
-        let x = winograd3x3(&x, &self.conv2, false, Activation::Relu, &[]);
-        match self.max_depth {
-            None => conv1x1(&x, &self.conv3, Activation::Relu, &[]),
-            Some(max_depth) => {
-                let mut depth = conv1x1(&x, &self.conv3, Activation::Identity, &[]);
-                // One value per output pixel: libm's exp is a small share of the head.
-                for value in &mut depth.data {
-                    *value = max_depth / (1.0 + (-*value).exp());
-                }
-                depth
+    ///
+    /// After `conv1`, the layers run on bands of output rows: each band upsamples only the rows
+    /// its 3x3 window reads (one more on each side inside the map), so the full-resolution
+    /// maps of `conv1`'s channels (61 MB each for Depth Anything at 924x518) are never held.
+    /// A band's halo rows are convolved against zero padding and their outputs dropped; the
+    /// rows kept saw only real neighbours (or the map's own zero padding at its edges), so the
+    /// result is the whole map's, value for value.
+    fn forward(&self, input: FeatureMap, size: (usize, usize)) -> FeatureMap {
+        let x = winograd3x3(&input, &self.conv1, false, Activation::Identity, &[]);
+        drop(input);
+        let (height, width) = size;
+        let batch = x.batch;
+        let row_bytes = batch * x.channels * width * size_of::<f32>();
+        let band_rows = (HEAD_BAND_BYTES / row_bytes).max(8).next_multiple_of(2);
+        let activation = match self.max_depth {
+            None => Activation::Relu,
+            Some(_) => Activation::Identity,
+        };
+        let mut depth = vec![0.0; batch * height * width];
+        for top in (0..height).step_by(band_rows) {
+            let bottom = (top + band_rows).min(height);
+            let (first, last) = (top.saturating_sub(1), (bottom + 1).min(height));
+            let band = bilinear_rows(&x, size, self.align_corners, first..last);
+            let band = winograd3x3(&band, &self.conv2, false, Activation::Relu, &[]);
+            let band = conv1x1(&band, &self.conv3, activation, &[]);
+            band.assert_shape(1);
+            let kept = (bottom - top) * width;
+            for image in 0..batch {
+                let from = (image * (last - first) + top - first) * width;
+                let to = (image * height + top) * width;
+                depth[to..to + kept].copy_from_slice(&band.data[from..from + kept]);
             }
+        }
+        if let Some(max_depth) = self.max_depth {
+            // One value per output pixel: libm's exp is a small share of the head.
+            for value in &mut depth {
+                *value = max_depth / (1.0 + (-*value).exp());
+            }
+        }
+        FeatureMap {
+            data: depth,
+            batch,
+            channels: 1,
+            height,
+            width,
         }
     }
 }
@@ -171,6 +206,6 @@ impl CpuDecoder {
         let path = f3.forward(path, Some(&layer3), size(&layer2));
         let path = f2.forward(path, Some(&layer2), size(&layer1));
         let path = f1.forward(path, Some(&layer1), (2 * layer1.height, 2 * layer1.width));
-        self.head.forward(&path, output)
+        self.head.forward(path, output)
     }
 }

@@ -4,22 +4,22 @@
 
 mod decoder;
 mod encoder;
+mod reassembly;
 mod resnet;
 mod transformer;
 
 use decoder::CpuDecoder;
 use encoder::CpuEncoder;
+use reassembly::CpuReassembly;
 use resnet::CpuResNet;
 use transformer::{CpuTransformer, PackedNorm};
 
 use burn::prelude::*;
-use burn::tensor::TensorData;
 
 use super::{Engine, InferenceError};
 use crate::kernels::{FeatureMap, tensor_values};
 use crate::model::{
-    DepthAnythingV2, DptHybrid, HOOKS, MidasSmall, Network, Reassembly, TokenBridge,
-    TokenEmbedding, VitSize, patch_tokens,
+    DepthAnythingV2, DptHybrid, HOOKS, MidasSmall, Network, TokenBridge, TokenEmbedding, VitSize,
 };
 
 /// The `(height, width)` of a `[batch, channels, height, width]` input.
@@ -98,15 +98,15 @@ impl Engine for DptKernels {
 }
 
 /// Depth Anything V2: its DINOv2 blocks (nearly all the encoder's work) and final LayerNorm,
-/// and its decoder on the kernels; the patch embedding and the reassembly of the hooked tokens
-/// (a few percent) on Burn's CPU operations.
+/// the reassembly of the hooked tokens and the decoder on the kernels; the patch embedding
+/// (about 1 % of the work) on Burn's CPU operations.
 #[derive(Debug)]
 struct DepthAnythingKernels {
     size: VitSize,
     embedding: TokenEmbedding,
     blocks: CpuTransformer,
     norm: PackedNorm,
-    reassembly: Reassembly,
+    reassembly: CpuReassembly,
     decoder: CpuDecoder,
 }
 
@@ -118,7 +118,7 @@ impl DepthAnythingKernels {
             embedding: parts.embedding,
             blocks: CpuTransformer::pack(parts.blocks),
             norm: PackedNorm::pack(parts.norm),
-            reassembly: parts.reassembly,
+            reassembly: CpuReassembly::pack(parts.reassembly),
             decoder: CpuDecoder::pack(parts.decoder),
         }
     }
@@ -128,20 +128,16 @@ impl Engine for DepthAnythingKernels {
     fn forward(&self, input: Tensor<4>) -> Result<Vec<f32>, InferenceError> {
         let size = spatial(&input);
         let (tokens, grid) = self.embedding.tokens(input);
-        let device = tokens.device();
-        let shape = tokens.dims();
+        let per_image = tokens.dims()[1];
         let hooked = self
             .blocks
-            .run(tensor_values(tokens), shape[1], self.size.hooks())
+            .run(tensor_values(tokens), per_image, self.size.hooks())
             .map(|values| {
                 let mut normed = vec![0.0; values.len()];
                 self.norm.apply(&values, &mut normed);
-                patch_tokens(Tensor::from_data(TensorData::new(normed, shape), &device))
+                normed
             });
-        let features = self
-            .reassembly
-            .forward(hooked, grid)
-            .map(FeatureMap::from_tensor);
+        let features = self.reassembly.forward(hooked, per_image, grid);
         Ok(self.decoder.forward(features, size).data)
     }
 }

@@ -7,8 +7,9 @@
 //! on the `gemm` crate with their bias added in the pass that next touches the output (GELU
 //! after `fc1`) or before the GEMM accumulates onto the residual stream (`proj`, `fc2`, which
 //! thereby need no separate residual addition); attention reads `q`, `k` and `v` in place from
-//! the `qkv` output through strides, one head per task, and `1/sqrt(64)` is folded into the
-//! `q` weights at packing (a power of two: exact). DINOv2's LayerScale is folded into the
+//! the `qkv` output through strides, one head and band of queries per task, and `1/sqrt(64)`
+//! is folded into the `q` weights at packing (a power of two: exact), `v`'s bias into
+//! `proj`'s, and `k`'s dropped (softmax cancels it). DINOv2's LayerScale is folded into the
 //! columns of `proj` and `fc2` and their biases at packing: one multiplication moved into the
 //! weights, so the residual accumulation stays one GEMM (the result differs from upstream's
 //! order by rounding only).
@@ -140,6 +141,14 @@ impl PackedBlock {
         }
         qkv.bias[..dim].iter_mut().for_each(|b| *b *= scale);
         let mut proj = PackedLinear::pack(block.attn.proj);
+        // `v`'s bias goes through attention unchanged (each row of weights sums to one), so
+        // it is `proj`'s input bias: folded into `proj`'s bias. `k`'s adds `q · b_k` to a whole
+        // row of scores, which softmax ignores: dropped. `q`'s alone is left to add.
+        let v_bias = qkv.bias.split_off(2 * dim);
+        for (row, b) in proj.weights.chunks_exact(proj.outputs).zip(&v_bias) {
+            proj.bias.iter_mut().zip(row).for_each(|(out, w)| *out += b * w);
+        }
+        qkv.bias.truncate(dim);
         let mut fc2 = PackedLinear::pack(block.mlp.fc2);
         for (linear, layer_scale) in [(&mut proj, block.ls1), (&mut fc2, block.ls2)] {
             if let Some(LayerScale { gamma }) = layer_scale {
@@ -165,7 +174,9 @@ impl PackedBlock {
         self.qkv
             .product(&buffers.normed, rows, &mut buffers.qkv, false);
         for_row_chunks(&mut buffers.qkv, self.qkv.outputs, |chunk| {
-            simd::add_bias(chunk, &self.qkv.bias)
+            for row in chunk.chunks_exact_mut(3 * dim) {
+                simd::add_bias(&mut row[..dim], &self.qkv.bias);
+            }
         });
         attention(&buffers.qkv, tokens, dim, &mut buffers.attended);
         for_row_chunks(x, dim, |chunk| simd::add_bias(chunk, &self.proj.bias));
@@ -195,9 +206,18 @@ struct Buffers {
     hidden: Vec<f32>,
 }
 
+/// Query rows per attention task. A task's scores (`QUERY_ROWS x tokens`: 1.4 MB at 1,370
+/// tokens, 2.5 MB at 2,442) are what a thread holds, where a whole head's would be 7.5 MB and
+/// 24 MB, kept per thread for reuse; with 64 to 512 rows the forward takes the same time (the
+/// products run as fast on a tile as on the whole head), so the size is chosen for memory and
+/// for tasks enough to share between threads.
+const QUERY_ROWS: usize = 256;
+
 /// Multi-head self-attention over `qkv` (`[images * tokens, 3 * dim]`, columns `[q | k | v]`,
 /// heads of 64 columns in each), into `out` (`[images * tokens, dim]`, heads side by side):
-/// `softmax(q kᵀ) v` per image and head, one task each.
+/// `softmax(q kᵀ) v` per image and head, one task per [`QUERY_ROWS`] rows of queries (a row's
+/// softmax needs only its own scores). A thread takes consecutive tasks, so the head's `k`
+/// and `v` (2 x 350 KB at 1,370 tokens) stay in its cache from one tile to the next.
 fn attention(qkv: &[f32], tokens: usize, dim: usize, out: &mut [f32]) {
     let heads = dim / HEAD_DIM;
     let stride = 3 * dim;
@@ -205,39 +225,55 @@ fn attention(qkv: &[f32], tokens: usize, dim: usize, out: &mut [f32]) {
     assert_eq!(dim, heads * HEAD_DIM);
     assert_eq!(qkv.len(), images * tokens * stride);
     assert_eq!(out.len(), images * tokens * dim);
+    let tiles = tokens.div_ceil(QUERY_ROWS);
     let target = SharedOut(out.as_mut_ptr());
-    (0..images * heads).into_par_iter().for_each(|task| {
-        let (image, head) = (task / heads, task % heads);
-        let base = image * tokens * stride + head * HEAD_DIM;
-        let q = qkv[base..].as_ptr();
-        let k = qkv[base + dim..].as_ptr();
-        let v = qkv[base + 2 * dim..].as_ptr();
-        let mut scores = WorkBuffer::take(tokens * tokens);
-        // SAFETY: q, k and v index `tokens` rows of 64 values at row stride `stride` inside
-        // `qkv` (its length is checked above); `scores` holds tokens x tokens values; this task
-        // alone writes its head's 64 columns of its image's rows of `out`.
-        unsafe {
-            strided_gemm(
-                (tokens, tokens, HEAD_DIM),
-                scores.as_mut_ptr(),
-                tokens,
-                (q, stride, 1),
-                (k, 1, stride),
-                false,
-                false,
-            );
-            simd::softmax(&mut scores, tokens);
-            strided_gemm(
-                (tokens, HEAD_DIM, tokens),
-                target.get().add(image * tokens * dim + head * HEAD_DIM),
-                dim,
-                (scores.as_ptr(), tokens, 1),
-                (v, stride, 1),
-                false,
-                false,
-            );
-        }
-    });
+    (0..images * heads * tiles)
+        .into_par_iter()
+        .for_each(|task| {
+            let (image, head, tile) = (task / (heads * tiles), task / tiles % heads, task % tiles);
+            let first = tile * QUERY_ROWS;
+            let rows = QUERY_ROWS.min(tokens - first);
+            let base = image * tokens * stride + head * HEAD_DIM;
+            let q = qkv[base + first * stride..].as_ptr();
+            let k = qkv[base + dim..].as_ptr();
+            let v = qkv[base + 2 * dim..].as_ptr();
+            let mut scores = WorkBuffer::take(rows * tokens);
+            let mut sums = [0.0; QUERY_ROWS];
+            let sums = &mut sums[..rows];
+            // SAFETY: q indexes `rows` rows and k and v `tokens` rows of 64 values at row stride
+            // `stride` inside `qkv` (its length is checked above); `scores` holds rows x tokens
+            // values; this task alone writes (then divides) its head's 64 columns of its rows
+            // of `out`.
+            unsafe {
+                strided_gemm(
+                    (rows, tokens, HEAD_DIM),
+                    scores.as_mut_ptr(),
+                    tokens,
+                    (q, stride, 1),
+                    (k, 1, stride),
+                    false,
+                    false,
+                );
+                simd::softmax_exp(&mut scores, tokens, sums);
+                let out = target
+                    .get()
+                    .add((image * tokens + first) * dim + head * HEAD_DIM);
+                strided_gemm(
+                    (rows, HEAD_DIM, tokens),
+                    out,
+                    dim,
+                    (scores.as_ptr(), tokens, 1),
+                    (v, stride, 1),
+                    false,
+                    false,
+                );
+                // Softmax's division, on the 64 outputs of each row rather than its scores.
+                for (row, sum) in sums.iter().enumerate() {
+                    let values = std::slice::from_raw_parts_mut(out.add(row * dim), HEAD_DIM);
+                    values.iter_mut().for_each(|v| *v /= sum);
+                }
+            }
+        });
 }
 
 /// The transformer blocks with their weights packed; built once after the weights load.
