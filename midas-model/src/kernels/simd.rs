@@ -232,8 +232,8 @@ fn max_of(row: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn softmax_exp_body(rows: &mut [f32], width: usize, sums: &mut [f32]) {
-    for (row, total) in rows.chunks_exact_mut(width).zip(sums) {
+fn softmax_body(rows: &mut [f32], width: usize) {
+    for row in rows.chunks_exact_mut(width) {
         let max = max_of(row);
         let mut lanes = [0.0_f32; LANES];
         let mut chunks = row.chunks_exact_mut(LANES);
@@ -248,23 +248,22 @@ fn softmax_exp_body(rows: &mut [f32], width: usize, sums: &mut [f32]) {
             *v = exp(*v - max);
             sum += *v;
         }
-        *total = sum + lanes.iter().sum::<f32>();
+        let scale = 1.0 / (sum + lanes.iter().sum::<f32>());
+        row.iter_mut().for_each(|v| *v *= scale);
     }
 }
 
-/// Softmax's numerators over each row of `width` values, in place (`exp(v - max(row))`), and
-/// each row's sum into `sums`: the division is left to the caller, which can apply it to
-/// whatever the row turns into (attention divides its 64 outputs, not the whole row).
-pub fn softmax_exp(rows: &mut [f32], width: usize, sums: &mut [f32]) {
-    softmax_exp_on(Isa::detected(), rows, width, sums);
+/// Softmax over each row of `width` values, in place.
+pub fn softmax(rows: &mut [f32], width: usize) {
+    softmax_on(Isa::detected(), rows, width);
 }
 
-fn softmax_exp_on(isa: Isa, rows: &mut [f32], width: usize, sums: &mut [f32]) {
-    assert!(width > 0 && rows.len() == sums.len() * width);
+fn softmax_on(isa: Isa, rows: &mut [f32], width: usize) {
+    assert!(width > 0 && rows.len().is_multiple_of(width));
     vectorised_on(
         isa,
         #[inline(always)]
-        || softmax_exp_body(rows, width, sums),
+        || softmax_body(rows, width),
     )
 }
 
@@ -575,13 +574,9 @@ mod tests {
                         exps.into_iter().map(move |e| e / sum)
                     })
                     .collect();
-                let mut sums = [0.0; 3];
-                softmax_exp_on(isa, &mut rows, width, &mut sums);
-                for (row, (sum, expected)) in rows.chunks(width).zip(sums.iter().zip(expected.chunks(width))) {
-                    for (got, want) in row.iter().zip(expected) {
-                        let got = f64::from(*got / sum);
-                        assert!((got - want).abs() <= 1e-6, "{isa:?} softmax");
-                    }
+                softmax_on(isa, &mut rows, width);
+                for (got, want) in rows.iter().zip(&expected) {
+                    assert!((f64::from(*got) - want).abs() <= 1e-6, "{isa:?} softmax");
                 }
 
                 let mut rows = values(3 * width, 8.0);

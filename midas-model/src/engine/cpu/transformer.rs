@@ -8,11 +8,10 @@
 //! after `fc1`) or before the GEMM accumulates onto the residual stream (`proj`, `fc2`, which
 //! thereby need no separate residual addition); attention reads `q`, `k` and `v` in place from
 //! the `qkv` output through strides, one head and band of queries per task, and `1/sqrt(64)`
-//! is folded into the `q` weights at packing (a power of two: exact), `v`'s bias into
-//! `proj`'s, and `k`'s dropped (softmax cancels it). DINOv2's LayerScale is folded into the
-//! columns of `proj` and `fc2` and their biases at packing: one multiplication moved into the
-//! weights, so the residual accumulation stays one GEMM (the result differs from upstream's
-//! order by rounding only).
+//! is folded into the `q` weights at packing (a power of two: exact). DINOv2's LayerScale is
+//! folded into the columns of `proj` and `fc2` and their biases at packing: one multiplication
+//! moved into the weights, so the residual accumulation stays one GEMM (the result differs
+//! from upstream's order by rounding only).
 
 use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
@@ -141,14 +140,6 @@ impl PackedBlock {
         }
         qkv.bias[..dim].iter_mut().for_each(|b| *b *= scale);
         let mut proj = PackedLinear::pack(block.attn.proj);
-        // `v`'s bias goes through attention unchanged (each row of weights sums to one), so
-        // it is `proj`'s input bias: folded into `proj`'s bias. `k`'s adds `q · b_k` to a whole
-        // row of scores, which softmax ignores: dropped. `q`'s alone is left to add.
-        let v_bias = qkv.bias.split_off(2 * dim);
-        for (row, b) in proj.weights.chunks_exact(proj.outputs).zip(&v_bias) {
-            proj.bias.iter_mut().zip(row).for_each(|(out, w)| *out += b * w);
-        }
-        qkv.bias.truncate(dim);
         let mut fc2 = PackedLinear::pack(block.mlp.fc2);
         for (linear, layer_scale) in [(&mut proj, block.ls1), (&mut fc2, block.ls2)] {
             if let Some(LayerScale { gamma }) = layer_scale {
@@ -174,9 +165,7 @@ impl PackedBlock {
         self.qkv
             .product(&buffers.normed, rows, &mut buffers.qkv, false);
         for_row_chunks(&mut buffers.qkv, self.qkv.outputs, |chunk| {
-            for row in chunk.chunks_exact_mut(3 * dim) {
-                simd::add_bias(&mut row[..dim], &self.qkv.bias);
-            }
+            simd::add_bias(chunk, &self.qkv.bias)
         });
         attention(&buffers.qkv, tokens, dim, &mut buffers.attended);
         for_row_chunks(x, dim, |chunk| simd::add_bias(chunk, &self.proj.bias));
@@ -238,12 +227,9 @@ fn attention(qkv: &[f32], tokens: usize, dim: usize, out: &mut [f32]) {
             let k = qkv[base + dim..].as_ptr();
             let v = qkv[base + 2 * dim..].as_ptr();
             let mut scores = WorkBuffer::take(rows * tokens);
-            let mut sums = [0.0; QUERY_ROWS];
-            let sums = &mut sums[..rows];
             // SAFETY: q indexes `rows` rows and k and v `tokens` rows of 64 values at row stride
             // `stride` inside `qkv` (its length is checked above); `scores` holds rows x tokens
-            // values; this task alone writes (then divides) its head's 64 columns of its rows
-            // of `out`.
+            // values; this task alone writes its head's 64 columns of its rows of `out`.
             unsafe {
                 strided_gemm(
                     (rows, tokens, HEAD_DIM),
@@ -254,24 +240,18 @@ fn attention(qkv: &[f32], tokens: usize, dim: usize, out: &mut [f32]) {
                     false,
                     false,
                 );
-                simd::softmax_exp(&mut scores, tokens, sums);
-                let out = target
-                    .get()
-                    .add((image * tokens + first) * dim + head * HEAD_DIM);
+                simd::softmax(&mut scores, tokens);
                 strided_gemm(
                     (rows, HEAD_DIM, tokens),
-                    out,
+                    target
+                        .get()
+                        .add((image * tokens + first) * dim + head * HEAD_DIM),
                     dim,
                     (scores.as_ptr(), tokens, 1),
                     (v, stride, 1),
                     false,
                     false,
                 );
-                // Softmax's division, on the 64 outputs of each row rather than its scores.
-                for (row, sum) in sums.iter().enumerate() {
-                    let values = std::slice::from_raw_parts_mut(out.add(row * dim), HEAD_DIM);
-                    values.iter_mut().for_each(|v| *v /= sum);
-                }
             }
         });
 }
