@@ -12,7 +12,7 @@ use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 
 use super::buffers::WorkBuffer;
-use super::{Activation, Bands, FeatureMap, SharedOut, same, simd, tensor_values};
+use super::{Activation, Bands, FeatureMap, SharedOut, bias_values, same, simd, tensor_values};
 
 /// Input and output bytes per band of pixels of a 1x1 convolution: a core's L2 cache.
 const BAND_BYTES: usize = 1 << 20;
@@ -42,10 +42,7 @@ impl PackedConv {
             "grouped convolutions are packed as depthwise"
         );
         let weights = tensor_values(conv.weight.into_value());
-        let bias = match conv.bias {
-            Some(bias) => tensor_values(bias.into_value()),
-            None => vec![0.0; out_channels],
-        };
+        let bias = bias_values(conv.bias, out_channels);
         Self {
             weights,
             bias,

@@ -30,6 +30,7 @@ pub use winograd::{WinogradConv, winograd3x3};
 
 use std::mem::MaybeUninit;
 
+use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
@@ -234,6 +235,14 @@ pub(crate) fn same(length: usize, kernel: usize, stride: usize) -> (usize, usize
     let out = length.div_ceil(stride);
     let total = ((out - 1) * stride + kernel).saturating_sub(length);
     (out, total / 2)
+}
+
+/// A layer's optional bias (or LayerNorm's shift) as `len` values, zeros when it has none.
+pub(crate) fn bias_values(bias: Option<Param<Tensor<1>>>, len: usize) -> Vec<f32> {
+    match bias {
+        Some(bias) => tensor_values(bias.into_value()),
+        None => vec![0.0; len],
+    }
 }
 
 /// The float32 values of a Burn tensor, flattened.

@@ -7,7 +7,7 @@
 use burn::nn::conv::ConvTranspose2d;
 use rayon::prelude::*;
 
-use super::{FeatureMap, SharedOut, WorkBuffer, gemm, tensor_values};
+use super::{FeatureMap, SharedOut, WorkBuffer, bias_values, gemm, tensor_values};
 
 /// A transposed convolution with kernel = stride, no padding, its weights packed for the GEMM.
 #[derive(Debug)]
@@ -46,10 +46,7 @@ impl PackedTranspose {
                 *weight = source[(input * out_channels + out) * positions + position];
             }
         }
-        let bias = match conv.bias {
-            Some(bias) => tensor_values(bias.into_value()),
-            None => vec![0.0; out_channels],
-        };
+        let bias = bias_values(conv.bias, out_channels);
         Self {
             weights,
             bias,

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::buffers::WorkBuffer;
 use super::conv::gemm;
-use super::{Activation, Bands, FeatureMap, SharedOut, simd, tensor_values};
+use super::{Activation, Bands, FeatureMap, SharedOut, bias_values, simd, tensor_values};
 
 /// Positions in a transformed 4x4 tile: one GEMM each.
 const POSITIONS: usize = 16;
@@ -41,10 +41,7 @@ impl WinogradConv {
         assert_eq!(conv.groups, 1, "no grouped convolutions");
         assert_eq!(conv.stride, [1, 1], "stride 1 only");
         let filters = tensor_values(conv.weight.into_value());
-        let bias = match conv.bias {
-            Some(bias) => tensor_values(bias.into_value()),
-            None => vec![0.0; out_channels],
-        };
+        let bias = bias_values(conv.bias, out_channels);
         // This runs at start-up, before the port is bound: one parallel pass, each output
         // channel's filters transformed and written straight to their 16 places.
         let matrix = out_channels * in_channels;

@@ -18,7 +18,7 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use rayon::prelude::*;
 
-use crate::kernels::{SharedOut, WorkBuffer, gemm, simd, strided_gemm, tensor_values};
+use crate::kernels::{SharedOut, WorkBuffer, bias_values, gemm, simd, strided_gemm, tensor_values};
 use crate::model::{HEAD_DIM, LN_EPSILON, LayerScale, TransformerBlock};
 
 /// Rows per task of the row-wise passes (LayerNorm, bias, GELU).
@@ -36,10 +36,7 @@ struct PackedLinear {
 impl PackedLinear {
     fn pack(linear: Linear) -> Self {
         let [inputs, outputs] = linear.weight.dims();
-        let bias = match linear.bias {
-            Some(bias) => tensor_values(bias.into_value()),
-            None => vec![0.0; outputs],
-        };
+        let bias = bias_values(linear.bias, outputs);
         Self {
             weights: tensor_values(linear.weight.into_value()),
             bias,
@@ -93,10 +90,7 @@ impl PackedNorm {
     /// Packs a LayerNorm with the ViTs' epsilon.
     pub fn pack(norm: LayerNorm) -> Self {
         let gamma = tensor_values(norm.gamma.into_value());
-        let beta = match norm.beta {
-            Some(beta) => tensor_values(beta.into_value()),
-            None => vec![0.0; gamma.len()],
-        };
+        let beta = bias_values(norm.beta, gamma.len());
         Self {
             gamma,
             beta,
