@@ -26,10 +26,8 @@ pub struct ResizeError {
 /// in [0, 1]. An all-zero map paints index 0 everywhere. Non-finite values never get here:
 /// [`super::render`] refuses a map that holds one.
 pub fn colour_indices(depth: &[f32]) -> impl Iterator<Item = usize> + '_ {
-    let peak = depth.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    depth
-        .iter()
-        .map(move |&d| Scale::Relative { peak }.index(d))
+    let scale = Scale::relative(depth);
+    depth.iter().map(move |&d| scale.index(d))
 }
 
 /// How a depth becomes a colour-table index.
@@ -55,9 +53,14 @@ impl Scale {
     pub fn of(depth: &DepthMap, max_depth: Option<f32>) -> Self {
         match max_depth {
             Some(max_depth) => Self::Metres { max_depth },
-            None => Self::Relative {
-                peak: depth.data.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-            },
+            None => Self::relative(&depth.data),
+        }
+    }
+
+    /// A relative map scaled by its own largest value.
+    fn relative(depth: &[f32]) -> Self {
+        Self::Relative {
+            peak: depth.iter().copied().fold(f32::NEG_INFINITY, f32::max),
         }
     }
 
