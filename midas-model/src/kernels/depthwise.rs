@@ -14,7 +14,8 @@ use rayon::prelude::*;
 
 use super::buffers::WorkBuffer;
 use super::conv::fold_batch_norm;
-use super::{Activation, FeatureMap, SharedOut, same, simd, tensor_values};
+use super::simd::Isa;
+use super::{Activation, FeatureMap, SharedOut, multiply_add, same, simd, tensor_values};
 
 /// A depthwise convolution and its BatchNorm, packed.
 #[derive(Clone, Debug)]
@@ -43,6 +44,7 @@ impl PackedDepthwise {
             channels * kernel * kernel,
             "one square filter per channel"
         );
+        assert!(kernel * kernel <= MAX_TAPS, "filters up to 5x5");
         Self {
             weights,
             bias,
@@ -57,34 +59,51 @@ const LANES: usize = 16;
 
 /// Outputs summed at once on wide rows: four registers of independent sums, so that each
 /// addition need not wait for the one before it.
-const WIDE: usize = 4 * LANES;
+const WIDE: usize = WIDE_VECTORS * LANES;
 
-/// One output row: `N` outputs at a time, each summed over all taps in registers, then through
-/// the activation into `out_row`. `row` starts at the row's first padded input row; each tap
-/// `(offset, weight)` reads `row[offset + x]` for output `x`.
+/// Registers of sums on wide rows.
+const WIDE_VECTORS: usize = 4;
+
+/// One output row: `VECTORS * LANES` outputs at a time, each summed over all taps in
+/// registers, then through the activation into `out_row`. `row` starts at the row's first
+/// padded input row; each tap `(offset, weight)` reads `row[offset + x]` for output `x`.
 #[inline(always)]
-fn sum_row<const N: usize>(
+fn sum_row<const VECTORS: usize, const FMA: bool>(
     row: &[f32],
     taps: &[(usize, f32)],
     bias: f32,
     activation: Activation,
     out_row: &mut [MaybeUninit<f32>],
 ) {
-    for (block, targets) in out_row.chunks_mut(N).enumerate() {
-        let mut sums = [bias; N];
+    let n = VECTORS * LANES;
+    for (block, targets) in out_row.chunks_mut(n).enumerate() {
+        // One array per register, passed by value, so that the sums stay in registers across
+        // the taps instead of going through memory at each.
+        let mut sums = [[bias; LANES]; VECTORS];
         for &(offset, weight) in taps {
-            let start = offset + block * N;
-            let source: &[f32; N] = row[start..start + N]
-                .try_into()
-                .expect("the padded rows hold whole blocks");
-            for i in 0..N {
-                sums[i] += weight * source[i];
+            let start = offset + block * n;
+            for (vector, sum) in sums.iter_mut().enumerate() {
+                let from = start + vector * LANES;
+                let source: &[f32; LANES] = row[from..from + LANES]
+                    .try_into()
+                    .expect("the padded rows hold whole blocks");
+                *sum = add_product::<FMA>(*sum, weight, source);
             }
         }
-        for (target, sum) in targets.iter_mut().zip(sums) {
-            target.write(activation.of(sum));
+        for (target, sum) in targets.iter_mut().zip(sums.as_flattened()) {
+            target.write(activation.of(*sum));
         }
     }
+}
+
+/// `sums + weight * values`, lane by lane.
+#[inline(always)]
+fn add_product<const FMA: bool>(
+    sums: [f32; LANES],
+    weight: f32,
+    values: &[f32; LANES],
+) -> [f32; LANES] {
+    std::array::from_fn(|i| multiply_add::<FMA>(weight, values[i], sums[i]))
 }
 
 /// Fills `phases` with the plane zero-padded to `rows` rows from `pad_top` above, split into
@@ -100,85 +119,192 @@ fn pad_into_phases(
     (rows, phase_width): (usize, usize),
     phases: &mut [f32],
 ) {
-    phases.fill(0.0);
     for (phase, phase_rows) in phases.chunks_exact_mut(rows * phase_width).enumerate() {
+        // Input column x is padded column x + pad_left: the first one in this phase, then
+        // every stride-th.
+        let first = (phase + stride - pad_left % stride) % stride;
+        let start = (first + pad_left) / stride;
+        let count = width.saturating_sub(first).div_ceil(stride);
         for (py, target) in phase_rows.chunks_exact_mut(phase_width).enumerate() {
             let Some(y) = py.checked_sub(pad_top).filter(|&y| y < height) else {
+                target.fill(0.0);
                 continue;
             };
-            let row = &plane[y * width..(y + 1) * width];
-            // Input column x is padded column x + pad_left: the first one in this phase, then
-            // every stride-th.
-            let first = (phase + stride - pad_left % stride) % stride;
-            let values = row.iter().skip(first).step_by(stride);
-            for (value, &v) in target[(first + pad_left) / stride..].iter_mut().zip(values) {
-                *value = v;
+            let (before, rest) = target.split_at_mut(start);
+            let (values, after) = rest.split_at_mut(count);
+            before.fill(0.0);
+            after.fill(0.0);
+            let row = &plane[y * width + first..(y + 1) * width];
+            if stride == 1 {
+                values.copy_from_slice(row);
+            } else {
+                let columns = row.chunks_exact(stride);
+                if let Some(&last) = columns.remainder().first() {
+                    values[count - 1] = last;
+                }
+                for (value, column) in values.iter_mut().zip(columns) {
+                    *value = column[0];
+                }
             }
         }
     }
 }
 
+/// Where a depthwise layer reads and writes on one input size: TensorFlow's SAME padding, and
+/// the layout of the padded, phase-split copy that each channel is summed from.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    kernel: usize,
+    stride: usize,
+    out_height: usize,
+    out_width: usize,
+    pad_top: usize,
+    pad_left: usize,
+    /// Columns per phase, for whole groups of `WIDE` outputs.
+    phase_width: usize,
+}
+
+impl Geometry {
+    /// The layer `conv` on inputs of `height x width`.
+    fn of(conv: &PackedDepthwise, height: usize, width: usize) -> Self {
+        let (kernel, stride) = (conv.kernel, conv.stride);
+        let (out_height, pad_top) = same(height, kernel, stride);
+        let (out_width, pad_left) = same(width, kernel, stride);
+        Self {
+            kernel,
+            stride,
+            out_height,
+            out_width,
+            pad_top,
+            pad_left,
+            phase_width: out_width.next_multiple_of(WIDE) + (kernel - 1) / stride,
+        }
+    }
+
+    /// Padded input rows that `out_rows` output rows read.
+    fn padded_rows(&self, out_rows: usize) -> usize {
+        (out_rows - 1) * self.stride + self.kernel
+    }
+
+    /// Values of the phase-split copy of `out_rows` output rows' input.
+    fn phases_len(&self, out_rows: usize) -> usize {
+        self.stride * self.padded_rows(out_rows) * self.phase_width
+    }
+}
+
+/// A run of one channel's input rows: `rows` rows of `width` values at stride `width`, the
+/// first being padded row `pad_top` of the output rows' window (rows above it, and any below
+/// the run, are zeros).
+struct RowRun<'a> {
+    values: &'a [f32],
+    rows: usize,
+    width: usize,
+    pad_top: usize,
+}
+
+/// `out_rows` output rows of channel `channel`, `activation(depthwise + bias)`, from `input`:
+/// the run is copied zero-padded and phase-split into `phases` (`geometry.phases_len(out_rows)`
+/// values), then each output row summed in registers and written once.
+#[inline(always)]
+fn channel_rows(
+    conv: &PackedDepthwise,
+    geometry: &Geometry,
+    channel: usize,
+    input: RowRun,
+    phases: &mut [f32],
+    activation: Activation,
+    out: &mut [MaybeUninit<f32>],
+) {
+    let Geometry {
+        kernel,
+        stride,
+        out_width,
+        pad_left,
+        phase_width,
+        ..
+    } = *geometry;
+    let out_rows = out.len() / out_width;
+    let rows = geometry.padded_rows(out_rows);
+    pad_into_phases(
+        input.values,
+        (input.rows, input.width),
+        (input.pad_top, pad_left),
+        stride,
+        (rows, phase_width),
+        phases,
+    );
+    let filter = &conv.weights[channel * kernel * kernel..(channel + 1) * kernel * kernel];
+    // Where each tap's input starts relative to its output row's first padded row.
+    let mut taps = [(0usize, 0f32); MAX_TAPS];
+    for (tap, (slot, &weight)) in taps.iter_mut().zip(filter).enumerate() {
+        let (ky, kx) = (tap / kernel, tap % kernel);
+        *slot = (
+            (kx % stride * rows + ky) * phase_width + kx / stride,
+            weight,
+        );
+    }
+    let taps = &taps[..kernel * kernel];
+    let bias = conv.bias[channel];
+    let fma = Isa::detected() != Isa::Baseline;
+    for (oy, out_row) in out.chunks_mut(out_width).enumerate() {
+        let row = &phases[oy * stride * phase_width..];
+        match (out_width >= WIDE, fma) {
+            (true, true) => sum_row::<WIDE_VECTORS, true>(row, taps, bias, activation, out_row),
+            (true, false) => sum_row::<WIDE_VECTORS, false>(row, taps, bias, activation, out_row),
+            (false, true) => sum_row::<1, true>(row, taps, bias, activation, out_row),
+            (false, false) => sum_row::<1, false>(row, taps, bias, activation, out_row),
+        }
+    }
+}
+
+/// Taps of the largest filter, EfficientNet-Lite's 5x5.
+const MAX_TAPS: usize = 25;
+
 /// `activation(depthwise(input) + bias)`.
 pub fn depthwise(input: &FeatureMap, conv: &PackedDepthwise, activation: Activation) -> FeatureMap {
     input.assert_shape(conv.bias.len());
-    let (kernel, stride) = (conv.kernel, conv.stride);
-    let (out_height, pad_top) = same(input.height, kernel, stride);
-    let (out_width, pad_left) = same(input.width, kernel, stride);
     let (height, width) = (input.height, input.width);
+    let geometry = Geometry::of(conv, height, width);
     let channels = input.channels;
-    let out_plane_len = out_height * out_width;
-    // Padded rows every output row reads, and columns per phase for whole groups of LANES.
-    let rows = (out_height - 1) * stride + kernel;
-    let phase_width = out_width.next_multiple_of(WIDE) + (kernel - 1) / stride;
+    let out_plane_len = geometry.out_height * geometry.out_width;
     let plane_task = |out: SharedOut, index: usize| {
         simd::vectorised(
             #[inline(always)]
             || {
-                let channel = index % channels;
                 let plane = &input.data[index * height * width..(index + 1) * height * width];
-                let mut phases = WorkBuffer::take(stride * rows * phase_width);
-                pad_into_phases(
-                    plane,
-                    (height, width),
-                    (pad_top, pad_left),
-                    stride,
-                    (rows, phase_width),
-                    &mut phases,
-                );
-                let filter =
-                    &conv.weights[channel * kernel * kernel..(channel + 1) * kernel * kernel];
-                // Where each tap's input starts relative to its output row's first padded row.
-                let taps: Vec<(usize, f32)> = filter
-                    .iter()
-                    .enumerate()
-                    .map(|(tap, &weight)| {
-                        let (ky, kx) = (tap / kernel, tap % kernel);
-                        (
-                            (kx % stride * rows + ky) * phase_width + kx / stride,
-                            weight,
-                        )
-                    })
-                    .collect();
-                let bias = conv.bias[channel];
+                let mut phases = WorkBuffer::take(geometry.phases_len(geometry.out_height));
+                let run = RowRun {
+                    values: plane,
+                    rows: height,
+                    width,
+                    pad_top: geometry.pad_top,
+                };
                 // SAFETY: plane `index` of the output is this task's alone.
                 let out_plane = unsafe { out.uninit(index * out_plane_len, out_plane_len) };
-                for (oy, out_row) in out_plane.chunks_mut(out_width).enumerate() {
-                    let row = &phases[oy * stride * phase_width..];
-                    if out_width >= WIDE {
-                        sum_row::<WIDE>(row, &taps, bias, activation, out_row);
-                    } else {
-                        sum_row::<LANES>(row, &taps, bias, activation, out_row);
-                    }
-                }
+                channel_rows(
+                    conv,
+                    &geometry,
+                    index % channels,
+                    run,
+                    &mut phases,
+                    activation,
+                    out_plane,
+                );
             },
         )
     };
     // SAFETY: one task per plane, each writing all of it.
     unsafe {
-        FeatureMap::filled_by(input.batch, channels, out_height, out_width, |out| {
-            (0..input.batch * channels)
-                .into_par_iter()
-                .for_each(|index| plane_task(out, index));
-        })
+        FeatureMap::filled_by(
+            input.batch,
+            channels,
+            geometry.out_height,
+            geometry.out_width,
+            |out| {
+                (0..input.batch * channels)
+                    .into_par_iter()
+                    .for_each(|index| plane_task(out, index));
+            },
+        )
     }
 }

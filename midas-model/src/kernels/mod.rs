@@ -57,6 +57,17 @@ impl Activation {
     }
 }
 
+/// `weight * value + sum`, by one fused multiply-add where `FMA` (the AVX2 and AVX-512 paths
+/// have the instruction; on the baseline path `mul_add` would be a library call).
+#[inline(always)]
+fn multiply_add<const FMA: bool>(weight: f32, value: f32, sum: f32) -> f32 {
+    if FMA {
+        weight.mul_add(value, sum)
+    } else {
+        weight * value + sum
+    }
+}
+
 /// A batch of feature maps, `[batch, channels, height, width]`, row-major like Burn's NCHW.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FeatureMap {
