@@ -64,24 +64,33 @@ const WIDE: usize = WIDE_VECTORS * LANES;
 /// Registers of sums on wide rows.
 const WIDE_VECTORS: usize = 4;
 
-/// One output row: `VECTORS * LANES` outputs at a time, each summed over all taps in
-/// registers, then through the activation into `out_row`. `row` starts at the row's first
-/// padded input row; each tap `(offset, weight)` reads `row[offset + x]` for output `x`.
+/// Narrow rows summed together, a register each.
+const NARROW_ROWS: usize = 4;
+
+/// Outputs summed at once on rows of `out_width`: `WIDE` on wide rows, `LANES` on narrow ones,
+/// whose padded copies are then no wider than they need (a 16-wide row padded to `WIDE` made
+/// the copy of the deep layers' small maps cost more than their sums).
+fn block_width(out_width: usize) -> usize {
+    if out_width >= WIDE { WIDE } else { LANES }
+}
+
+/// One wide output row, `WIDE` outputs at a time, each summed over all taps in registers, then
+/// through the activation into `out_row`. `row` starts at the row's first padded input row;
+/// each tap `(offset, weight)` reads `row[offset + x]` for output `x`.
 #[inline(always)]
-fn sum_row<const VECTORS: usize, const FMA: bool>(
+fn sum_row<const FMA: bool>(
     row: &[f32],
     taps: &[(usize, f32)],
     bias: f32,
     activation: Activation,
     out_row: &mut [MaybeUninit<f32>],
 ) {
-    let n = VECTORS * LANES;
-    for (block, targets) in out_row.chunks_mut(n).enumerate() {
+    for (block, targets) in out_row.chunks_mut(WIDE).enumerate() {
         // One array per register, passed by value, so that the sums stay in registers across
         // the taps instead of going through memory at each.
-        let mut sums = [[bias; LANES]; VECTORS];
+        let mut sums = [[bias; LANES]; WIDE_VECTORS];
         for &(offset, weight) in taps {
-            let start = offset + block * n;
+            let start = offset + block * WIDE;
             for (vector, sum) in sums.iter_mut().enumerate() {
                 let from = start + vector * LANES;
                 let source: &[f32; LANES] = row[from..from + LANES]
@@ -92,6 +101,48 @@ fn sum_row<const VECTORS: usize, const FMA: bool>(
         }
         for (target, sum) in targets.iter_mut().zip(sums.as_flattened()) {
             target.write(activation.of(*sum));
+        }
+    }
+}
+
+/// Narrow output rows (under `WIDE` outputs) summed together.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    /// From the first row's first padded input row on.
+    phases: &'a [f32],
+    /// Values from one output row's input to the next's.
+    step: usize,
+    out_width: usize,
+}
+
+/// `ROWS` narrow output rows, `LANES` columns at a time with one register of sums per row:
+/// a row's taps form one chain of dependent additions, so several rows keep the FMA units
+/// busy where one row would wait on each addition (a 5x5 filter is 25 in a row).
+#[inline(always)]
+fn sum_rows<const ROWS: usize, const FMA: bool>(
+    rows: Rows,
+    taps: &[(usize, f32)],
+    bias: f32,
+    activation: Activation,
+    out: &mut [MaybeUninit<f32>],
+) {
+    let out_width = rows.out_width;
+    for block in 0..out_width.div_ceil(LANES) {
+        let mut sums = [[bias; LANES]; ROWS];
+        for &(offset, weight) in taps {
+            for (row, sum) in sums.iter_mut().enumerate() {
+                let from = offset + row * rows.step + block * LANES;
+                let source: &[f32; LANES] = rows.phases[from..from + LANES]
+                    .try_into()
+                    .expect("the padded rows hold whole blocks");
+                *sum = add_product::<FMA>(*sum, weight, source);
+            }
+        }
+        let columns = block * LANES..out_width.min((block + 1) * LANES);
+        for (out_row, sum) in out.chunks_mut(out_width).zip(&sums) {
+            for (target, value) in out_row[columns.clone()].iter_mut().zip(sum) {
+                target.write(activation.of(*value));
+            }
         }
     }
 }
@@ -160,7 +211,7 @@ struct Geometry {
     out_width: usize,
     pad_top: usize,
     pad_left: usize,
-    /// Columns per phase, for whole groups of `WIDE` outputs.
+    /// Columns per phase, for whole blocks of outputs (see [`block_width`]).
     phase_width: usize,
 }
 
@@ -177,7 +228,7 @@ impl Geometry {
             out_width,
             pad_top,
             pad_left,
-            phase_width: out_width.next_multiple_of(WIDE) + (kernel - 1) / stride,
+            phase_width: out_width.next_multiple_of(block_width(out_width)) + (kernel - 1) / stride,
         }
     }
 
@@ -246,13 +297,43 @@ fn channel_rows(
     let taps = &taps[..kernel * kernel];
     let bias = conv.bias[channel];
     let fma = Isa::detected() != Isa::Baseline;
-    for (oy, out_row) in out.chunks_mut(out_width).enumerate() {
-        let row = &phases[oy * stride * phase_width..];
-        match (out_width >= WIDE, fma) {
-            (true, true) => sum_row::<WIDE_VECTORS, true>(row, taps, bias, activation, out_row),
-            (true, false) => sum_row::<WIDE_VECTORS, false>(row, taps, bias, activation, out_row),
-            (false, true) => sum_row::<1, true>(row, taps, bias, activation, out_row),
-            (false, false) => sum_row::<1, false>(row, taps, bias, activation, out_row),
+    let row_step = stride * phase_width;
+    if block_width(out_width) == WIDE {
+        for (oy, out_row) in out.chunks_mut(out_width).enumerate() {
+            let row = &phases[oy * row_step..];
+            if fma {
+                sum_row::<true>(row, taps, bias, activation, out_row);
+            } else {
+                sum_row::<false>(row, taps, bias, activation, out_row);
+            }
+        }
+        return;
+    }
+    for (group, out_rows) in out.chunks_mut(NARROW_ROWS * out_width).enumerate() {
+        let first = group * NARROW_ROWS * row_step;
+        let rows = Rows {
+            phases: &phases[first..],
+            step: row_step,
+            out_width,
+        };
+        if out_rows.len() == NARROW_ROWS * out_width {
+            if fma {
+                sum_rows::<NARROW_ROWS, true>(rows, taps, bias, activation, out_rows);
+            } else {
+                sum_rows::<NARROW_ROWS, false>(rows, taps, bias, activation, out_rows);
+            }
+        } else {
+            for (index, out_row) in out_rows.chunks_mut(out_width).enumerate() {
+                let row = Rows {
+                    phases: &phases[first + index * row_step..],
+                    ..rows
+                };
+                if fma {
+                    sum_rows::<1, true>(row, taps, bias, activation, out_row);
+                } else {
+                    sum_rows::<1, false>(row, taps, bias, activation, out_row);
+                }
+            }
         }
     }
 }
