@@ -243,25 +243,16 @@ impl Geometry {
     }
 }
 
-/// A run of one channel's input rows: `rows` rows of `width` values at stride `width`, the
-/// first being padded row `pad_top` of the output rows' window (rows above it, and any below
-/// the run, are zeros).
-struct RowRun<'a> {
-    values: &'a [f32],
-    rows: usize,
-    width: usize,
-    pad_top: usize,
-}
-
-/// `out_rows` output rows of channel `channel`, `activation(depthwise + bias)`, from `input`:
-/// the run is copied zero-padded and phase-split into `phases` (`geometry.phases_len(out_rows)`
-/// values), then each output row summed in registers and written once.
+/// Output plane `out` of channel `channel`, `activation(depthwise + bias)`, from its input
+/// `plane` of `height x width`: the plane is copied zero-padded and phase-split into `phases`
+/// (`geometry.phases_len(out_height)` values), then each output row summed in registers and
+/// written once.
 #[inline(always)]
 fn channel_rows(
     conv: &PackedDepthwise,
     geometry: &Geometry,
     channel: usize,
-    input: RowRun,
+    (plane, height, width): (&[f32], usize, usize),
     phases: &mut [f32],
     activation: Activation,
     out: &mut [MaybeUninit<f32>],
@@ -277,9 +268,9 @@ fn channel_rows(
     let out_rows = out.len() / out_width;
     let rows = geometry.padded_rows(out_rows);
     pad_into_phases(
-        input.values,
-        (input.rows, input.width),
-        (input.pad_top, pad_left),
+        plane,
+        (height, width),
+        (geometry.pad_top, pad_left),
         stride,
         (rows, phase_width),
         phases,
@@ -354,19 +345,13 @@ pub fn depthwise(input: &FeatureMap, conv: &PackedDepthwise, activation: Activat
             || {
                 let plane = &input.data[index * height * width..(index + 1) * height * width];
                 let mut phases = WorkBuffer::take(geometry.phases_len(geometry.out_height));
-                let run = RowRun {
-                    values: plane,
-                    rows: height,
-                    width,
-                    pad_top: geometry.pad_top,
-                };
                 // SAFETY: plane `index` of the output is this task's alone.
                 let out_plane = unsafe { out.uninit(index * out_plane_len, out_plane_len) };
                 channel_rows(
                     conv,
                     &geometry,
                     index % channels,
-                    run,
+                    (plane, height, width),
                     &mut phases,
                     activation,
                     out_plane,
