@@ -9,8 +9,8 @@ use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use midas_model::kernels::{
-    Activation, FeatureMap, PackedConv, PackedDepthwise, WinogradConv, conv1x1, depthwise,
-    upsample2x, winograd3x3,
+    Activation, FeatureMap, PackedConv, PackedDepthwise, WinogradConv, WinogradTile, conv1x1,
+    depthwise, upsample2x, winograd3x3,
 };
 
 /// (in channels, out channels, side): the 3x3 convolutions of the four decoder levels and the
@@ -49,16 +49,21 @@ fn ops(c: &mut Criterion) {
         let layer = Conv2dConfig::new([cin, cout], [3, 3])
             .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
             .init(&device);
-        let winograd = WinogradConv::from_conv(layer.clone());
         let x = random([1, cin, side, side], &device);
         let map = FeatureMap::from_tensor(x.clone());
         let id = format!("{cin}-{cout}@{side}");
         group.bench_with_input(BenchmarkId::new("conv3x3/burn", &id), &x, |b, x| {
             b.iter(|| layer.forward(x.clone()).into_data())
         });
-        group.bench_with_input(BenchmarkId::new("conv3x3/kernels", &id), &map, |b, map| {
-            b.iter(|| winograd3x3(map, &winograd, false, Activation::Identity, &[]))
-        });
+        // Both Winograd tiles at every shape, to check where `WinogradTile::for_channels`
+        // draws its line.
+        for tile in [WinogradTile::Two, WinogradTile::Four] {
+            let winograd = WinogradConv::with_tile(layer.clone(), tile);
+            let name = format!("conv3x3/kernels-{tile:?}");
+            group.bench_with_input(BenchmarkId::new(name, &id), &map, |b, map| {
+                b.iter(|| winograd3x3(map, &winograd, false, Activation::Identity, &[]))
+            });
+        }
     }
     for (cin, side) in [(128, 32), (64, 64)] {
         let layer = Conv2dConfig::new([cin, cin / 2], [1, 1]).init(&device);

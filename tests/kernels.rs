@@ -17,8 +17,8 @@ use midas_model::backend::{Backend, BackendKind};
 use midas_model::engine::DepthModel;
 use midas_model::kernels::{
     Activation, FeatureMap, PackedConv, PackedDepthwise, PackedGroupNorm, PackedTranspose,
-    WinogradConv, bilinear_rows, conv_padded, conv_same, conv_transpose, conv1x1, conv1x1_tokens,
-    depthwise, group_norm, upsample, upsample2x, winograd3x3,
+    WinogradConv, WinogradTile, bilinear_rows, conv_padded, conv_same, conv_transpose, conv1x1,
+    conv1x1_tokens, depthwise, group_norm, upsample, upsample2x, winograd3x3,
 };
 use midas_model::model::ModelKind;
 use midas_model::weights::{self, synthetic};
@@ -99,31 +99,33 @@ fn winograd_conv3x3_matches_burn_in_every_fused_form() {
         let r1 = random([batch, cout, height, width]);
         let r2 = random([batch, cout, height, width]);
         let map = |t: &Tensor<4>| FeatureMap::from_tensor(t.clone());
-        let packed = WinogradConv::from_conv(layer.clone());
-        let run = |x: &Tensor<4>, relu_in, activation, residuals: &[&FeatureMap]| {
-            winograd3x3(&map(x), &packed, relu_in, activation, residuals)
-        };
-        let what = format!("{batch}x{cin}->{cout} {height}x{width}");
-        assert_close(
-            run(&x, false, Activation::Identity, &[]),
-            layer.forward(x.clone()),
-            &format!("{what} plain"),
-        );
-        assert_close(
-            run(&x, true, Activation::Relu, &[]),
-            relu(layer.forward(relu(x.clone()))),
-            &format!("{what} relu in and out"),
-        );
-        assert_close(
-            run(&x, true, Activation::Identity, &[&map(&r1)]),
-            layer.forward(relu(x.clone())) + r1.clone(),
-            &format!("{what} one residual"),
-        );
-        assert_close(
-            run(&x, true, Activation::Identity, &[&map(&r1), &map(&r2)]),
-            layer.forward(relu(x.clone())) + r1.clone() + r2.clone(),
-            &format!("{what} residuals"),
-        );
+        for tile in [WinogradTile::Two, WinogradTile::Four] {
+            let packed = WinogradConv::with_tile(layer.clone(), tile);
+            let run = |x: &Tensor<4>, relu_in, activation, residuals: &[&FeatureMap]| {
+                winograd3x3(&map(x), &packed, relu_in, activation, residuals)
+            };
+            let what = format!("{tile:?} {batch}x{cin}->{cout} {height}x{width}");
+            assert_close(
+                run(&x, false, Activation::Identity, &[]),
+                layer.forward(x.clone()),
+                &format!("{what} plain"),
+            );
+            assert_close(
+                run(&x, true, Activation::Relu, &[]),
+                relu(layer.forward(relu(x.clone()))),
+                &format!("{what} relu in and out"),
+            );
+            assert_close(
+                run(&x, true, Activation::Identity, &[&map(&r1)]),
+                layer.forward(relu(x.clone())) + r1.clone(),
+                &format!("{what} one residual"),
+            );
+            assert_close(
+                run(&x, true, Activation::Identity, &[&map(&r1), &map(&r2)]),
+                layer.forward(relu(x.clone())) + r1.clone() + r2.clone(),
+                &format!("{what} residuals"),
+            );
+        }
     }
 }
 

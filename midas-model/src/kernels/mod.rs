@@ -26,7 +26,7 @@ pub use depthwise::{PackedDepthwise, depthwise};
 pub use group_norm::{PackedGroupNorm, group_norm};
 pub use transpose::{PackedTranspose, conv_transpose};
 pub use upsample::{bilinear_rows, upsample, upsample2x};
-pub use winograd::{WinogradConv, winograd3x3};
+pub use winograd::{WinogradConv, WinogradTile, winograd3x3};
 
 use std::mem::MaybeUninit;
 

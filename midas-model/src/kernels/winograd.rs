@@ -1,13 +1,20 @@
-//! Dense 3x3 convolution (stride 1, padding 1) by Winograd's minimal filtering F(2x2, 3x3).
+//! Dense 3x3 convolution (stride 1, padding 1) by Winograd's minimal filtering F(m x m, 3x3),
+//! with m = 2 or 4.
 //!
-//! Each 2x2 block of outputs comes from a 4x4 tile of inputs: `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`.
-//! The filter transform `U = G g Gᵀ` is done once at load; per call the input tiles are
-//! transformed (`V = Bᵀ d B`), the 16 element-wise products summed over input channels become
-//! 16 GEMMs `M[ξ] = U[ξ] · V[ξ]` of `[out, in] x [in, tiles]`, and `Aᵀ M A` gives the outputs.
-//! That is 16 multiplications per 4 outputs and input channel instead of 36: 2.25x fewer than
-//! im2col's GEMM, for transforms made of additions. Tiles are processed in bands of tile rows
-//! sized to stay in cache, so the transformed inputs (four times the input's size) and the
-//! products never leave it.
+//! Each m x m block of outputs comes from a t x t tile of inputs (t = m + 2):
+//! `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`. The filter transform `U = G g Gᵀ` is done once at load;
+//! per call the input tiles are transformed (`V = Bᵀ d B`), the t² element-wise products summed
+//! over input channels become t² GEMMs `M[ξ] = U[ξ] · V[ξ]` of `[out, in] x [in, tiles]`, and
+//! `Aᵀ M A` gives the outputs. F(2x2, 3x3) makes 16 multiplications per 4 outputs and input
+//! channel instead of 36 (2.25x fewer than im2col's GEMM); F(4x4, 3x3) makes 36 per 16, 4x
+//! fewer, and reads and writes 2.25 transformed values per output instead of 4, but its
+//! filters take 36 values where F(2x2)'s take 16, and its larger constants round a little more
+//! (still far inside f32's margin for these layers). Layers with few channels, whose filters
+//! are small, take F(4x4); the wide ones keep F(2x2) so that their filters (many MB) are not
+//! more than doubled in memory. Tiles are processed in bands of tile rows sized to stay in
+//! cache, so the transformed inputs and the products never leave it.
+
+use std::ops::{Add, Mul, Sub};
 
 use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
@@ -16,89 +23,280 @@ use super::buffers::WorkBuffer;
 use super::conv::gemm;
 use super::{Activation, Bands, FeatureMap, SharedOut, bias_values, simd, tensor_values};
 
-/// Positions in a transformed 4x4 tile: one GEMM each.
-const POSITIONS: usize = 16;
-
 /// Bytes of transformed inputs and products per band (L2-sized).
 const BAND_BYTES: usize = 1 << 20;
+
+/// Neighbouring tiles transformed at once on rows of at least as many tiles: one AVX-512
+/// register, two AVX2 ones.
+const LANES: usize = 16;
+
+/// Neighbouring tiles transformed at once on narrower rows (the deep layers' maps are a few
+/// tiles wide, and `LANES` would transform mostly padding there).
+const NARROW_LANES: usize = 4;
+
+/// The values of `L` neighbouring tiles at one place of their tiles: the transforms run on
+/// these, so that each of their additions is one vector instruction.
+#[derive(Clone, Copy)]
+struct Lanes<const L: usize>([f32; L]);
+
+impl<const L: usize> Lanes<L> {
+    /// The first `L` values of `values`.
+    #[inline(always)]
+    fn load(values: &[f32]) -> Self {
+        Self(values[..L].try_into().expect("L values"))
+    }
+
+    /// Writes the lanes to the first `L` values of `out`. Every buffer the transforms write has
+    /// room for a whole block past its last tile, so that no store is partial.
+    #[inline(always)]
+    fn store(self, out: &mut [f32]) {
+        out[..L].copy_from_slice(&self.0);
+    }
+}
+
+impl<const L: usize> Add for Lanes<L> {
+    type Output = Self;
+
+    #[inline(always)]
+    fn add(mut self, other: Self) -> Self {
+        for (value, other) in self.0.iter_mut().zip(other.0) {
+            *value += other;
+        }
+        self
+    }
+}
+
+impl<const L: usize> Sub for Lanes<L> {
+    type Output = Self;
+
+    #[inline(always)]
+    fn sub(mut self, other: Self) -> Self {
+        for (value, other) in self.0.iter_mut().zip(other.0) {
+            *value -= other;
+        }
+        self
+    }
+}
+
+impl<const L: usize> Mul<Lanes<L>> for f32 {
+    type Output = Lanes<L>;
+
+    #[inline(always)]
+    fn mul(self, mut lanes: Lanes<L>) -> Lanes<L> {
+        for value in &mut lanes.0 {
+            *value *= self;
+        }
+        lanes
+    }
+}
+
+/// The largest `in_channels * out_channels` given F(4x4, 3x3): 128 x 128, whose filters take
+/// 2.4 MB in the Winograd domain (the 256-channel layers' would take 9.4 MB each).
+const LARGE_TILE_MAX_WEIGHTS: usize = 128 * 128;
+
+/// The output block a tile yields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WinogradTile {
+    /// F(2x2, 3x3): 4x4 input tiles, 16 transformed values per filter.
+    Two,
+    /// F(4x4, 3x3): 6x6 input tiles, 36 transformed values per filter.
+    Four,
+}
+
+impl WinogradTile {
+    /// The tile a layer of this many channels gets (see the module's documentation).
+    pub fn for_channels(in_channels: usize, out_channels: usize) -> Self {
+        if in_channels * out_channels <= LARGE_TILE_MAX_WEIGHTS {
+            Self::Four
+        } else {
+            Self::Two
+        }
+    }
+}
+
+/// F(m x m, 3x3) along one axis: `M` outputs from `T = M + 2` inputs.
+trait Scheme<const M: usize, const T: usize> {
+    /// `G g` for a filter's three taps.
+    fn filter(g: [f64; 3]) -> [f64; T];
+    /// `Bᵀ d` for `L` tiles: `d[i]` is `load(i)`, and `store(i, value)` takes the `i`-th
+    /// value of the result. (Loads and stores rather than arrays in and out: the compiler keeps
+    /// these few values in registers, where it would copy whole arrays through memory.)
+    fn input<const L: usize>(load: impl Fn(usize) -> Lanes<L>, store: impl FnMut(usize, Lanes<L>));
+    /// `Aᵀ m` for `L` tiles, `m` loaded and the result stored as in [`Scheme::input`].
+    fn output<const L: usize>(load: impl Fn(usize) -> Lanes<L>, store: impl FnMut(usize, Lanes<L>));
+}
+
+/// F(2, 3) on the points 0, 1, -1 and ∞.
+struct Two;
+
+impl Scheme<2, 4> for Two {
+    /// `G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]]`.
+    fn filter([a, b, c]: [f64; 3]) -> [f64; 4] {
+        [a, (a + b + c) / 2.0, (a - b + c) / 2.0, c]
+    }
+
+    /// `Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`.
+    #[inline(always)]
+    fn input<const L: usize>(
+        load: impl Fn(usize) -> Lanes<L>,
+        mut store: impl FnMut(usize, Lanes<L>),
+    ) {
+        let [d0, d1, d2, d3] = [load(0), load(1), load(2), load(3)];
+        store(0, d0 - d2);
+        store(1, d1 + d2);
+        store(2, d2 - d1);
+        store(3, d1 - d3);
+    }
+
+    /// `Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]]`.
+    #[inline(always)]
+    fn output<const L: usize>(
+        load: impl Fn(usize) -> Lanes<L>,
+        mut store: impl FnMut(usize, Lanes<L>),
+    ) {
+        let [m0, m1, m2, m3] = [load(0), load(1), load(2), load(3)];
+        store(0, m0 + m1 + m2);
+        store(1, m1 - m2 - m3);
+    }
+}
+
+/// F(4, 3) on the points 0, 1, -1, 2, -2 and ∞ (Lavin and Gray's matrices).
+struct Four;
+
+impl Scheme<4, 6> for Four {
+    /// `G = [[¼, 0, 0], [-⅙, -⅙, -⅙], [-⅙, ⅙, -⅙], [1/24, 1/12, ⅙], [1/24, -1/12, ⅙],
+    /// [0, 0, 1]]`.
+    fn filter([a, b, c]: [f64; 3]) -> [f64; 6] {
+        [
+            a / 4.0,
+            -(a + b + c) / 6.0,
+            -(a - b + c) / 6.0,
+            a / 24.0 + b / 12.0 + c / 6.0,
+            a / 24.0 - b / 12.0 + c / 6.0,
+            c,
+        ]
+    }
+
+    /// `Bᵀ = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+    /// [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]`.
+    #[inline(always)]
+    fn input<const L: usize>(
+        load: impl Fn(usize) -> Lanes<L>,
+        mut store: impl FnMut(usize, Lanes<L>),
+    ) {
+        let [d0, d1, d2, d3, d4, d5] = [load(0), load(1), load(2), load(3), load(4), load(5)];
+        let (even, odd) = (d4 - 4.0 * d2, d3 - 4.0 * d1);
+        let (even2, odd2) = (d4 - d2, 2.0 * (d3 - d1));
+        store(0, 4.0 * d0 - 5.0 * d2 + d4);
+        store(1, even + odd);
+        store(2, even - odd);
+        store(3, even2 + odd2);
+        store(4, even2 - odd2);
+        store(5, 4.0 * d1 - 5.0 * d3 + d5);
+    }
+
+    /// `Aᵀ = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+    /// [0, 1, -1, 8, -8, 1]]`.
+    #[inline(always)]
+    fn output<const L: usize>(
+        load: impl Fn(usize) -> Lanes<L>,
+        mut store: impl FnMut(usize, Lanes<L>),
+    ) {
+        let [m0, m1, m2, m3, m4, m5] = [load(0), load(1), load(2), load(3), load(4), load(5)];
+        let (sum1, difference1) = (m1 + m2, m1 - m2);
+        let (sum2, difference2) = (m3 + m4, m3 - m4);
+        store(0, m0 + sum1 + sum2);
+        store(1, difference1 + 2.0 * difference2);
+        store(2, sum1 + 4.0 * sum2);
+        store(3, difference1 + 8.0 * difference2 + m5);
+    }
+}
 
 /// A 3x3 convolution's filters in the Winograd domain, transformed once at load.
 #[derive(Clone, Debug)]
 pub struct WinogradConv {
-    /// `[16, out_channels, in_channels]`: for each tile position ξ, the matrix `U[ξ]`.
+    /// `[positions, out_channels, in_channels]`: for each tile position ξ, the matrix `U[ξ]`.
     weights: Vec<f32>,
     /// One per output channel (zeros for a convolution without bias).
     bias: Vec<f32>,
     out_channels: usize,
     in_channels: usize,
+    tile: WinogradTile,
 }
 
 impl WinogradConv {
-    /// Transforms a Burn 3x3 convolution (groups 1, stride 1, padding 1), taking it over.
+    /// Transforms a Burn 3x3 convolution (groups 1, stride 1, padding 1), taking it over, with
+    /// the tile [`WinogradTile::for_channels`] picks.
     pub fn from_conv(conv: Conv2d) -> Self {
+        let [out_channels, in_channels, ..] = conv.weight.dims();
+        Self::with_tile(conv, WinogradTile::for_channels(in_channels, out_channels))
+    }
+
+    /// [`WinogradConv::from_conv`] with the tile given.
+    pub fn with_tile(conv: Conv2d, tile: WinogradTile) -> Self {
         let [out_channels, in_channels, kernel, kernel_w] = conv.weight.dims();
         assert_eq!((kernel, kernel_w), (3, 3), "3x3 kernels only");
         assert_eq!(conv.groups, 1, "no grouped convolutions");
         assert_eq!(conv.stride, [1, 1], "stride 1 only");
         let filters = tensor_values(conv.weight.into_value());
         let bias = bias_values(conv.bias, out_channels);
-        // This runs at start-up, before the port is bound: one parallel pass, each output
-        // channel's filters transformed and written straight to their 16 places.
-        let matrix = out_channels * in_channels;
-        let mut weights = Vec::with_capacity(POSITIONS * matrix);
-        let out = SharedOut(weights.as_mut_ptr());
-        filters
-            .par_chunks_exact(9 * in_channels)
-            .enumerate()
-            .for_each(|(channel, channel_filters)| {
-                for (input, filter) in channel_filters.chunks_exact(9).enumerate() {
-                    let offset = channel * in_channels + input;
-                    for (position, value) in transform_filter(filter).into_iter().enumerate() {
-                        // SAFETY: (position, channel, input) is written by this task alone,
-                        // once, inside the buffer of `POSITIONS * matrix` values.
-                        unsafe { out.get().add(position * matrix + offset).write(value) };
-                    }
-                }
-            });
-        // SAFETY: every (position, channel, input) was written above.
-        unsafe { weights.set_len(POSITIONS * matrix) };
+        let weights = match tile {
+            WinogradTile::Two => transform_filters::<2, 4, Two>(&filters, in_channels),
+            WinogradTile::Four => transform_filters::<4, 6, Four>(&filters, in_channels),
+        };
         Self {
             weights,
             bias,
             out_channels,
             in_channels,
+            tile,
         }
     }
 }
 
-/// `G g Gᵀ` for one 3x3 filter `g` (row-major), with
-/// `G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]]`; computed in f64, rounded once.
-fn transform_filter(g: &[f32]) -> [f32; POSITIONS] {
+/// `G g Gᵀ` for every 3x3 filter of `[out, in, 3, 3]` `filters`, laid out
+/// `[positions, out, in]`.
+fn transform_filters<const M: usize, const T: usize, S: Scheme<M, T>>(
+    filters: &[f32],
+    in_channels: usize,
+) -> Vec<f32> {
+    // This runs at start-up, before the port is bound: one parallel pass, each output channel's
+    // filters transformed and written straight to their places.
+    let matrix = filters.len() / 9;
+    let positions = T * T;
+    let mut weights = Vec::with_capacity(positions * matrix);
+    let out = SharedOut(weights.as_mut_ptr());
+    filters
+        .par_chunks_exact(9 * in_channels)
+        .enumerate()
+        .for_each(|(channel, channel_filters)| {
+            for (input, filter) in channel_filters.chunks_exact(9).enumerate() {
+                let offset = channel * in_channels + input;
+                for (position, value) in transform_filter::<M, T, S>(filter).enumerate() {
+                    // SAFETY: (position, channel, input) is written by this task alone, once,
+                    // inside the buffer of `positions * matrix` values.
+                    unsafe { out.get().add(position * matrix + offset).write(value) };
+                }
+            }
+        });
+    // SAFETY: every (position, channel, input) was written above.
+    unsafe { weights.set_len(positions * matrix) };
+    weights
+}
+
+/// `G g Gᵀ` for one row-major 3x3 filter `g`, row by row of the t x t result; computed in f64,
+/// rounded once.
+fn transform_filter<const M: usize, const T: usize, S: Scheme<M, T>>(
+    g: &[f32],
+) -> impl Iterator<Item = f32> {
     let g: [f64; 9] = std::array::from_fn(|i| f64::from(g[i]));
-    let apply = |a: f64, b: f64, c: f64| [a, (a + b + c) / 2.0, (a - b + c) / 2.0, c];
-    // G g: 4 rows of 3, built column by column.
-    let columns: [[f64; 4]; 3] = std::array::from_fn(|x| apply(g[x], g[3 + x], g[6 + x]));
-    let mut u = [0.0; POSITIONS];
-    for row in 0..4 {
-        let transformed = apply(columns[0][row], columns[1][row], columns[2][row]);
-        for (column, value) in transformed.into_iter().enumerate() {
-            u[row * 4 + column] = value as f32;
-        }
-    }
-    u
-}
-
-/// `Bᵀ x` for four values along one axis, `Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0],
-/// [0, 1, 0, -1]]`.
-#[inline(always)]
-fn input_transform(x0: f32, x1: f32, x2: f32, x3: f32) -> [f32; 4] {
-    [x0 - x2, x1 + x2, x2 - x1, x1 - x3]
-}
-
-/// `Aᵀ x` for four values along one axis, `Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]]`.
-#[inline(always)]
-fn output_transform(x0: f32, x1: f32, x2: f32, x3: f32) -> [f32; 2] {
-    [x0 + x1 + x2, x1 - x2 - x3]
+    // G g: t rows of 3, built column by column.
+    let columns: [[f64; T]; 3] = std::array::from_fn(|x| S::filter([g[x], g[3 + x], g[6 + x]]));
+    (0..T).flat_map(move |row| {
+        S::filter([columns[0][row], columns[1][row], columns[2][row]])
+            .into_iter()
+            .map(|value| value as f32)
+    })
 }
 
 /// One image's geometry in tiles, and the band of tile rows a call works on.
@@ -115,78 +313,98 @@ impl Band {
     fn tiles(self) -> usize {
         (self.rows.1 - self.rows.0) * self.tiles_x
     }
+
+    /// The values one position of one channel takes in the transformed inputs and products:
+    /// the band's tiles, then room for a whole block of lanes written or read past the last.
+    fn segment(self) -> usize {
+        self.tiles() + LANES
+    }
 }
 
-/// Fills `v` (`[in_channels, 16, tiles]`) with `Bᵀ d B` for every tile of the band and every
+/// `N` consecutive slices of `len` values from the start of `values`.
+fn slices<const N: usize>(values: &[f32], len: usize) -> [&[f32]; N] {
+    std::array::from_fn(|i| &values[i * len..][..len])
+}
+
+/// `N` consecutive mutable slices of `len` values from the start of `values`.
+fn slices_mut<const N: usize>(values: &mut [f32], len: usize) -> [&mut [f32]; N] {
+    let mut chunks = values.chunks_exact_mut(len);
+    std::array::from_fn(|_| chunks.next().expect("N slices fit"))
+}
+
+/// Fills `v` (`[in_channels, t², tiles]`) with `Bᵀ d B` for every tile of the band and every
 /// channel of `image`, ReLU applied to the inputs first when `relu`.
 ///
-/// Tiles start every two columns, so each input row is split into its even and odd padded
-/// columns first: the tile at `x` then reads `even[x], odd[x], even[x + 1], odd[x + 1]`, and
-/// every loop below runs over contiguous memory and vectorises.
-fn transform_inputs(image: &[f32], band: Band, relu: bool, v: &mut [f32], parallel: bool) {
+/// Tiles start every m columns, so each padded input row is first split into its m phases
+/// (columns `m * i + k` for phase k): the tile at `x` then reads phases 0..m at `x` and phases
+/// 0..2 at `x + 1`, and `L` neighbouring tiles read `L` contiguous values of each.
+fn transform_inputs<const M: usize, const T: usize, const L: usize, S: Scheme<M, T>>(
+    image: &[f32],
+    band: Band,
+    relu: bool,
+    v: &mut [f32],
+    parallel: bool,
+) {
     let (height, width, tiles_x) = (band.height, band.width, band.tiles_x);
-    let tiles = band.tiles();
+    let segment = band.segment();
     let split = tiles_x + 1;
+    // A phase's row, with room for whole blocks of lanes read one column further on.
+    let stride = split.next_multiple_of(L) + L;
     let channel = |(source, v): (&[f32], &mut [f32])| {
         simd::vectorised(
             #[inline(always)]
             || {
-                // Rows 0..4 even columns, rows 0..4 odd columns; then the same after Bᵀ.
-                let mut columns = WorkBuffer::take(8 * split);
-                let mut mixed = WorkBuffer::take(8 * split);
+                // `[phase, tile input row, stride]`, then the same after Bᵀ.
+                let mut phases = WorkBuffer::take(M * T * stride);
+                let mut mixed = WorkBuffer::take(M * T * stride);
+                let mut line = WorkBuffer::take(M * stride);
                 for tile_row in band.rows.0..band.rows.1 {
-                    let (evens, odds) = columns.split_at_mut(4 * split);
-                    for r in 0..4 {
-                        let even = &mut evens[r * split..(r + 1) * split];
-                        let odd = &mut odds[r * split..(r + 1) * split];
-                        even.fill(0.0);
-                        odd.fill(0.0);
-                        let y = (2 * tile_row + r).wrapping_sub(1);
-                        if y < height {
-                            // Padded column 2i is input column 2i - 1, padded column 2i + 1 is 2i.
-                            let pairs = source[y * width..(y + 1) * width].chunks_exact(2);
-                            if let [last] = pairs.remainder() {
-                                odd[width / 2] = *last;
-                            }
-                            for (pair, (o, e)) in pairs.zip(odd.iter_mut().zip(&mut even[1..])) {
-                                *o = pair[0];
-                                *e = pair[1];
-                            }
-                        }
+                    for r in 0..T {
+                        let y = (M * tile_row + r).wrapping_sub(1);
+                        let row = (y < height).then(|| &source[y * width..(y + 1) * width]);
+                        split_phases::<M, L>(
+                            row,
+                            &mut line,
+                            &mut phases,
+                            (r * stride, stride),
+                            relu,
+                        );
                     }
-                    if relu {
-                        columns.iter_mut().for_each(|value| *value = value.max(0.0));
-                    }
-                    // Bᵀ d: down the columns.
-                    for (input, output) in columns
-                        .chunks_exact(4 * split)
-                        .zip(mixed.chunks_exact_mut(4 * split))
+                    // Bᵀ d: down the columns, phase by phase.
+                    for (input, output) in phases
+                        .chunks_exact(T * stride)
+                        .zip(mixed.chunks_exact_mut(T * stride))
                     {
-                        let (p0, rest) = input.split_at(split);
-                        let (p1, rest) = rest.split_at(split);
-                        let (p2, p3) = rest.split_at(split);
-                        let (m0, rest) = output.split_at_mut(split);
-                        let (m1, rest) = rest.split_at_mut(split);
-                        let (m2, m3) = rest.split_at_mut(split);
-                        for x in 0..split {
-                            [m0[x], m1[x], m2[x], m3[x]] =
-                                input_transform(p0[x], p1[x], p2[x], p3[x]);
+                        let rows = slices::<T>(input, stride);
+                        let mut out = slices_mut::<T>(output, stride);
+                        for x in (0..split).step_by(L) {
+                            S::input(
+                                #[inline(always)]
+                                |r| Lanes::<L>::load(&rows[r][x..]),
+                                #[inline(always)]
+                                |r, lanes| lanes.store(&mut out[r][x..]),
+                            );
                         }
                     }
                     // (Bᵀ d) B: along the rows.
                     let first_tile = (tile_row - band.rows.0) * tiles_x;
-                    let (evens, odds) = mixed.split_at(4 * split);
-                    let mut positions = v.chunks_exact_mut(tiles);
-                    for r in 0..4 {
-                        let even = &evens[r * split..(r + 1) * split];
-                        let odd = &odds[r * split..(r + 1) * split];
-                        let mut next = || {
-                            &mut positions.next().expect("16 positions")[first_tile..][..tiles_x]
+                    for (r, positions) in v.chunks_exact_mut(T * segment).enumerate() {
+                        let taps: [&[f32]; T] = std::array::from_fn(|j| {
+                            &mixed[((j % M) * T + r) * stride + j / M..][..stride - 1]
+                        });
+                        let mut out: [&mut [f32]; T] = {
+                            let mut chunks = positions.chunks_exact_mut(segment);
+                            std::array::from_fn(|_| {
+                                &mut chunks.next().expect("t positions")[first_tile..]
+                            })
                         };
-                        let (v0, v1, v2, v3) = (next(), next(), next(), next());
-                        for x in 0..tiles_x {
-                            [v0[x], v1[x], v2[x], v3[x]] =
-                                input_transform(even[x], odd[x], even[x + 1], odd[x + 1]);
+                        for x in (0..tiles_x).step_by(L) {
+                            S::input(
+                                #[inline(always)]
+                                |j| Lanes::<L>::load(&taps[j][x..]),
+                                #[inline(always)]
+                                |j, lanes| lanes.store(&mut out[j][x..]),
+                            );
                         }
                     }
                 }
@@ -194,16 +412,57 @@ fn transform_inputs(image: &[f32], band: Band, relu: bool, v: &mut [f32], parall
         )
     };
     let plane = height * width;
+    let per_channel = T * T * segment;
     if parallel {
         image
             .par_chunks(plane)
-            .zip(v.par_chunks_mut(POSITIONS * tiles))
+            .zip(v.par_chunks_mut(per_channel))
             .for_each(channel);
     } else {
         image
             .chunks(plane)
-            .zip(v.chunks_mut(POSITIONS * tiles))
+            .zip(v.chunks_mut(per_channel))
             .for_each(channel);
+    }
+}
+
+/// Writes one padded input row (`None` for a padding row) into its place in each of the
+/// `M` phases of `phases` (`[phase, rows, stride]`, the row's at `start` in each): padded
+/// column `M * i + k`, input column `M * i + k - 1`, goes to index `i` of phase `k`. Every
+/// slot is written, zeros where the row has no column; ReLU when `relu`.
+///
+/// The row is first copied behind one zero into `line` (`M * stride` long), then split
+/// `L` groups of `M` at a time: fixed-size transposes the compiler does with shuffles.
+#[inline(always)]
+fn split_phases<const M: usize, const L: usize>(
+    row: Option<&[f32]>,
+    line: &mut [f32],
+    phases: &mut [f32],
+    (start, stride): (usize, usize),
+    relu: bool,
+) {
+    let phase_len = phases.len() / M;
+    let mut chunks = phases.chunks_exact_mut(phase_len);
+    let mut lanes: [&mut [f32]; M] =
+        std::array::from_fn(|_| &mut chunks.next().expect("M phases")[start..][..stride]);
+    let Some(row) = row else {
+        lanes.iter_mut().for_each(|lane| lane.fill(0.0));
+        return;
+    };
+    let width = row.len();
+    line[0] = 0.0;
+    for (padded, value) in line[1..=width].iter_mut().zip(row) {
+        *padded = if relu { value.max(0.0) } else { *value };
+    }
+    line[width + 1..].fill(0.0);
+    let (groups, _) = line.as_chunks::<M>();
+    for (block, groups) in groups.chunks_exact(L).enumerate() {
+        for (k, lane) in lanes.iter_mut().enumerate() {
+            let lane = &mut lane[block * L..][..L];
+            for (value, group) in lane.iter_mut().zip(groups) {
+                *value = group[k];
+            }
+        }
     }
 }
 
@@ -215,88 +474,127 @@ struct Epilogue<'a> {
     activation: Activation,
 }
 
-/// `Aᵀ M A` for every tile of the band, from `m` (`[out_channels, 16, tiles]`), plus bias and
-/// residuals, through the activation, written into the band's output rows.
+impl Epilogue<'_> {
+    /// Writes `activation(values + bias + residuals)` at `start` of the image's output.
+    ///
+    /// # Safety
+    /// `start..start + values.len()` is inside the image's output, and no other task writes it.
+    #[inline(always)]
+    unsafe fn write(&self, start: usize, values: &[f32], bias: f32) {
+        let width = values.len();
+        // SAFETY: the caller's contract.
+        let target = unsafe { self.out.uninit(start, width) };
+        let activation = self.activation;
+        match self.residuals.as_slice() {
+            [] => {
+                for (t, v) in target.iter_mut().zip(values) {
+                    t.write(activation.of(v + bias));
+                }
+            }
+            [a] => {
+                let a = &a[start..start + width];
+                for ((t, v), a) in target.iter_mut().zip(values).zip(a) {
+                    t.write(activation.of(v + bias + a));
+                }
+            }
+            [a, b, ..] => {
+                let (a, b) = (&a[start..start + width], &b[start..start + width]);
+                for (((t, v), a), b) in target.iter_mut().zip(values).zip(a).zip(b) {
+                    t.write(activation.of(v + bias + a + b));
+                }
+            }
+        }
+    }
+}
+
+/// `Aᵀ M A` for every tile of the band, from `m` (`[out_channels, t², segment]`), plus bias and residuals, through the activation, written into the
+/// band's output rows.
 ///
-/// The transform writes each output row's even and odd columns to separate arrays (contiguous,
-/// so it vectorises); one interleaving pass then lays them out as a row for the epilogue.
-fn transform_outputs(m: &[f32], band: Band, epilogue: &Epilogue, parallel: bool) {
+/// The transform writes each output row's m column phases to separate arrays, `L` tiles
+/// at a time; one interleaving pass then lays them out as a row for the epilogue.
+fn transform_outputs<const M: usize, const T: usize, const L: usize, S: Scheme<M, T>>(
+    m: &[f32],
+    band: Band,
+    epilogue: &Epilogue,
+    parallel: bool,
+) {
     let (height, width, tiles_x) = (band.height, band.width, band.tiles_x);
-    let tiles = band.tiles();
+    let segment = band.segment();
     let plane = height * width;
-    let channel = |(out_channel, m): (usize, &[f32])| {
+    let per_channel = T * T * segment;
+    let padded = tiles_x.next_multiple_of(L);
+    let channel = |out_channel: usize| {
         simd::vectorised(
             #[inline(always)]
             || {
-                // Even and odd columns of the tile row's two output rows, then one interleaved row.
-                let mut halves = WorkBuffer::take(4 * tiles_x);
-                let mut row = WorkBuffer::take(2 * tiles_x);
+                // `[output row, column phase, padded]`, then one interleaved row.
+                let mut phases = WorkBuffer::take(M * M * padded);
+                let mut row = WorkBuffer::take(M * padded);
+                let mut half = WorkBuffer::take(M * T * L);
                 let bias = epilogue.bias[out_channel];
+                let m = &m[out_channel * per_channel..];
                 for tile_row in band.rows.0..band.rows.1 {
                     let first_tile = (tile_row - band.rows.0) * tiles_x;
-                    let p: [&[f32]; POSITIONS] = std::array::from_fn(|position| {
-                        &m[position * tiles + first_tile..][..tiles_x]
+                    let p: [[&[f32]; T]; T] = std::array::from_fn(|r| {
+                        std::array::from_fn(|j| &m[(r * T + j) * segment + first_tile..][..padded])
                     });
-                    let (even0, rest) = halves.split_at_mut(tiles_x);
-                    let (odd0, rest) = rest.split_at_mut(tiles_x);
-                    let (even1, odd1) = rest.split_at_mut(tiles_x);
-                    for x in 0..tiles_x {
-                        // Aᵀ M down the columns, then along the rows.
-                        let [a0, a1] = output_transform(p[0][x], p[4][x], p[8][x], p[12][x]);
-                        let [b0, b1] = output_transform(p[1][x], p[5][x], p[9][x], p[13][x]);
-                        let [c0, c1] = output_transform(p[2][x], p[6][x], p[10][x], p[14][x]);
-                        let [d0, d1] = output_transform(p[3][x], p[7][x], p[11][x], p[15][x]);
-                        [even0[x], odd0[x]] = output_transform(a0, b0, c0, d0);
-                        [even1[x], odd1[x]] = output_transform(a1, b1, c1, d1);
-                    }
-                    for (i, (even, odd)) in [(&*even0, &*odd0), (&*even1, &*odd1)]
-                        .into_iter()
-                        .enumerate()
                     {
-                        let y = 2 * tile_row + i;
+                        let mut rows = phases.chunks_exact_mut(M * padded);
+                        let mut out: [[&mut [f32]; M]; M] = std::array::from_fn(|_| {
+                            slices_mut::<M>(rows.next().expect("M rows"), padded)
+                        });
+                        for x in (0..tiles_x).step_by(L) {
+                            // Aᵀ M down the columns, then along the rows.
+                            // `half[i * T + j]`: row i of column j's result.
+                            for j in 0..T {
+                                S::output(
+                                    #[inline(always)]
+                                    |r| Lanes::<L>::load(&p[r][j][x..]),
+                                    #[inline(always)]
+                                    |i, lanes| lanes.store(&mut half[(i * T + j) * L..]),
+                                );
+                            }
+                            for (i, out) in out.iter_mut().enumerate() {
+                                S::output(
+                                    #[inline(always)]
+                                    |j| Lanes::<L>::load(&half[(i * T + j) * L..]),
+                                    #[inline(always)]
+                                    |k, lanes| lanes.store(&mut out[k][x..]),
+                                );
+                            }
+                        }
+                    }
+                    for (i, phases) in phases.chunks_exact(M * padded).enumerate() {
+                        let y = M * tile_row + i;
                         if y >= height {
                             break;
                         }
-                        for (pair, (e, o)) in row.chunks_exact_mut(2).zip(even.iter().zip(odd)) {
-                            pair[0] = *e;
-                            pair[1] = *o;
-                        }
-                        let values = &row[..width];
-                        let start = out_channel * plane + y * width;
-                        // SAFETY: row `y` of plane `out_channel` is inside the image, and only this
-                        // channel's task writes it.
-                        let target = unsafe { epilogue.out.uninit(start, width) };
-                        let activation = epilogue.activation;
-                        match epilogue.residuals.as_slice() {
-                            [] => {
-                                for (t, v) in target.iter_mut().zip(values) {
-                                    t.write(activation.of(v + bias));
-                                }
-                            }
-                            [a] => {
-                                let a = &a[start..start + width];
-                                for ((t, v), a) in target.iter_mut().zip(values).zip(a) {
-                                    t.write(activation.of(v + bias + a));
-                                }
-                            }
-                            [a, b, ..] => {
-                                let (a, b) = (&a[start..start + width], &b[start..start + width]);
-                                for (((t, v), a), b) in target.iter_mut().zip(values).zip(a).zip(b)
-                                {
-                                    t.write(activation.of(v + bias + a + b));
+                        // `L` groups of `M` at a time: fixed-size transposes.
+                        let lanes = slices::<M>(phases, padded);
+                        let (groups, _) = row.as_chunks_mut::<M>();
+                        for (block, groups) in groups.chunks_exact_mut(L).enumerate() {
+                            for (k, lane) in lanes.iter().enumerate() {
+                                let lane = &lane[block * L..][..L];
+                                for (group, value) in groups.iter_mut().zip(lane) {
+                                    group[k] = *value;
                                 }
                             }
                         }
+                        // SAFETY: row `y` of plane `out_channel` is inside the image, and only
+                        // this channel's task writes it.
+                        unsafe {
+                            epilogue.write(out_channel * plane + y * width, &row[..width], bias)
+                        };
                     }
                 }
             },
         )
     };
-    let per_channel = POSITIONS * tiles;
+    let out_channels = epilogue.bias.len();
     if parallel {
-        m.par_chunks(per_channel).enumerate().for_each(channel);
+        (0..out_channels).into_par_iter().for_each(channel);
     } else {
-        m.chunks(per_channel).enumerate().for_each(channel);
+        (0..out_channels).for_each(channel);
     }
 }
 
@@ -318,86 +616,136 @@ pub fn winograd3x3(
         input.height,
         input.width,
     );
-    let (channels, out_channels) = (conv.in_channels, conv.out_channels);
-    let (height, width) = (input.height, input.width);
-    let (tiles_y, tiles_x) = (height.div_ceil(2), width.div_ceil(2));
-    let row_bytes = POSITIONS * (channels + out_channels) * tiles_x * 4;
-    let Bands {
-        size: band_rows,
-        count: bands,
-        parallel_inside,
-    } = Bands::split(
-        input.batch,
-        tiles_y,
-        (BAND_BYTES / row_bytes).clamp(1, tiles_y),
-    );
+    let layer = Layer {
+        input,
+        conv,
+        relu_in,
+        activation,
+        residuals,
+    };
+    match conv.tile {
+        WinogradTile::Two => layer.run::<2, 4, Two>(),
+        WinogradTile::Four => layer.run::<4, 6, Four>(),
+    }
+}
 
-    let out_len = out_channels * height * width;
-    let task = |out: SharedOut, index: usize| {
-        let (image, band_index) = (index / bands, index % bands);
-        let band = Band {
-            height,
-            width,
-            tiles_x,
-            rows: (
-                band_index * band_rows,
-                ((band_index + 1) * band_rows).min(tiles_y),
-            ),
-        };
-        let tiles = band.tiles();
-        let source = &input.data[image * input.image_len()..(image + 1) * input.image_len()];
-        let mut v = WorkBuffer::take(channels * POSITIONS * tiles);
-        transform_inputs(source, band, relu_in, &mut v, parallel_inside);
+/// One call's arguments.
+struct Layer<'a> {
+    input: &'a FeatureMap,
+    conv: &'a WinogradConv,
+    relu_in: bool,
+    activation: Activation,
+    residuals: &'a [&'a FeatureMap],
+}
 
-        let mut m = WorkBuffer::take(out_channels * POSITIONS * tiles);
-        let products = SharedOut(m.as_mut_ptr());
-        let multiply = |position: usize| {
-            let u = &conv.weights[position * out_channels * channels..][..out_channels * channels];
-            // SAFETY: `m` holds out_channels rows of 16 * tiles; this position's GEMM alone
-            // writes columns position * tiles.. of each, and `v` holds channels such rows.
-            unsafe {
-                gemm(
-                    out_channels,
-                    tiles,
-                    channels,
-                    products.get().add(position * tiles),
-                    POSITIONS * tiles,
-                    u,
-                    &v[position * tiles..],
-                    POSITIONS * tiles,
-                    false,
-                    false,
+impl Layer<'_> {
+    fn run<const M: usize, const T: usize, S: Scheme<M, T>>(&self) -> FeatureMap {
+        let (input, conv) = (self.input, self.conv);
+        let positions = T * T;
+        let (channels, out_channels) = (conv.in_channels, conv.out_channels);
+        let (height, width) = (input.height, input.width);
+        let (tiles_y, tiles_x) = (height.div_ceil(M), width.div_ceil(M));
+        let row_bytes = positions * (channels + out_channels) * tiles_x * 4;
+        let Bands {
+            size: band_rows,
+            count: bands,
+            parallel_inside,
+        } = Bands::split(
+            input.batch,
+            tiles_y,
+            (BAND_BYTES / row_bytes).clamp(1, tiles_y),
+        );
+
+        let out_len = out_channels * height * width;
+        let task = |out: SharedOut, index: usize| {
+            let (image, band_index) = (index / bands, index % bands);
+            let band = Band {
+                height,
+                width,
+                tiles_x,
+                rows: (
+                    band_index * band_rows,
+                    ((band_index + 1) * band_rows).min(tiles_y),
+                ),
+            };
+            let (tiles, segment) = (band.tiles(), band.segment());
+            let source = &input.data[image * input.image_len()..(image + 1) * input.image_len()];
+            let mut v = WorkBuffer::take(channels * positions * segment);
+            if tiles_x >= LANES {
+                transform_inputs::<M, T, LANES, S>(
+                    source,
+                    band,
+                    self.relu_in,
+                    &mut v,
+                    parallel_inside,
+                );
+            } else {
+                transform_inputs::<M, T, NARROW_LANES, S>(
+                    source,
+                    band,
+                    self.relu_in,
+                    &mut v,
+                    parallel_inside,
                 );
             }
-        };
-        if parallel_inside {
-            (0..POSITIONS).into_par_iter().for_each(multiply);
-        } else {
-            (0..POSITIONS).for_each(multiply);
-        }
 
-        let epilogue = Epilogue {
-            // SAFETY: image `image` of the output; the band's rows are this task's alone.
-            out: SharedOut(unsafe { out.get().add(image * out_len) }),
-            residuals: residuals
-                .iter()
-                .map(|r| &r.data[image * out_len..(image + 1) * out_len])
-                .collect(),
-            bias: &conv.bias,
-            activation,
-        };
-        transform_outputs(&m, band, &epilogue, parallel_inside);
-    };
-    // SAFETY: the bands cover every tile row of every image, and each writes all the output
-    // rows and columns its tiles cover.
-    unsafe {
-        FeatureMap::filled_by(input.batch, out_channels, height, width, |out| {
-            let task = |index: usize| task(out, index);
+            let mut m = WorkBuffer::take(out_channels * positions * segment);
+            let products = SharedOut(m.as_mut_ptr());
+            let multiply = |position: usize| {
+                let u =
+                    &conv.weights[position * out_channels * channels..][..out_channels * channels];
+                // SAFETY: `m` holds out_channels rows of t² segments; this position's GEMM alone
+                // writes its segment's first `tiles` columns of each, and `v` holds channels
+                // such rows.
+                unsafe {
+                    gemm(
+                        out_channels,
+                        tiles,
+                        channels,
+                        products.get().add(position * segment),
+                        positions * segment,
+                        u,
+                        &v[position * segment..],
+                        positions * segment,
+                        false,
+                        false,
+                    );
+                }
+            };
             if parallel_inside {
-                (0..input.batch * bands).for_each(task);
+                (0..positions).into_par_iter().for_each(multiply);
             } else {
-                (0..input.batch * bands).into_par_iter().for_each(task);
+                (0..positions).for_each(multiply);
             }
-        })
+
+            let epilogue = Epilogue {
+                // SAFETY: image `image` of the output; the band's rows are this task's alone.
+                out: SharedOut(unsafe { out.get().add(image * out_len) }),
+                residuals: self
+                    .residuals
+                    .iter()
+                    .map(|r| &r.data[image * out_len..(image + 1) * out_len])
+                    .collect(),
+                bias: &conv.bias,
+                activation: self.activation,
+            };
+            if tiles_x >= LANES {
+                transform_outputs::<M, T, LANES, S>(&m, band, &epilogue, parallel_inside);
+            } else {
+                transform_outputs::<M, T, NARROW_LANES, S>(&m, band, &epilogue, parallel_inside);
+            }
+        };
+        // SAFETY: the bands cover every tile row of every image, and each writes all the
+        // output rows and columns its tiles cover.
+        unsafe {
+            FeatureMap::filled_by(input.batch, out_channels, height, width, |out| {
+                let task = |index: usize| task(out, index);
+                if parallel_inside {
+                    (0..input.batch * bands).for_each(task);
+                } else {
+                    (0..input.batch * bands).into_par_iter().for_each(task);
+                }
+            })
+        }
     }
 }
