@@ -52,17 +52,24 @@ impl<const L: usize> Lanes<L> {
     fn store(self, out: &mut [f32]) {
         out[..L].copy_from_slice(&self.0);
     }
+
+    /// `f(self, other)` lane by lane (a loop over the lanes, which the compiler keeps in
+    /// registers; `array::from_fn`'s closures it did not always inline here).
+    #[inline(always)]
+    fn zip(mut self, other: Self, f: impl Fn(f32, f32) -> f32) -> Self {
+        for (value, other) in self.0.iter_mut().zip(other.0) {
+            *value = f(*value, other);
+        }
+        self
+    }
 }
 
 impl<const L: usize> Add for Lanes<L> {
     type Output = Self;
 
     #[inline(always)]
-    fn add(mut self, other: Self) -> Self {
-        for (value, other) in self.0.iter_mut().zip(other.0) {
-            *value += other;
-        }
-        self
+    fn add(self, other: Self) -> Self {
+        self.zip(other, |a, b| a + b)
     }
 }
 
@@ -70,11 +77,8 @@ impl<const L: usize> Sub for Lanes<L> {
     type Output = Self;
 
     #[inline(always)]
-    fn sub(mut self, other: Self) -> Self {
-        for (value, other) in self.0.iter_mut().zip(other.0) {
-            *value -= other;
-        }
-        self
+    fn sub(self, other: Self) -> Self {
+        self.zip(other, |a, b| a - b)
     }
 }
 
