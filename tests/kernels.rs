@@ -314,6 +314,12 @@ fn depthwise_matches_burn_with_same_padding() {
             [1, 3, 2, 5],
             [2, 5, 7, 45],
             [1, 3, 12, 66],
+            // Multiples of 16 channels on rows under 16 wide: the channel-blocked path.
+            [1, 32, 8, 8],
+            [2, 48, 15, 11],
+            [1, 16, 3, 2],
+            [1, 16, 20, 15],
+            [1, 32, 9, 24],
         ] {
             let layer = Conv2dConfig::new([channels, channels], [kernel, kernel])
                 .with_stride([stride, stride])

@@ -480,6 +480,78 @@ impl RowTaps {
     }
 }
 
+/// Transposes an 8x8 block: `out[c * out_stride + r] = rows[r][c]` for `r, c` in `0..8`,
+/// by AVX2's shuffles where the CPU has them (the compiler turns the same loop into gathers or
+/// one value at a time).
+///
+/// # Safety
+/// Each `rows[r]` must be readable for 8 values, `out` writable at every index above, and no
+/// other thread may touch those values during the call.
+#[inline(always)]
+pub(crate) unsafe fn transpose8(rows: [*const f32; 8], out: *mut f32, out_stride: usize) {
+    match Isa::detected() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 was detected; the rest is the caller's contract.
+        Isa::Avx512 | Isa::Avx2 => unsafe { transpose8_avx2(rows, out, out_stride) },
+        _ => {
+            for (r, row) in rows.into_iter().enumerate() {
+                for c in 0..8 {
+                    // SAFETY: the caller's contract.
+                    unsafe { out.add(c * out_stride + r).write(row.add(c).read()) };
+                }
+            }
+        }
+    }
+}
+
+/// [`transpose8`] on AVX2: pairs of rows interleaved, then pairs of pairs, then the 128-bit
+/// halves exchanged.
+///
+/// # Safety
+/// AVX2 must be present; the rest is [`transpose8`]'s contract.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose8_avx2(rows: [*const f32; 8], out: *mut f32, out_stride: usize) {
+    use std::arch::x86_64::{
+        _mm256_loadu_ps, _mm256_permute2f128_ps, _mm256_shuffle_ps, _mm256_storeu_ps,
+        _mm256_unpackhi_ps, _mm256_unpacklo_ps,
+    };
+    // SAFETY: the caller's contract: 8 values readable from each row, the outputs writable.
+    unsafe {
+        let r = rows.map(|row| _mm256_loadu_ps(row));
+        let t = [
+            _mm256_unpacklo_ps(r[0], r[1]),
+            _mm256_unpackhi_ps(r[0], r[1]),
+            _mm256_unpacklo_ps(r[2], r[3]),
+            _mm256_unpackhi_ps(r[2], r[3]),
+            _mm256_unpacklo_ps(r[4], r[5]),
+            _mm256_unpackhi_ps(r[4], r[5]),
+            _mm256_unpacklo_ps(r[6], r[7]),
+            _mm256_unpackhi_ps(r[6], r[7]),
+        ];
+        let u = [
+            _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+            _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+            _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+            _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+            _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+            _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+            _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+            _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+        ];
+        for c in 0..4 {
+            _mm256_storeu_ps(
+                out.add(c * out_stride),
+                _mm256_permute2f128_ps::<0x20>(u[c], u[c + 4]),
+            );
+            _mm256_storeu_ps(
+                out.add((c + 4) * out_stride),
+                _mm256_permute2f128_ps::<0x31>(u[c], u[c + 4]),
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -494,6 +566,28 @@ mod tests {
             paths.push(Isa::Avx512);
         }
         paths
+    }
+
+    #[test]
+    fn transpose8_transposes_on_every_path() {
+        let input: Vec<f32> = (0..8 * 11).map(|i| i as f32).collect();
+        for isa in paths() {
+            let mut out = vec![f32::NAN; 8 * 13];
+            vectorised_on(isa, || {
+                let rows = std::array::from_fn(|r| input[r * 11 + 2..].as_ptr());
+                // SAFETY: rows of 11 read from column 2 for 8; out has 8 rows of 13.
+                unsafe { transpose8(rows, out.as_mut_ptr().add(1), 13) };
+            });
+            for r in 0..8 {
+                for c in 0..8 {
+                    assert_eq!(
+                        out[c * 13 + 1 + r],
+                        input[r * 11 + 2 + c],
+                        "{isa:?} {r} {c}"
+                    );
+                }
+            }
+        }
     }
 
     /// Odd lengths, so that the tails after the full vectors run too.
