@@ -354,22 +354,23 @@ fn transform_inputs<const M: usize, const T: usize, const L: usize, S: Scheme<M,
     let split = tiles_x + 1;
     // A phase's row, with room for whole blocks of lanes read one column further on.
     let stride = split.next_multiple_of(L) + L;
-    let channel = |(source, v): (&[f32], &mut [f32])| {
+    // `[phase, tile input row, stride]`, then the same after Bᵀ, then one padded input row.
+    let phases_len = M * T * stride;
+    let scratch_len = 2 * phases_len + M * stride;
+    let channel = |scratch: &mut [f32], (source, v): (&[f32], &mut [f32])| {
         simd::vectorised(
             #[inline(always)]
             || {
-                // `[phase, tile input row, stride]`, then the same after Bᵀ.
-                let mut phases = WorkBuffer::take(M * T * stride);
-                let mut mixed = WorkBuffer::take(M * T * stride);
-                let mut line = WorkBuffer::take(M * stride);
+                let (phases, rest) = scratch.split_at_mut(phases_len);
+                let (mixed, line) = rest.split_at_mut(phases_len);
                 for tile_row in band.rows.0..band.rows.1 {
                     for r in 0..T {
                         let y = (M * tile_row + r).wrapping_sub(1);
                         let row = (y < height).then(|| &source[y * width..(y + 1) * width]);
                         split_phases::<M, L>(
                             row,
-                            &mut line,
-                            &mut phases,
+                            line,
+                            phases,
                             (r * stride, stride),
                             relu,
                         );
@@ -417,16 +418,22 @@ fn transform_inputs<const M: usize, const T: usize, const L: usize, S: Scheme<M,
     };
     let plane = height * width;
     let per_channel = T * T * segment;
+    // One scratch buffer per task, not per channel: a layer of few channels over many bands
+    // took its buffers thousands of times.
     if parallel {
         image
             .par_chunks(plane)
             .zip(v.par_chunks_mut(per_channel))
-            .for_each(channel);
+            .for_each_init(
+                || WorkBuffer::take(scratch_len),
+                |scratch, item| channel(scratch, item),
+            );
     } else {
+        let mut scratch = WorkBuffer::take(scratch_len);
         image
             .chunks(plane)
             .zip(v.chunks_mut(per_channel))
-            .for_each(channel);
+            .for_each(|item| channel(&mut scratch, item));
     }
 }
 
@@ -527,14 +534,16 @@ fn transform_outputs<const M: usize, const T: usize, const L: usize, S: Scheme<M
     let plane = height * width;
     let per_channel = T * T * segment;
     let padded = tiles_x.next_multiple_of(L);
-    let channel = |out_channel: usize| {
+    // `[output row, column phase, padded]`, then one interleaved row, then the column pass's
+    // results for one block of lanes.
+    let (phases_len, row_len) = (M * M * padded, M * padded);
+    let scratch_len = phases_len + row_len + M * T * L;
+    let channel = |scratch: &mut [f32], out_channel: usize| {
         simd::vectorised(
             #[inline(always)]
             || {
-                // `[output row, column phase, padded]`, then one interleaved row.
-                let mut phases = WorkBuffer::take(M * M * padded);
-                let mut row = WorkBuffer::take(M * padded);
-                let mut half = WorkBuffer::take(M * T * L);
+                let (phases, rest) = scratch.split_at_mut(phases_len);
+                let (row, half) = rest.split_at_mut(row_len);
                 let bias = epilogue.bias[out_channel];
                 let m = &m[out_channel * per_channel..];
                 for tile_row in band.rows.0..band.rows.1 {
@@ -596,9 +605,13 @@ fn transform_outputs<const M: usize, const T: usize, const L: usize, S: Scheme<M
     };
     let out_channels = epilogue.bias.len();
     if parallel {
-        (0..out_channels).into_par_iter().for_each(channel);
+        (0..out_channels).into_par_iter().for_each_init(
+            || WorkBuffer::take(scratch_len),
+            |scratch, out_channel| channel(scratch, out_channel),
+        );
     } else {
-        (0..out_channels).for_each(channel);
+        let mut scratch = WorkBuffer::take(scratch_len);
+        (0..out_channels).for_each(|out_channel| channel(&mut scratch, out_channel));
     }
 }
 
