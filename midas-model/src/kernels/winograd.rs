@@ -367,13 +367,7 @@ fn transform_inputs<const M: usize, const T: usize, const L: usize, S: Scheme<M,
                     for r in 0..T {
                         let y = (M * tile_row + r).wrapping_sub(1);
                         let row = (y < height).then(|| &source[y * width..(y + 1) * width]);
-                        split_phases::<M, L>(
-                            row,
-                            line,
-                            phases,
-                            (r * stride, stride),
-                            relu,
-                        );
+                        split_phases::<M, L>(row, line, phases, (r * stride, stride), relu);
                     }
                     // Bᵀ d: down the columns, phase by phase.
                     for (input, output) in phases
@@ -548,9 +542,8 @@ fn transform_outputs<const M: usize, const T: usize, const L: usize, S: Scheme<M
                 let m = &m[out_channel * per_channel..];
                 for tile_row in band.rows.0..band.rows.1 {
                     let first_tile = (tile_row - band.rows.0) * tiles_x;
-                    let p: [[&[f32]; T]; T] = std::array::from_fn(|r| {
-                        std::array::from_fn(|j| &m[(r * T + j) * segment + first_tile..][..padded])
-                    });
+                    // The products at position (r, j) of the tile row's tiles.
+                    let p = |r: usize, j: usize| &m[(r * T + j) * segment + first_tile..];
                     {
                         let mut rows = phases.chunks_exact_mut(M * padded);
                         let mut out: [[&mut [f32]; M]; M] = std::array::from_fn(|_| {
@@ -562,7 +555,7 @@ fn transform_outputs<const M: usize, const T: usize, const L: usize, S: Scheme<M
                             for j in 0..T {
                                 S::output(
                                     #[inline(always)]
-                                    |r| Lanes::<L>::load(&p[r][j][x..]),
+                                    |r| Lanes::<L>::load(&p(r, j)[x..]),
                                     #[inline(always)]
                                     |i, lanes| lanes.store(&mut half[(i * T + j) * L..]),
                                 );
