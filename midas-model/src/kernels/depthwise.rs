@@ -6,8 +6,8 @@
 //!   its even and odd columns), so that sixteen neighbouring outputs are summed in registers over
 //!   all `kernel * kernel` taps, each tap one contiguous load, and written once: no bounds tests
 //!   and no partial sums through memory.
-//! - narrow rows (the deep layers' maps of 8 and 16 columns, with 816 and 1,392 channels),
-//!   sixteen channels at a time: their planes are copied zero-padded and transposed (8x8
+//! - narrow rows (the deepest layers' 8-column maps, with 816 and 1,392 channels), sixteen
+//!   channels at a time: their planes are copied zero-padded and transposed (8x8
 //!   blocks by shuffles) so that each pixel's sixteen channels are contiguous, and each tap is
 //!   one vector multiply-add over sixteen channels, four pixels sharing each tap's weights. An
 //!   8-column row half fills a vector along it; channels always fill one.
@@ -350,14 +350,11 @@ fn channel_rows(
 /// Taps of the largest filter, EfficientNet-Lite's 5x5.
 const MAX_TAPS: usize = 25;
 
-/// Output rows narrower than this take the channel-blocked path (see the module's notes), and
-/// those narrower than [`BLOCKED_5X5_BELOW`] under 5x5 filters: measured per layer at two
-/// threads, 16-wide rows gain under 5x5 filters (816 channels: 0.23 → 0.19 ms) and lose under
-/// 3x3 ones (576 channels: 0.10 → 0.13 ms), whose fewer taps leave the transposes to dominate.
+/// Output rows narrower than this take the channel-blocked path (see the module's notes). At
+/// 16 columns it measured faster alone under 5x5 filters (816 channels, two threads: 0.23 →
+/// 0.19 ms) but slower inside the network (the blocks 0.87 → 0.96 ms), and slower under 3x3
+/// filters, whose fewer taps leave the transposes to dominate.
 const BLOCKED_BELOW: usize = 16;
-
-/// See [`BLOCKED_BELOW`].
-const BLOCKED_5X5_BELOW: usize = 32;
 
 /// Neighbouring outputs of a row summed together on the channel-blocked path: each tap's
 /// weights are loaded once for all of them.
@@ -571,11 +568,7 @@ pub fn depthwise(input: &FeatureMap, conv: &PackedDepthwise, activation: Activat
     let (height, width) = (input.height, input.width);
     let geometry = Geometry::of(conv, height, width);
     let channels = input.channels;
-    let narrow = match geometry.kernel {
-        5 => BLOCKED_5X5_BELOW,
-        _ => BLOCKED_BELOW,
-    };
-    if geometry.out_width < narrow && channels.is_multiple_of(LANES) {
+    if geometry.out_width < BLOCKED_BELOW && channels.is_multiple_of(LANES) {
         return depthwise_blocked(input, conv, &geometry, activation);
     }
     let out_plane_len = geometry.out_height * geometry.out_width;
