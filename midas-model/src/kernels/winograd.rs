@@ -377,12 +377,7 @@ fn transform_inputs<const M: usize, const T: usize, const L: usize, S: Scheme<M,
                         let rows = slices::<T>(input, stride);
                         let mut out = slices_mut::<T>(output, stride);
                         for x in (0..split).step_by(L) {
-                            S::input(
-                                #[inline(always)]
-                                |r| Lanes::<L>::load(&rows[r][x..]),
-                                #[inline(always)]
-                                |r, lanes| lanes.store(&mut out[r][x..]),
-                            );
+                            input_block::<M, T, L, S>(&rows, &mut out, x);
                         }
                     }
                     // (Bᵀ d) B: along the rows.
@@ -398,12 +393,7 @@ fn transform_inputs<const M: usize, const T: usize, const L: usize, S: Scheme<M,
                             })
                         };
                         for x in (0..tiles_x).step_by(L) {
-                            S::input(
-                                #[inline(always)]
-                                |j| Lanes::<L>::load(&taps[j][x..]),
-                                #[inline(always)]
-                                |j, lanes| lanes.store(&mut out[j][x..]),
-                            );
+                            input_block::<M, T, L, S>(&taps, &mut out, x);
                         }
                     }
                 }
@@ -429,6 +419,22 @@ fn transform_inputs<const M: usize, const T: usize, const L: usize, S: Scheme<M,
             .zip(v.chunks_mut(per_channel))
             .for_each(|item| channel(&mut scratch, item));
     }
+}
+
+/// `Bᵀ d` for the `L` tiles from `x` on, along one axis: `d[i]` read from `inputs[i]`, the
+/// result's `i`-th value written to `outputs[i]`.
+#[inline(always)]
+fn input_block<const M: usize, const T: usize, const L: usize, S: Scheme<M, T>>(
+    inputs: &[&[f32]; T],
+    outputs: &mut [&mut [f32]; T],
+    x: usize,
+) {
+    S::input(
+        #[inline(always)]
+        |i| Lanes::<L>::load(&inputs[i][x..]),
+        #[inline(always)]
+        |i, lanes| lanes.store(&mut outputs[i][x..]),
+    );
 }
 
 /// Writes one padded input row (`None` for a padding row) into its place in each of the
