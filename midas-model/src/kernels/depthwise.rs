@@ -424,6 +424,10 @@ impl PaddedBlock<'_> {
     }
 }
 
+/// The side of the squares [`simd::transpose8`] transposes: pixels by channels, a block's
+/// sixteen channels in two halves.
+const SQUARE: usize = 8;
+
 /// Copies `LANES` planes (`height x width` each, one after the other) into `padded`
 /// (`[row, column, LANES]`, `padded_width` columns), transposed so that each pixel's channels
 /// are contiguous, with `pad` rows and columns of zeros before them and as many as fill the
@@ -446,16 +450,20 @@ fn pad_block(
         let (values, after) = rest.split_at_mut(width * LANES);
         before.fill(0.0);
         after.fill(0.0);
-        let whole = width / 8 * 8;
-        for x in (0..whole).step_by(8) {
-            for half in 0..LANES / 8 {
+        let whole = width / SQUARE * SQUARE;
+        for x in (0..whole).step_by(SQUARE) {
+            for half in 0..LANES / SQUARE {
                 let rows = std::array::from_fn(|r| {
-                    planes[(8 * half + r) * plane + y * width + x..].as_ptr()
+                    planes[(SQUARE * half + r) * plane + y * width + x..].as_ptr()
                 });
-                // SAFETY: each row has 8 columns from x (x + 8 <= width); `values` holds
-                // `width` pixels of LANES, and this call writes pixels x..x + 8.
+                // SAFETY: each row has SQUARE columns from x (x + SQUARE <= width); `values`
+                // holds `width` pixels of LANES, and this call writes pixels x..x + SQUARE.
                 unsafe {
-                    simd::transpose8(rows, values[x * LANES + 8 * half..].as_mut_ptr(), LANES)
+                    simd::transpose8(
+                        rows,
+                        values[x * LANES + SQUARE * half..].as_mut_ptr(),
+                        LANES,
+                    )
                 };
             }
         }
@@ -472,14 +480,15 @@ fn pad_block(
 fn unpack_block(sums: &[f32], out: &mut [MaybeUninit<f32>]) {
     let out_plane = out.len() / LANES;
     assert_eq!(sums.len(), LANES * out_plane, "LANES values a pixel");
-    let whole = out_plane / 8 * 8;
-    for pixel in (0..whole).step_by(8) {
-        for half in 0..LANES / 8 {
-            let rows = std::array::from_fn(|r| sums[(pixel + r) * LANES + 8 * half..].as_ptr());
-            // SAFETY: the 8 pixels' values are inside `sums`; channel 8 * half + c of pixel
-            // `pixel + r` goes to plane 8 * half + c at `pixel + r`, inside `out`.
+    let whole = out_plane / SQUARE * SQUARE;
+    for pixel in (0..whole).step_by(SQUARE) {
+        for half in 0..LANES / SQUARE {
+            let rows =
+                std::array::from_fn(|r| sums[(pixel + r) * LANES + SQUARE * half..].as_ptr());
+            // SAFETY: the SQUARE pixels' values are inside `sums`; channel SQUARE * half + c
+            // of pixel `pixel + r` goes to plane SQUARE * half + c at `pixel + r`, inside `out`.
             unsafe {
-                let target = out[8 * half * out_plane + pixel..]
+                let target = out[SQUARE * half * out_plane + pixel..]
                     .as_mut_ptr()
                     .cast::<f32>();
                 simd::transpose8(rows, target, out_plane);
