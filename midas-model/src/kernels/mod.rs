@@ -8,12 +8,15 @@
 //! [`PackedDepthwise`]) with BatchNorm folded in, activations stay in Burn's NCHW layout, bias,
 //! residual additions and activations are fused into the kernel that produces them, outputs are
 //! written without a zeroing pass, working buffers are reused, and the products run as
-//! cache-sized bands over the `gemm` crate (the same GEMM Burn's `flex` backend uses).
+//! cache-sized bands over the `gemm` crate (the same GEMM Burn's `flex` backend uses), except
+//! the Winograd products, whose filters are packed at load for our own microkernel
+//! ([`panels`]).
 
 mod buffers;
 mod conv;
 mod depthwise;
 mod group_norm;
+mod panels;
 pub mod simd;
 mod transpose;
 mod upsample;

@@ -69,6 +69,15 @@ impl Isa {
         }
     }
 
+    /// Every path this machine can run, the baseline first.
+    #[cfg(test)]
+    pub(crate) fn supported() -> Vec<Isa> {
+        [Isa::Baseline, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|isa| isa.runs_here())
+            .collect()
+    }
+
     /// The name used in logs and benchmark reports.
     pub fn name(self) -> &'static str {
         match self {
@@ -556,22 +565,10 @@ unsafe fn transpose8_avx2(rows: [*const f32; 8], out: *mut f32, out_stride: usiz
 mod tests {
     use super::*;
 
-    /// Every path this machine can run, widest first.
-    fn paths() -> Vec<Isa> {
-        let mut paths = vec![Isa::Baseline];
-        if Isa::widest() != Isa::Baseline {
-            paths.push(Isa::Avx2);
-        }
-        if Isa::widest() == Isa::Avx512 {
-            paths.push(Isa::Avx512);
-        }
-        paths
-    }
-
     #[test]
     fn transpose8_transposes_on_every_path() {
         let input: Vec<f32> = (0..8 * 11).map(|i| i as f32).collect();
-        for isa in paths() {
+        for isa in Isa::supported() {
             let mut out = vec![f32::NAN; 8 * 13];
             vectorised_on(isa, || {
                 let rows = std::array::from_fn(|r| input[r * 11 + 2..].as_ptr());
@@ -640,7 +637,7 @@ mod tests {
 
     #[test]
     fn every_path_gives_the_same_rows_as_scalar_code() {
-        for isa in paths() {
+        for isa in Isa::supported() {
             for width in [1, 7, 16, 577] {
                 let bias = values(width, 0.5);
                 let mut rows = values(3 * width, 8.0);
@@ -733,7 +730,7 @@ mod tests {
 
     #[test]
     fn every_path_gives_the_same_statistics_and_affine_pass() {
-        for isa in paths() {
+        for isa in Isa::supported() {
             for len in [1, 15, 16, 17, 9216 + 5] {
                 // An offset mean far larger than the spread: the case a one-pass variance loses.
                 let input: Vec<f32> = values(len, 1.0).iter().map(|v| v + 1000.0).collect();

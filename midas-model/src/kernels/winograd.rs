@@ -20,7 +20,7 @@ use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 
 use super::buffers::WorkBuffer;
-use super::conv::gemm;
+use super::panels::{PANEL_ROWS, PanelProduct, SLACK, panel_index, panels_len};
 use super::{Activation, Bands, FeatureMap, SharedOut, bias_values, simd, tensor_values};
 
 /// Bytes of transformed inputs and products per band (L2-sized).
@@ -219,7 +219,7 @@ impl Scheme<4, 6> for Four {
 /// A 3x3 convolution's filters in the Winograd domain, transformed once at load.
 #[derive(Clone, Debug)]
 pub struct WinogradConv {
-    /// `[positions, out_channels, in_channels]`: for each tile position ξ, the matrix `U[ξ]`.
+    /// For each tile position ξ, the matrix `U[ξ]` (`[out_channels, in_channels]`) in panels.
     weights: Vec<f32>,
     /// One per output channel (zeros for a convolution without bias).
     bias: Vec<f32>,
@@ -258,33 +258,31 @@ impl WinogradConv {
     }
 }
 
-/// `G g Gᵀ` for every 3x3 filter of `[out, in, 3, 3]` `filters`, laid out
-/// `[positions, out, in]`.
+/// `G g Gᵀ` for every 3x3 filter of `[out, in, 3, 3]` `filters`: for each position ξ, the
+/// matrix `U[ξ]` (`[out, in]`) in the panels [`PanelProduct`] multiplies by.
 fn transform_filters<const M: usize, const T: usize, S: Scheme<M, T>>(
     filters: &[f32],
     in_channels: usize,
 ) -> Vec<f32> {
     // This runs at start-up, before the port is bound: one parallel pass, each output channel's
     // filters transformed and written straight to their places.
-    let matrix = filters.len() / 9;
-    let positions = T * T;
-    let mut weights = Vec::with_capacity(positions * matrix);
+    let out_channels = filters.len() / (9 * in_channels);
+    let matrix = panels_len(out_channels, in_channels);
+    let mut weights = vec![0.0; T * T * matrix];
     let out = SharedOut(weights.as_mut_ptr());
     filters
         .par_chunks_exact(9 * in_channels)
         .enumerate()
         .for_each(|(channel, channel_filters)| {
             for (input, filter) in channel_filters.chunks_exact(9).enumerate() {
-                let offset = channel * in_channels + input;
+                let offset = panel_index(channel, input, in_channels);
                 for (position, value) in transform_filter::<M, T, S>(filter).enumerate() {
                     // SAFETY: (position, channel, input) is written by this task alone, once,
-                    // inside the buffer of `positions * matrix` values.
+                    // inside the buffer of `T * T * matrix` values.
                     unsafe { out.get().add(position * matrix + offset).write(value) };
                 }
             }
         });
-    // SAFETY: every (position, channel, input) was written above.
-    unsafe { weights.set_len(positions * matrix) };
     weights
 }
 
@@ -319,9 +317,10 @@ impl Band {
     }
 
     /// The values one position of one channel takes in the transformed inputs and products:
-    /// the band's tiles, then room for a whole block of lanes written or read past the last.
+    /// the band's tiles, then room for a whole block of lanes written or read past the last,
+    /// and for the values a product reads and writes past them.
     fn segment(self) -> usize {
-        self.tiles() + LANES
+        self.tiles() + LANES.max(SLACK)
     }
 }
 
@@ -707,31 +706,35 @@ impl Layer<'_> {
 
             let mut m = WorkBuffer::take(out_channels * positions * segment);
             let products = SharedOut(m.as_mut_ptr());
-            let multiply = |position: usize| {
-                let u =
-                    &conv.weights[position * out_channels * channels..][..out_channels * channels];
-                // SAFETY: `m` holds out_channels rows of t² segments; this position's GEMM alone
-                // writes its segment's first `tiles` columns of each, and `v` holds channels
-                // such rows.
-                unsafe {
-                    gemm(
-                        out_channels,
-                        tiles,
-                        channels,
-                        products.get().add(position * segment),
-                        positions * segment,
-                        u,
-                        &v[position * segment..],
-                        positions * segment,
-                        false,
-                        false,
-                    );
-                }
+            let panels = out_channels.div_ceil(PANEL_ROWS);
+            let matrix = panels_len(out_channels, channels);
+            let panel_len = matrix / panels;
+            let multiply = |item: usize| {
+                let (position, panel) = (item / panels, item % panels);
+                let first = panel * PANEL_ROWS;
+                let product = PanelProduct {
+                    panel: &conv.weights[position * matrix + panel * panel_len..][..panel_len],
+                    rows: (out_channels - first).min(PANEL_ROWS),
+                    b: v[position * segment..].as_ptr(),
+                    b_stride: positions * segment,
+                    // SAFETY: `m` holds out_channels rows of t² segments; this item alone
+                    // writes its rows' segment at this position.
+                    out: unsafe {
+                        products
+                            .get()
+                            .add(first * positions * segment + position * segment)
+                    },
+                    out_stride: positions * segment,
+                    n: tiles,
+                };
+                // SAFETY: `v` holds `channels` rows of t² segments of `tiles + SLACK` values,
+                // `m` `out_channels` such rows, and no other item writes these.
+                unsafe { product.run() };
             };
             if parallel_inside {
-                (0..positions).into_par_iter().for_each(multiply);
+                (0..positions * panels).into_par_iter().for_each(multiply);
             } else {
-                (0..positions).for_each(multiply);
+                (0..positions * panels).for_each(multiply);
             }
 
             let epilogue = Epilogue {
