@@ -10,7 +10,7 @@
 //! written without a zeroing pass, working buffers are reused, and the products run as
 //! cache-sized bands over the `gemm` crate (the same GEMM Burn's `flex` backend uses), except
 //! the Winograd products, whose filters are packed at load for our own microkernel
-//! ([`panels`]).
+//! (`panels.rs`).
 
 mod buffers;
 mod conv;
