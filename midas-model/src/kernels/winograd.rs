@@ -707,8 +707,7 @@ impl Layer<'_> {
             let mut m = WorkBuffer::take(out_channels * positions * segment);
             let products = SharedOut(m.as_mut_ptr());
             let panels = out_channels.div_ceil(PANEL_ROWS);
-            let matrix = panels_len(out_channels, channels);
-            let panel_len = matrix / panels;
+            let (matrix, panel_len) = (panels_len(out_channels, channels), PANEL_ROWS * channels);
             let multiply = |item: usize| {
                 let (position, panel) = (item / panels, item % panels);
                 let first = panel * PANEL_ROWS;
