@@ -1,27 +1,35 @@
-//! Dense convolutions as GEMMs over NCHW data: 1x1 convolutions, and the encoder's strided stem
-//! through im2col.
+//! Dense convolutions as matrix products over NCHW data: 1x1 convolutions, and strided ones
+//! (the encoders' stems, ResNet's downsampling) through im2col.
 //!
 //! A convolution is `out[co, p] = bias[co] + sum_k W[co, k] * col[k, p]` where `k` runs over
-//! (input channel, ky, kx), which is exactly the row-major order of PyTorch's and Burn's weight
-//! tensor, so the weights need no re-layout (for a 1x1 convolution `col` is the input itself).
-//! The output is first filled with the bias and any residual, and the GEMM accumulates onto it.
-//! The stride-1 3x3 convolutions of the decoder go through [`super::winograd3x3`] instead.
+//! (input channel, ky, kx), the row-major order of PyTorch's and Burn's weight tensor (for a
+//! 1x1 convolution `col` is the input itself). `W` is packed once into the panels of
+//! [`PanelMatrix`]; each piece of the product is followed, while it is in cache, by a pass that
+//! adds the bias and any residuals and applies the activation. The stride-1 3x3 convolutions
+//! of the decoders go through [`super::winograd3x3`] instead.
+
+use std::ops::Range;
 
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 
 use super::buffers::WorkBuffer;
+use super::panels::PanelMatrix;
 use super::{Activation, Bands, FeatureMap, SharedOut, bias_values, same, simd, tensor_values};
 
 /// Input and output bytes per band of pixels of a 1x1 convolution: a core's L2 cache.
 const BAND_BYTES: usize = 1 << 20;
 
+/// Columns of `col` per piece of an im2col product: with the deepest im2col (ResNet's 3x3
+/// layers, 1 152 values a column) a piece of `col` is 1 MB, a core's L2 cache.
+const IM2COL_CHUNK: usize = 240;
+
 /// A convolution's parameters, packed once for these kernels.
 #[derive(Clone, Debug)]
 pub struct PackedConv {
-    /// `[out_channels, in_channels * kernel * kernel]`, row-major.
-    weights: Vec<f32>,
+    /// `[out_channels, in_channels * kernel * kernel]`.
+    weights: PanelMatrix,
     /// One per output channel (zeros for a convolution without bias).
     bias: Vec<f32>,
     out_channels: usize,
@@ -31,81 +39,101 @@ pub struct PackedConv {
 }
 
 impl PackedConv {
-    /// Packs a Burn convolution (groups 1, square kernel). It takes the module so
-    /// that the parameters move into the packed form instead of being copied: the decoder's
-    /// weights are then held once.
+    /// Packs a Burn convolution (groups 1, square kernel), taking its parameters over.
     pub fn from_conv(conv: Conv2d) -> Self {
+        Self::pack(conv, None)
+    }
+
+    /// Packs a convolution without bias followed by inference-mode BatchNorm, folded into one:
+    /// `w' = w * s` and `b' = beta - mean * s` with `s = gamma / sqrt(var + eps)` per channel.
+    pub fn from_conv_bn(conv: Conv2d, bn: BatchNorm) -> Self {
+        Self::pack(conv, Some(bn))
+    }
+
+    /// [`PackedConv::from_conv`], with `bn` folded in when given.
+    fn pack(conv: Conv2d, bn: Option<BatchNorm>) -> Self {
         let [out_channels, in_channels, kernel, kernel_w] = conv.weight.dims();
         assert_eq!(kernel, kernel_w, "square kernels only");
         assert_eq!(
             conv.groups, 1,
             "grouped convolutions are packed as depthwise"
         );
-        let weights = tensor_values(conv.weight.into_value());
-        let bias = bias_values(conv.bias, out_channels);
+        let stride = conv.stride[0];
+        let mut weights = tensor_values(conv.weight.into_value());
+        let mut bias = bias_values(conv.bias, out_channels);
+        if let Some(bn) = bn {
+            let (scale, shift) = fold_batch_norm(bn);
+            let depth = weights.len() / out_channels;
+            for (channel, weights) in weights.chunks_mut(depth).enumerate() {
+                weights.iter_mut().for_each(|w| *w *= scale[channel]);
+                bias[channel] = bias[channel] * scale[channel] + shift[channel];
+            }
+        }
+        Self::from_weights(&weights, bias, in_channels, (kernel, stride))
+    }
+
+    /// A convolution from its row-major `[out, in_channels, kernel, kernel]` weights and its
+    /// bias (one per output channel).
+    fn from_weights(
+        weights: &[f32],
+        bias: Vec<f32>,
+        in_channels: usize,
+        (kernel, stride): (usize, usize),
+    ) -> Self {
+        let out_channels = bias.len();
+        let depth = in_channels * kernel * kernel;
         Self {
-            weights,
+            weights: PanelMatrix::from_rows(weights, out_channels, depth),
             bias,
             out_channels,
             in_channels,
             kernel,
-            stride: conv.stride[0],
+            stride,
         }
     }
 
-    /// Packs a convolution without bias followed by inference-mode BatchNorm, folded into one:
-    /// `w' = w * s` and `b' = beta - mean * s` with `s = gamma / sqrt(var + eps)` per channel.
-    pub fn from_conv_bn(conv: Conv2d, bn: BatchNorm) -> Self {
-        let mut packed = Self::from_conv(conv);
-        let (scale, shift) = fold_batch_norm(bn);
-        let per_channel = packed.depth();
-        for (channel, weights) in packed.weights.chunks_mut(per_channel).enumerate() {
-            weights.iter_mut().for_each(|w| *w *= scale[channel]);
-            packed.bias[channel] = packed.bias[channel] * scale[channel] + shift[channel];
-        }
-        packed
-    }
-
-    /// The weights of `[out_channels, in_channels * kernel * kernel]` as a GEMM's depth.
+    /// Values in one column of the product (`in_channels * kernel * kernel`).
     fn depth(&self) -> usize {
         self.in_channels * self.kernel * self.kernel
     }
 
-    /// Adds the bias and the residuals to the part `range` of each output plane of one image
-    /// and applies the activation, in one pass over values the GEMM has just written.
+    /// Adds the bias and the residuals to the pixels `pixels` of the output planes `channels`
+    /// of one image and applies the activation, in one pass over values the product has just
+    /// written.
     ///
     /// # Safety
-    /// `out` must hold `out_channels` planes of `plane` values, initialised in `range`, and no
-    /// other thread may touch that part during the call.
+    /// `out` must hold `out_channels` planes of `plane` values, initialised over `pixels` in
+    /// `channels`, and no other thread may touch those during the call.
     unsafe fn finish(
         &self,
         out: SharedOut,
         residuals: &[&[f32]],
         plane: usize,
-        range: (usize, usize),
+        (channels, pixels): (Range<usize>, Range<usize>),
         activation: Activation,
     ) {
         simd::vectorised(
             #[inline(always)]
             || {
-                let len = range.1 - range.0;
-                for (channel, &bias) in self.bias.iter().enumerate() {
-                    let start = channel * plane + range.0;
-                    // SAFETY: inside the planes, written, and this caller's part alone (the contract).
-                    let target = unsafe { out.slice(start, len) };
+                for channel in channels {
+                    let bias = self.bias[channel];
+                    let start = channel * plane + pixels.start;
+                    // SAFETY: inside the planes, written, and this caller's part alone (the
+                    // contract).
+                    let target = unsafe { out.slice(start, pixels.len()) };
                     match residuals {
                         [] => target
                             .iter_mut()
                             .for_each(|v| *v = activation.of(*v + bias)),
                         [residual] => {
-                            let residual = &residual[start..start + len];
+                            let residual = &residual[start..start + pixels.len()];
                             for (v, r) in target.iter_mut().zip(residual) {
                                 *v = activation.of(*v + bias + r);
                             }
                         }
                         _ => {
                             for residual in residuals {
-                                let residual = &residual[start..start + len];
+                                let residual = &residual[start..start + pixels.len()];
                                 target.iter_mut().zip(residual).for_each(|(v, r)| *v += r);
                             }
                             target
@@ -116,6 +144,42 @@ impl PackedConv {
                 }
             },
         )
+    }
+
+    /// `activation(self · b + bias + residuals)` into one image's output planes, over the
+    /// pixels `pixels` of `b` (`[depth, plane]` at row stride `plane`), `chunk` pixels a
+    /// piece, the pieces on the thread pool when `parallel`.
+    ///
+    /// # Safety
+    /// `b` must hold `depth` rows of `plane` values; `out` `out_channels` planes of `plane`
+    /// values, whose pixels `pixels` no other thread touches during the call.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn apply(
+        &self,
+        b: &[f32],
+        out: SharedOut,
+        residuals: &[&[f32]],
+        plane: usize,
+        (pixels, chunk): (Range<usize>, usize),
+        parallel: bool,
+        activation: Activation,
+    ) {
+        assert!(b.len() >= self.depth() * plane && pixels.end <= plane);
+        // SAFETY: `b` holds its rows (asserted), `out` the planes (the contract); `finish`
+        // runs on what each piece wrote.
+        unsafe {
+            self.weights.multiply(
+                (b.as_ptr(), plane),
+                out,
+                plane,
+                pixels,
+                chunk,
+                parallel,
+                |channels, pixels| {
+                    self.finish(out, residuals, plane, (channels, pixels), activation)
+                },
+            )
+        }
     }
 }
 
@@ -233,9 +297,10 @@ pub(crate) unsafe fn strided_gemm(
 
 /// 1x1 convolution: `activation(conv(input) + bias + residuals)`.
 ///
-/// The pixels are split into bands whose inputs and outputs fit in a core's L2 cache; each band's
-/// GEMM writes its outputs and `PackedConv::finish` adds bias and residuals and applies the
-/// activation while they are still in cache, so a large map is written to memory once.
+/// The pixels are split into bands whose inputs and outputs fit in a core's L2 cache; each
+/// band's product is finished (bias, residuals, activation) panel by panel while it is still in
+/// cache, so a large map is written to memory once. Small maps, too few bands to share out,
+/// run one band per image with its panels on the thread pool.
 pub fn conv1x1(
     input: &FeatureMap,
     conv: &PackedConv,
@@ -258,40 +323,40 @@ pub fn conv1x1(
     let plane = input.plane();
     let out_len = conv.out_channels * plane;
     let per_pixel = 4 * (conv.in_channels + conv.out_channels);
+    let fit = (BAND_BYTES / per_pixel).next_multiple_of(16).min(plane);
     let Bands {
         size: band,
         count: bands,
-        parallel_inside: parallel_gemm,
-    } = Bands::split(
-        input.batch,
-        plane,
-        (BAND_BYTES / per_pixel).next_multiple_of(16).min(plane),
-    );
+        parallel_inside,
+    } = Bands::split(input.batch, plane, fit);
+    // A map shared out inside its one band needs pieces for every thread even where it has
+    // few panels (the depth head's single output channel has one).
+    let chunk = if parallel_inside {
+        let chunks = (4 * rayon::current_num_threads()).div_ceil(conv.weights.panels());
+        fit.min(plane.div_ceil(chunks).next_multiple_of(16))
+    } else {
+        fit
+    };
     let task = |out: SharedOut, index: usize| {
         let (image, band_index) = (index / bands, index % bands);
-        let range = (band_index * band, ((band_index + 1) * band).min(plane));
-        let source = &input.data[image * input.image_len()..(image + 1) * input.image_len()];
+        let pixels = band_index * band..((band_index + 1) * band).min(plane);
+        let source = &input.data[image * input.image_len()..][..input.image_len()];
         let residual_images: Vec<&[f32]> = residuals
             .iter()
-            .map(|r| &r.data[image * out_len..(image + 1) * out_len])
+            .map(|r| &r.data[image * out_len..][..out_len])
             .collect();
-        // SAFETY: image `image` of the output holds out_channels planes; this task alone writes
-        // their part `range`, first through the GEMM, then in `finish`.
+        // SAFETY: image `image` of the output holds out_channels planes; this task alone
+        // writes their pixels `pixels`.
         unsafe {
-            let out_image = SharedOut(out.get().add(image * out_len));
-            gemm(
-                conv.out_channels,
-                range.1 - range.0,
-                conv.in_channels,
-                out_image.get().add(range.0),
+            conv.apply(
+                source,
+                SharedOut(out.get().add(image * out_len)),
+                &residual_images,
                 plane,
-                &conv.weights,
-                &source[range.0..],
-                plane,
-                false,
-                parallel_gemm,
-            );
-            conv.finish(out_image, &residual_images, plane, range, activation);
+                (pixels, chunk),
+                parallel_inside,
+                activation,
+            )
         }
     };
     // SAFETY: the bands cover every pixel of every image, each writing all output channels.
@@ -302,7 +367,7 @@ pub fn conv1x1(
             input.height,
             input.width,
             |out| {
-                if parallel_gemm {
+                if parallel_inside {
                     (0..input.batch * bands).for_each(|index| task(out, index));
                 } else {
                     (0..input.batch * bands)
@@ -317,8 +382,8 @@ pub fn conv1x1(
 /// 1x1 convolution of ViT tokens into a feature map, `conv(patches) + bias`: `tokens` holds
 /// `batch` images of `per_image` tokens of `in_channels` values (row-major, as the transformer
 /// leaves them), the first `per_image - height * width` of each (the class token) skipped, the
-/// rest the patches of a `height x width` grid in row order. The GEMM reads them transposed,
-/// so the tokens need no pass into the maps' channel-major layout first.
+/// rest the patches of a `height x width` grid in row order. The patches are first transposed
+/// into the maps' channel-major layout, which the product reads.
 pub fn conv1x1_tokens(
     tokens: &[f32],
     per_image: usize,
@@ -334,25 +399,40 @@ pub fn conv1x1_tokens(
     assert!(per_image >= plane && tokens.len().is_multiple_of(per_image * channels));
     let batch = tokens.len() / (per_image * channels);
     let out_len = conv.out_channels * plane;
-    // SAFETY: each image's GEMM writes all its output planes; the reads stay inside `tokens`
-    // (its length is checked above).
+    let mut patches = WorkBuffer::take(channels * plane);
+    // SAFETY: each image's product writes all its output planes.
     unsafe {
         FeatureMap::filled_by(batch, conv.out_channels, height, width, |out| {
             for image in 0..batch {
-                let patches = tokens[(image * per_image + per_image - plane) * channels..].as_ptr();
-                let out_image = SharedOut(out.get().add(image * out_len));
-                strided_gemm(
-                    (conv.out_channels, plane, channels),
-                    out_image.get(),
+                let first = (image * per_image + per_image - plane) * channels;
+                transpose(&tokens[first..][..plane * channels], channels, &mut patches);
+                conv.apply(
+                    &patches,
+                    SharedOut(out.get().add(image * out_len)),
+                    &[],
                     plane,
-                    (conv.weights.as_ptr(), channels, 1),
-                    (patches, 1, channels),
-                    false,
+                    (0..plane, IM2COL_CHUNK),
                     true,
+                    Activation::Identity,
                 );
-                conv.finish(out_image, &[], plane, (0, plane), Activation::Identity);
             }
         })
+    }
+}
+
+/// `out[c * rows + r] = values[r * columns + c]` for a row-major `values` of `columns`
+/// columns, in square blocks so that both sides are read and written a cache line at a time.
+fn transpose(values: &[f32], columns: usize, out: &mut [f32]) {
+    const BLOCK: usize = 16;
+    let rows = values.len() / columns;
+    for row_block in (0..rows).step_by(BLOCK) {
+        for column_block in (0..columns).step_by(BLOCK) {
+            for row in row_block..(row_block + BLOCK).min(rows) {
+                for column in column_block..(column_block + BLOCK).min(columns) {
+                    out[column * rows + row] = values[row * columns + column];
+                }
+            }
+        }
     }
 }
 
@@ -419,7 +499,7 @@ pub fn conv_padded(
     )
 }
 
-/// A dense convolution through im2col and one GEMM per image; `rows` and `columns` as
+/// A dense convolution through im2col and one product per image; `rows` and `columns` as
 /// [`im2col`]'s.
 fn conv_im2col(
     input: &FeatureMap,
@@ -433,7 +513,7 @@ fn conv_im2col(
     let plane = out_height * out_width;
     let out_len = conv.out_channels * plane;
     let mut col = WorkBuffer::take(conv.depth() * plane);
-    // SAFETY: every image's GEMM writes all its output planes.
+    // SAFETY: every image's product writes all its output planes.
     unsafe {
         FeatureMap::filled_by(
             input.batch,
@@ -442,24 +522,18 @@ fn conv_im2col(
             out_width,
             |out| {
                 for image in 0..input.batch {
-                    let source =
-                        &input.data[image * input.image_len()..(image + 1) * input.image_len()];
+                    let source = &input.data[image * input.image_len()..][..input.image_len()];
                     let shape = (conv.kernel, conv.stride);
                     im2col(source, input, shape, rows, columns, &mut col);
-                    let out_image = SharedOut(out.get().add(image * out_len));
-                    gemm(
-                        conv.out_channels,
-                        plane,
-                        conv.depth(),
-                        out_image.get(),
-                        plane,
-                        &conv.weights,
+                    conv.apply(
                         &col,
+                        SharedOut(out.get().add(image * out_len)),
+                        &[],
                         plane,
-                        false,
+                        (0..plane, IM2COL_CHUNK),
                         true,
+                        activation,
                     );
-                    conv.finish(out_image, &[], plane, (0, plane), activation);
                 }
             },
         )

@@ -20,7 +20,7 @@ use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 
 use super::buffers::WorkBuffer;
-use super::panels::{PANEL_ROWS, PanelProduct, SLACK, panel_index, panels_len};
+use super::panels::PanelMatrix;
 use super::{Activation, Bands, FeatureMap, SharedOut, bias_values, simd, tensor_values};
 
 /// Bytes of transformed inputs and products per band (L2-sized).
@@ -219,8 +219,8 @@ impl Scheme<4, 6> for Four {
 /// A 3x3 convolution's filters in the Winograd domain, transformed once at load.
 #[derive(Clone, Debug)]
 pub struct WinogradConv {
-    /// For each tile position ξ, the matrix `U[ξ]` (`[out_channels, in_channels]`) in panels.
-    weights: Vec<f32>,
+    /// For each tile position ξ, the matrix `U[ξ]` (`[out_channels, in_channels]`).
+    weights: Vec<PanelMatrix>,
     /// One per output channel (zeros for a convolution without bias).
     bias: Vec<f32>,
     out_channels: usize,
@@ -259,31 +259,27 @@ impl WinogradConv {
 }
 
 /// `G g Gᵀ` for every 3x3 filter of `[out, in, 3, 3]` `filters`: for each position ξ, the
-/// matrix `U[ξ]` (`[out, in]`) in the panels [`PanelProduct`] multiplies by.
+/// matrix `U[ξ]` (`[out, in]`).
 fn transform_filters<const M: usize, const T: usize, S: Scheme<M, T>>(
     filters: &[f32],
     in_channels: usize,
-) -> Vec<f32> {
-    // This runs at start-up, before the port is bound: one parallel pass, each output channel's
-    // filters transformed and written straight to their places.
+) -> Vec<PanelMatrix> {
+    // This runs at start-up, before the port is bound: the filters are transformed in one
+    // parallel pass (`[out, in, t²]`), then each position's matrix packed from them.
     let out_channels = filters.len() / (9 * in_channels);
-    let matrix = panels_len(out_channels, in_channels);
-    let mut weights = vec![0.0; T * T * matrix];
-    let out = SharedOut(weights.as_mut_ptr());
-    filters
-        .par_chunks_exact(9 * in_channels)
-        .enumerate()
-        .for_each(|(channel, channel_filters)| {
-            for (input, filter) in channel_filters.chunks_exact(9).enumerate() {
-                let offset = panel_index(channel, input, in_channels);
-                for (position, value) in transform_filter::<M, T, S>(filter).enumerate() {
-                    // SAFETY: (position, channel, input) is written by this task alone, once,
-                    // inside the buffer of `T * T * matrix` values.
-                    unsafe { out.get().add(position * matrix + offset).write(value) };
-                }
-            }
-        });
-    weights
+    let positions = T * T;
+    let transformed: Vec<f32> = filters
+        .par_chunks_exact(9)
+        .flat_map_iter(transform_filter::<M, T, S>)
+        .collect();
+    (0..positions)
+        .into_par_iter()
+        .map(|position| {
+            PanelMatrix::from_fn(out_channels, in_channels, |out, input| {
+                transformed[(out * in_channels + input) * positions + position]
+            })
+        })
+        .collect()
 }
 
 /// `G g Gᵀ` for one row-major 3x3 filter `g`, row by row of the t x t result; computed in f64,
@@ -317,10 +313,9 @@ impl Band {
     }
 
     /// The values one position of one channel takes in the transformed inputs and products:
-    /// the band's tiles, then room for a whole block of lanes written or read past the last,
-    /// and for the values a product reads and writes past them.
+    /// the band's tiles, then room for a whole block of lanes written or read past the last.
     fn segment(self) -> usize {
-        self.tiles() + LANES.max(SLACK)
+        self.tiles() + LANES
     }
 }
 
@@ -706,29 +701,21 @@ impl Layer<'_> {
 
             let mut m = WorkBuffer::take(out_channels * positions * segment);
             let products = SharedOut(m.as_mut_ptr());
-            let panels = out_channels.div_ceil(PANEL_ROWS);
-            let (matrix, panel_len) = (panels_len(out_channels, channels), PANEL_ROWS * channels);
+            let panels = conv.weights[0].panels();
             let multiply = |item: usize| {
                 let (position, panel) = (item / panels, item % panels);
-                let first = panel * PANEL_ROWS;
-                let product = PanelProduct {
-                    panel: &conv.weights[position * matrix + panel * panel_len..][..panel_len],
-                    rows: (out_channels - first).min(PANEL_ROWS),
-                    b: v[position * segment..].as_ptr(),
-                    b_stride: positions * segment,
-                    // SAFETY: `m` holds out_channels rows of t² segments; this item alone
-                    // writes its rows' segment at this position.
-                    out: unsafe {
-                        products
-                            .get()
-                            .add(first * positions * segment + position * segment)
-                    },
-                    out_stride: positions * segment,
-                    n: tiles,
+                let stride = positions * segment;
+                // SAFETY: `v` holds `channels` rows and `m` `out_channels` rows of t² segments
+                // of at least `tiles` values; this item alone writes its panel's rows of `m`
+                // at this position.
+                unsafe {
+                    conv.weights[position].multiply_panel(
+                        panel,
+                        (v[position * segment..].as_ptr(), stride),
+                        (products.get().add(position * segment), stride),
+                        tiles,
+                    )
                 };
-                // SAFETY: `v` holds `channels` rows of t² segments of `tiles + SLACK` values,
-                // `m` `out_channels` such rows, and no other item writes these.
-                unsafe { product.run() };
             };
             if parallel_inside {
                 (0..positions * panels).into_par_iter().for_each(multiply);
