@@ -19,14 +19,26 @@ pub(crate) struct WorkBuffer {
 }
 
 impl WorkBuffer {
-    /// Takes a buffer from this thread's free list (or a new one), at least `len` long.
+    /// Takes a buffer from this thread's free list (or a new one), at least `len` long: the
+    /// smallest that holds `len`, else the largest, grown. Taking whichever was freed last
+    /// grew small buffers for large layers over and over, each time copying and zeroing them.
     pub(crate) fn take(len: usize) -> Self {
-        let mut values = FREE
-            .with(|free| free.borrow_mut().pop())
-            .unwrap_or_default();
-        if values.len() < len {
-            values.resize(len, 0.0);
-        }
+        let kept = FREE.with(|free| {
+            let mut free = free.borrow_mut();
+            let fitting = (free.iter().enumerate())
+                .filter(|(_, values)| values.len() >= len)
+                .min_by_key(|(_, values)| values.len());
+            let chosen = fitting
+                .or_else(|| (free.iter().enumerate()).max_by_key(|(_, values)| values.len()));
+            chosen
+                .map(|(index, _)| index)
+                .map(|index| free.swap_remove(index))
+        });
+        let values = match kept {
+            Some(values) if values.len() >= len => values,
+            // Replaced rather than resized, which would copy the old values first.
+            _ => vec![0.0; len],
+        };
         Self { values, len }
     }
 }

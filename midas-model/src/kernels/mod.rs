@@ -8,9 +8,9 @@
 //! [`PackedDepthwise`]) with BatchNorm folded in, activations stay in Burn's NCHW layout, bias,
 //! residual additions and activations are fused into the kernel that produces them, outputs are
 //! written without a zeroing pass, working buffers are reused, and the products run as
-//! cache-sized bands over the `gemm` crate (the same GEMM Burn's `flex` backend uses), except
-//! the Winograd products, whose filters are packed at load for our own microkernel
-//! (`panels.rs`).
+//! cache-sized bands. The convolutions' products run on our own microkernel over weights packed
+//! at load (`panels.rs`); the transformer's and the transposed convolutions' on the `gemm`
+//! crate (the same GEMM Burn's `flex` backend uses).
 
 mod buffers;
 mod conv;

@@ -288,13 +288,22 @@ macro_rules! microkernel {
                 }
                 let vectors = rest.div_ceil($lanes);
                 let last = mask(rest - (vectors - 1) * $lanes);
-                let rows = [$narrow1, $narrow2, $pass][vectors.min(3) - 1];
+                // A panel of at most `$pass` rows (a matrix's last) keeps passes of `$pass`:
+                // taller ones would multiply its zero rows.
+                let short = product.rows <= $pass;
+                let rows = if short {
+                    $pass
+                } else {
+                    [$narrow1, $narrow2, $pass][vectors.min(3) - 1]
+                };
                 for first in (0..product.rows).step_by(rows) {
                     // SAFETY: the caller's contract; the last vector stops at `n`.
                     unsafe {
-                        match vectors {
-                            1 => block::<1, $narrow1, true>(product, full, first, last),
-                            2 => block::<2, $narrow2, true>(product, full, first, last),
+                        match (vectors, short) {
+                            (1, false) => block::<1, $narrow1, true>(product, full, first, last),
+                            (2, false) => block::<2, $narrow2, true>(product, full, first, last),
+                            (1, true) => block::<1, $pass, true>(product, full, first, last),
+                            (2, true) => block::<2, $pass, true>(product, full, first, last),
                             _ => block::<$wide, $pass, true>(product, full, first, last),
                         }
                     }
