@@ -213,6 +213,20 @@ impl SharedOut {
     }
 }
 
+/// A raw input pointer read by several tasks at once.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedIn(*const f32);
+// SAFETY: only read, from a buffer that outlives the parallel loop reading it.
+unsafe impl Send for SharedIn {}
+unsafe impl Sync for SharedIn {}
+
+impl SharedIn {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    pub(crate) fn get(self) -> *const f32 {
+        self.0
+    }
+}
+
 /// How a kernel splits each image's `units` (pixels, tile rows) into cache-sized bands.
 struct Bands {
     /// Units per band.

@@ -21,8 +21,8 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::SharedOut;
 use super::simd::Isa;
+use super::{SharedIn, SharedOut};
 
 /// Rows of the left operand interleaved in one panel (`[depth, PANEL_ROWS]`).
 pub(crate) const PANEL_ROWS: usize = 24;
@@ -152,20 +152,6 @@ impl PanelMatrix {
         } else {
             (0..chunks * self.panels()).for_each(item);
         }
-    }
-}
-
-/// A raw input pointer read by several tasks at once.
-#[derive(Clone, Copy)]
-struct SharedIn(*const f32);
-// SAFETY: only read, from a buffer that outlives the parallel loop reading it.
-unsafe impl Send for SharedIn {}
-unsafe impl Sync for SharedIn {}
-
-impl SharedIn {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn get(self) -> *const f32 {
-        self.0
     }
 }
 
