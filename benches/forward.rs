@@ -30,6 +30,7 @@ fn wanted(variable: &str, name: &str) -> bool {
 }
 
 fn forward(c: &mut Criterion) {
+    midas_serve::malloc::tune();
     for model in ModelKind::ALL {
         if wanted("BENCH_MODELS", model.name()) {
             bench_model(c, model);

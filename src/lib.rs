@@ -6,13 +6,14 @@
 //! the benchmarks all drive the same code: [`config`] reads the flags, [`fetch`] brings the
 //! weights, [`lifecycle`] turns flags into a ready model, [`pipeline`] turns images into depth
 //! maps, [`server`] answers HTTP, [`batch`] runs a data set, [`storage`] keeps uploads and
-//! results.
+//! results; [`malloc`] sets the allocator up for the large maps a forward pass frees.
 
 pub mod batch;
 pub mod budget;
 pub mod config;
 pub mod fetch;
 pub mod lifecycle;
+pub mod malloc;
 pub mod pipeline;
 pub mod server;
 pub mod storage;

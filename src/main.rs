@@ -30,23 +30,8 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// glibc gives threads that allocate at the same time separate malloc arenas (up to eight per
-/// core), and memory freed in one arena is not reused by the others: under eight concurrent
-/// clients the server's peak RSS grew to 315 MiB. Two arenas keep it at about 180 MiB with no
-/// loss of throughput (`cargo bench --bench load`). An explicit `MALLOC_ARENA_MAX` still wins.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn limit_malloc_arenas() {
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets an allocator parameter, and no other thread exists yet.
-        unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn limit_malloc_arenas() {}
-
 fn main() -> ExitCode {
-    limit_malloc_arenas();
+    midas_serve::malloc::tune();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli::run(cli.command) {
