@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Forward-pass medians of upstream MiDaS v2.1 small in PyTorch (eager) and ONNX Runtime, on the
 same synthetic weights and inputs as `cargo bench --bench forward` and the same thread count, so
-one run on one machine gives the ratios the README reports.
+one run on one machine gives the ratios the README reports. `--openvino` adds OpenVINO's CPU
+plugin on the same ONNX graph (`pip install openvino`).
 
     /tmp/midas-ref/bin/pip install -r scripts/reference/requirements.txt onnx onnxruntime onnxscript
     /tmp/midas-ref/bin/python scripts/reference/bench_pytorch.py --midas-src /tmp/MiDaS --threads 2
@@ -52,6 +53,23 @@ def measure(run, runs):
     return statistics.median(times), min(times)
 
 
+def measure_openvino(onnx_path, x, threads, runs):
+    """OpenVINO's CPU plugin on the exported graph, held to `threads` threads and one stream
+    (its latency mode), f32 throughout: its default on CPUs with AVX-512 BF16 or AMX would run in
+    bf16, which is not the same computation."""
+    import openvino
+
+    core = openvino.Core()
+    compiled = core.compile_model(onnx_path, "CPU", {
+        "INFERENCE_NUM_THREADS": threads,
+        "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "f32",
+    })
+    request = compiled.create_infer_request()
+    return measure(lambda: request.infer({0: x}), runs)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--midas-src", help="isl-org/MiDaS checkout (the MiDaS models)")
@@ -59,7 +77,9 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", choices=sorted(SIZES), default="midas_v21_small_256")
     parser.add_argument("--runs", type=int, help="timed runs per size (default 30; 5 for DPT-Hybrid)")
-    parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
+    parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime (and OpenVINO)")
+    parser.add_argument("--openvino", action="store_true",
+                        help="also time OpenVINO on the same ONNX graph (pip install openvino)")
     args = parser.parse_args()
     if args.runs is None:
         args.runs = DEFAULT_RUNS[args.model]
@@ -108,8 +128,13 @@ def main():
             session = onnxruntime.InferenceSession(f.name, options, providers=["CPUExecutionProvider"])
             feed = {session.get_inputs()[0].name: x.numpy()}
             median, low = measure(lambda: session.run(None, feed), args.runs)
-        print(json.dumps({"runtime": "onnxruntime", "model": args.model, "shape": [1, 3, height, width], "runs": args.runs,
-                          "median_ms": round(median, 2), "min_ms": round(low, 2)}), flush=True)
+            print(json.dumps({"runtime": "onnxruntime", "model": args.model, "shape": [1, 3, height, width],
+                              "runs": args.runs, "median_ms": round(median, 2), "min_ms": round(low, 2)}), flush=True)
+            if args.openvino:
+                median, low = measure_openvino(f.name, x.numpy(), args.threads, args.runs)
+                print(json.dumps({"runtime": "openvino", "model": args.model, "shape": [1, 3, height, width],
+                                  "runs": args.runs, "median_ms": round(median, 2), "min_ms": round(low, 2)}),
+                      flush=True)
 
 
 if __name__ == "__main__":

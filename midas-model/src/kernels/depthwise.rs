@@ -103,6 +103,8 @@ fn sum_row<const FMA: bool>(
     activation: Activation,
     out_row: &mut [MaybeUninit<f32>],
 ) {
+    let reach = furthest_tap(taps) + out_row.len().next_multiple_of(WIDE);
+    assert!(reach <= row.len(), "the padded rows hold whole blocks");
     for (block, targets) in out_row.chunks_mut(WIDE).enumerate() {
         // One array per register, passed by value, so that the sums stay in registers across
         // the taps instead of going through memory at each.
@@ -110,10 +112,8 @@ fn sum_row<const FMA: bool>(
         for &(offset, weight) in taps {
             let start = offset + block * WIDE;
             for (vector, sum) in sums.iter_mut().enumerate() {
-                let from = start + vector * LANES;
-                let source: &[f32; LANES] = row[from..from + LANES]
-                    .try_into()
-                    .expect("the padded rows hold whole blocks");
+                // SAFETY: `from + LANES <= reach <= row.len()`, asserted above.
+                let source = unsafe { lanes_at(row, start + vector * LANES) };
                 *sum = add_product::<FMA>(*sum, weight, source);
             }
         }
@@ -145,14 +145,18 @@ fn sum_rows<const ROWS: usize, const FMA: bool>(
     out: &mut [MaybeUninit<f32>],
 ) {
     let out_width = rows.out_width;
+    let reach = furthest_tap(taps) + (ROWS - 1) * rows.step + out_width.next_multiple_of(LANES);
+    assert!(
+        reach <= rows.phases.len(),
+        "the padded rows hold whole blocks"
+    );
     for block in 0..out_width.div_ceil(LANES) {
         let mut sums = [[bias; LANES]; ROWS];
         for &(offset, weight) in taps {
             for (row, sum) in sums.iter_mut().enumerate() {
                 let from = offset + row * rows.step + block * LANES;
-                let source: &[f32; LANES] = rows.phases[from..from + LANES]
-                    .try_into()
-                    .expect("the padded rows hold whole blocks");
+                // SAFETY: `from + LANES <= reach <= rows.phases.len()`, asserted above.
+                let source = unsafe { lanes_at(rows.phases, from) };
                 *sum = add_product::<FMA>(*sum, weight, source);
             }
         }
@@ -163,6 +167,24 @@ fn sum_rows<const ROWS: usize, const FMA: bool>(
             }
         }
     }
+}
+
+/// The largest input offset among `taps`.
+fn furthest_tap(taps: &[(usize, f32)]) -> usize {
+    taps.iter().map(|&(offset, _)| offset).max().unwrap_or(0)
+}
+
+/// The `LANES` values of `values` from `from` on, unchecked: the tap loops check their whole
+/// reach once per row instead of each load (two compares and branches per multiply-add,
+/// which held the sums to half the FMA rate).
+///
+/// # Safety
+/// `from + LANES <= values.len()`.
+#[inline(always)]
+unsafe fn lanes_at(values: &[f32], from: usize) -> &[f32; LANES] {
+    debug_assert!(from + LANES <= values.len());
+    // SAFETY: the caller's contract.
+    unsafe { &*values.as_ptr().add(from).cast::<[f32; LANES]>() }
 }
 
 /// `sums + weight * values`, lane by lane.

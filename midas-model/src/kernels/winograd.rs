@@ -436,8 +436,8 @@ fn input_block<const M: usize, const T: usize, const L: usize, S: Scheme<M, T>>(
 /// column `M * i + k`, input column `M * i + k - 1`, goes to index `i` of phase `k`. Every
 /// slot is written, zeros where the row has no column; ReLU when `relu`.
 ///
-/// The row is first copied behind one zero into `line` (`M * stride` long), then split
-/// `L` groups of `M` at a time: fixed-size transposes the compiler does with shuffles.
+/// The row is first copied behind one zero into `line` (`M * stride` long), then split into
+/// its phases.
 #[inline(always)]
 fn split_phases<const M: usize, const L: usize>(
     row: Option<&[f32]>,
@@ -460,13 +460,33 @@ fn split_phases<const M: usize, const L: usize>(
         *padded = if relu { value.max(0.0) } else { *value };
     }
     line[width + 1..].fill(0.0);
-    let (groups, _) = line.as_chunks::<M>();
-    for (block, groups) in groups.chunks_exact(L).enumerate() {
-        for (k, lane) in lanes.iter_mut().enumerate() {
-            let lane = &mut lane[block * L..][..L];
-            for (value, group) in lane.iter_mut().zip(groups) {
-                *value = group[k];
-            }
+    deinterleave(line.as_chunks::<M>().0, lanes);
+}
+
+/// `lanes[k][i] = groups[i][k]` for every `i` below the lanes' common length.
+///
+/// All `M` members of a group are moved in one iteration, which the compiler turns into whole
+/// vector loads and shuffles; a loop per member reads with a stride of `M` and was scalar.
+#[inline(always)]
+fn deinterleave<const M: usize>(groups: &[[f32; M]], lanes: [&mut [f32]; M]) {
+    let len = lanes[0].len();
+    let mut lanes = lanes.map(|lane| &mut lane[..len]);
+    for (i, group) in groups[..len].iter().enumerate() {
+        for (lane, value) in lanes.iter_mut().zip(group) {
+            lane[i] = *value;
+        }
+    }
+}
+
+/// `groups[i][k] = lanes[k][i]` for every `i` below the lanes' common length: the inverse of
+/// [`deinterleave`], written the same way for the same reason.
+#[inline(always)]
+fn interleave<const M: usize>(lanes: [&[f32]; M], groups: &mut [[f32; M]]) {
+    let len = lanes[0].len();
+    let lanes = lanes.map(|lane| &lane[..len]);
+    for (i, group) in groups[..len].iter_mut().enumerate() {
+        for (value, lane) in group.iter_mut().zip(&lanes) {
+            *value = lane[i];
         }
     }
 }
@@ -575,17 +595,7 @@ fn transform_outputs<const M: usize, const T: usize, const L: usize, S: Scheme<M
                         if y >= height {
                             break;
                         }
-                        // `L` groups of `M` at a time: fixed-size transposes.
-                        let lanes = slices::<M>(phases, padded);
-                        let (groups, _) = row.as_chunks_mut::<M>();
-                        for (block, groups) in groups.chunks_exact_mut(L).enumerate() {
-                            for (k, lane) in lanes.iter().enumerate() {
-                                let lane = &lane[block * L..][..L];
-                                for (group, value) in groups.iter_mut().zip(lane) {
-                                    group[k] = *value;
-                                }
-                            }
-                        }
+                        interleave(slices::<M>(phases, padded), row.as_chunks_mut::<M>().0);
                         // SAFETY: row `y` of plane `out_channel` is inside the image, and only
                         // this channel's task writes it.
                         unsafe {
