@@ -112,7 +112,7 @@ fn sum_row<const FMA: bool>(
         for &(offset, weight) in taps {
             let start = offset + block * WIDE;
             for (vector, sum) in sums.iter_mut().enumerate() {
-                // SAFETY: `from + LANES <= reach <= row.len()`, asserted above.
+                // SAFETY: `start + (vector + 1) * LANES <= reach <= row.len()`, asserted above.
                 let source = unsafe { lanes_at(row, start + vector * LANES) };
                 *sum = add_product::<FMA>(*sum, weight, source);
             }
@@ -175,8 +175,8 @@ fn furthest_tap(taps: &[(usize, f32)]) -> usize {
 }
 
 /// The `LANES` values of `values` from `from` on, unchecked: the tap loops check their whole
-/// reach once per row instead of each load (two compares and branches per multiply-add,
-/// which held the sums to half the FMA rate).
+/// reach once per row instead of at each load, which cost two compares and branches per
+/// multiply-add.
 ///
 /// # Safety
 /// `from + LANES <= values.len()`.
