@@ -361,7 +361,7 @@ fn transform_inputs<const M: usize, const T: usize, const L: usize, S: Scheme<M,
                     for r in 0..T {
                         let y = (M * tile_row + r).wrapping_sub(1);
                         let row = (y < height).then(|| &source[y * width..(y + 1) * width]);
-                        split_phases::<M, L>(row, line, phases, (r * stride, stride), relu);
+                        split_phases::<M>(row, line, phases, (r * stride, stride), relu);
                     }
                     // Bᵀ d: down the columns, phase by phase.
                     for (input, output) in phases
@@ -439,7 +439,7 @@ fn input_block<const M: usize, const T: usize, const L: usize, S: Scheme<M, T>>(
 /// The row is first copied behind one zero into `line` (`M * stride` long), then split into
 /// its phases.
 #[inline(always)]
-fn split_phases<const M: usize, const L: usize>(
+fn split_phases<const M: usize>(
     row: Option<&[f32]>,
     line: &mut [f32],
     phases: &mut [f32],
