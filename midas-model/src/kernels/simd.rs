@@ -561,9 +561,197 @@ unsafe fn transpose8_avx2(rows: [*const f32; 8], out: *mut f32, out_stride: usiz
     }
 }
 
+/// Splits groups of `M` values into their `M` phases: `lanes[k][i] = groups[i][k]` for every
+/// `i` below the lanes' common length (at most `groups.len()`). Winograd's transforms read
+/// each row of a map this way (tiles start every m columns); the compiler leaves the loop
+/// one value at a time, so pairs and fours go by AVX2 shuffles, eight groups a step.
+#[inline(always)]
+pub(crate) fn deinterleave<const M: usize>(groups: &[[f32; M]], lanes: [&mut [f32]; M]) {
+    let len = lanes[0].len();
+    assert!(lanes.iter().all(|lane| lane.len() == len) && len <= groups.len());
+    let mut lanes = lanes.map(|lane| lane.as_mut_ptr());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if Isa::detected() != Isa::Baseline && (M == 2 || M == 4) {
+        done = len / 8 * 8;
+        // SAFETY: AVX2 was detected; `done <= len` values of each lane and `done` groups
+        // are in bounds (asserted above).
+        unsafe { deinterleave_avx2::<M>(groups.as_ptr().cast(), lanes, done) };
+    }
+    for (i, group) in groups.iter().enumerate().take(len).skip(done) {
+        for (lane, value) in lanes.iter_mut().zip(group) {
+            // SAFETY: `i < len`, each lane's length.
+            unsafe { lane.add(i).write(*value) };
+        }
+    }
+}
+
+/// Joins `M` phases into groups of `M` values, the inverse of [`deinterleave`]:
+/// `groups[i][k] = lanes[k][i]` for every `i` below the lanes' common length.
+#[inline(always)]
+pub(crate) fn interleave<const M: usize>(lanes: [&[f32]; M], groups: &mut [[f32; M]]) {
+    let len = lanes[0].len();
+    assert!(lanes.iter().all(|lane| lane.len() == len) && len <= groups.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if Isa::detected() != Isa::Baseline && (M == 2 || M == 4) {
+        done = len / 8 * 8;
+        // SAFETY: as in `deinterleave`.
+        unsafe {
+            interleave_avx2::<M>(
+                lanes.map(|lane| lane.as_ptr()),
+                groups.as_mut_ptr().cast(),
+                done,
+            )
+        };
+    }
+    for (i, group) in groups.iter_mut().enumerate().take(len).skip(done) {
+        for (value, lane) in group.iter_mut().zip(&lanes) {
+            *value = lane[i];
+        }
+    }
+}
+
+/// [`deinterleave`]'s first `len` (a multiple of 8) groups on AVX2: the eight groups' 128-bit
+/// halves regrouped so that each 128-bit lane holds four groups' pairs or fours, then one
+/// shuffle per phase (and, for fours, an in-lane 4x4 transpose first).
+///
+/// # Safety
+/// AVX2 must be present; `groups` readable for `len * M` values, each lane writable for `len`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn deinterleave_avx2<const M: usize>(groups: *const f32, lanes: [*mut f32; M], len: usize) {
+    use std::arch::x86_64::{
+        _mm256_loadu_ps, _mm256_permute2f128_ps, _mm256_shuffle_ps, _mm256_storeu_ps,
+        _mm256_unpackhi_ps, _mm256_unpacklo_ps,
+    };
+    // SAFETY: the caller's contract; step `i` reads groups `i..i + 8` and writes lane values
+    // `i..i + 8`.
+    unsafe {
+        for i in (0..len).step_by(8) {
+            let from = groups.add(i * M);
+            if M == 4 {
+                // Vectors of two groups each: [g0|g1], [g2|g3], [g4|g5], [g6|g7].
+                let [a, b, c, d] = std::array::from_fn(|v| _mm256_loadu_ps(from.add(8 * v)));
+                // [g0|g4], [g1|g5], [g2|g6], [g3|g7].
+                let v0 = _mm256_permute2f128_ps::<0x20>(a, c);
+                let v1 = _mm256_permute2f128_ps::<0x31>(a, c);
+                let v2 = _mm256_permute2f128_ps::<0x20>(b, d);
+                let v3 = _mm256_permute2f128_ps::<0x31>(b, d);
+                let (t0, t1) = (_mm256_unpacklo_ps(v0, v1), _mm256_unpackhi_ps(v0, v1));
+                let (t2, t3) = (_mm256_unpacklo_ps(v2, v3), _mm256_unpackhi_ps(v2, v3));
+                _mm256_storeu_ps(lanes[0].add(i), _mm256_shuffle_ps::<0x44>(t0, t2));
+                _mm256_storeu_ps(lanes[1].add(i), _mm256_shuffle_ps::<0xEE>(t0, t2));
+                _mm256_storeu_ps(lanes[2].add(i), _mm256_shuffle_ps::<0x44>(t1, t3));
+                _mm256_storeu_ps(lanes[3].add(i), _mm256_shuffle_ps::<0xEE>(t1, t3));
+            } else {
+                // [g0 g1|g2 g3], [g4 g5|g6 g7] to [g0 g1|g4 g5], [g2 g3|g6 g7].
+                let (a, b) = (_mm256_loadu_ps(from), _mm256_loadu_ps(from.add(8)));
+                let v0 = _mm256_permute2f128_ps::<0x20>(a, b);
+                let v1 = _mm256_permute2f128_ps::<0x31>(a, b);
+                _mm256_storeu_ps(lanes[0].add(i), _mm256_shuffle_ps::<0x88>(v0, v1));
+                _mm256_storeu_ps(lanes[1].add(i), _mm256_shuffle_ps::<0xDD>(v0, v1));
+            }
+        }
+    }
+}
+
+/// [`interleave`]'s first `len` (a multiple of 8) groups on AVX2: [`deinterleave_avx2`]'s
+/// steps in reverse.
+///
+/// # Safety
+/// AVX2 must be present; each lane readable for `len` values, `groups` writable for `len * M`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn interleave_avx2<const M: usize>(lanes: [*const f32; M], groups: *mut f32, len: usize) {
+    use std::arch::x86_64::{
+        _mm256_loadu_ps, _mm256_permute2f128_ps, _mm256_shuffle_ps, _mm256_storeu_ps,
+        _mm256_unpackhi_ps, _mm256_unpacklo_ps,
+    };
+    // SAFETY: the caller's contract; step `i` reads lane values `i..i + 8` and writes groups
+    // `i..i + 8`.
+    unsafe {
+        for i in (0..len).step_by(8) {
+            let to = groups.add(i * M);
+            let p: [_; M] = std::array::from_fn(|k| _mm256_loadu_ps(lanes[k].add(i)));
+            if M == 4 {
+                let (s0, s1) = (
+                    _mm256_unpacklo_ps(p[0], p[1]),
+                    _mm256_unpackhi_ps(p[0], p[1]),
+                );
+                let (s2, s3) = (
+                    _mm256_unpacklo_ps(p[2], p[3]),
+                    _mm256_unpackhi_ps(p[2], p[3]),
+                );
+                // [g0|g4], [g1|g5], [g2|g6], [g3|g7].
+                let v0 = _mm256_shuffle_ps::<0x44>(s0, s2);
+                let v1 = _mm256_shuffle_ps::<0xEE>(s0, s2);
+                let v2 = _mm256_shuffle_ps::<0x44>(s1, s3);
+                let v3 = _mm256_shuffle_ps::<0xEE>(s1, s3);
+                _mm256_storeu_ps(to, _mm256_permute2f128_ps::<0x20>(v0, v1));
+                _mm256_storeu_ps(to.add(8), _mm256_permute2f128_ps::<0x20>(v2, v3));
+                _mm256_storeu_ps(to.add(16), _mm256_permute2f128_ps::<0x31>(v0, v1));
+                _mm256_storeu_ps(to.add(24), _mm256_permute2f128_ps::<0x31>(v2, v3));
+            } else {
+                // [g0 g1|g4 g5], [g2 g3|g6 g7].
+                let (s0, s1) = (
+                    _mm256_unpacklo_ps(p[0], p[1]),
+                    _mm256_unpackhi_ps(p[0], p[1]),
+                );
+                _mm256_storeu_ps(to, _mm256_permute2f128_ps::<0x20>(s0, s1));
+                _mm256_storeu_ps(to.add(8), _mm256_permute2f128_ps::<0x31>(s0, s1));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn phases_split_and_join_on_every_path() {
+        fn check<const M: usize>(isa: Isa, len: usize) {
+            let groups: Vec<[f32; M]> = (0..len + 3)
+                .map(|i| std::array::from_fn(|k| (i * M + k) as f32))
+                .collect();
+            let mut lanes = vec![f32::NAN; M * len];
+            let mut joined = vec![[f32::NAN; M]; len + 3];
+            vectorised_on(isa, || {
+                let mut chunks = lanes.chunks_exact_mut(len.max(1));
+                let split: [&mut [f32]; M] =
+                    std::array::from_fn(|_| &mut chunks.next().expect("M lanes")[..len]);
+                deinterleave(&groups, split);
+            });
+            for k in 0..M {
+                for i in 0..len {
+                    assert_eq!(
+                        lanes[k * len + i],
+                        groups[i][k],
+                        "{isa:?} M={M} {len} {k} {i}"
+                    );
+                }
+            }
+            vectorised_on(isa, || {
+                let mut chunks = lanes.chunks_exact(len.max(1));
+                let split: [&[f32]; M] =
+                    std::array::from_fn(|_| &chunks.next().expect("M lanes")[..len]);
+                interleave(split, &mut joined);
+            });
+            assert_eq!(&joined[..len], &groups[..len], "{isa:?} M={M} {len}");
+            assert!(
+                joined[len..].iter().flatten().all(|v| v.is_nan()),
+                "past the lanes"
+            );
+        }
+        for isa in Isa::supported() {
+            for len in [1, 7, 8, 9, 16, 23, 40] {
+                check::<2>(isa, len);
+                check::<4>(isa, len);
+                check::<3>(isa, len);
+            }
+        }
+    }
 
     #[test]
     fn transpose8_transposes_on_every_path() {

@@ -460,35 +460,7 @@ fn split_phases<const M: usize>(
         *padded = if relu { value.max(0.0) } else { *value };
     }
     line[width + 1..].fill(0.0);
-    deinterleave(line.as_chunks::<M>().0, lanes);
-}
-
-/// `lanes[k][i] = groups[i][k]` for every `i` below the lanes' common length.
-///
-/// All `M` members of a group are moved in one iteration, which the compiler turns into whole
-/// vector loads and shuffles; a loop per member reads with a stride of `M` and was scalar.
-#[inline(always)]
-fn deinterleave<const M: usize>(groups: &[[f32; M]], lanes: [&mut [f32]; M]) {
-    let len = lanes[0].len();
-    let mut lanes = lanes.map(|lane| &mut lane[..len]);
-    for (i, group) in groups[..len].iter().enumerate() {
-        for (lane, value) in lanes.iter_mut().zip(group) {
-            lane[i] = *value;
-        }
-    }
-}
-
-/// `groups[i][k] = lanes[k][i]` for every `i` below the lanes' common length: the inverse of
-/// [`deinterleave`], written the same way for the same reason.
-#[inline(always)]
-fn interleave<const M: usize>(lanes: [&[f32]; M], groups: &mut [[f32; M]]) {
-    let len = lanes[0].len();
-    let lanes = lanes.map(|lane| &lane[..len]);
-    for (i, group) in groups[..len].iter_mut().enumerate() {
-        for (value, lane) in group.iter_mut().zip(&lanes) {
-            *value = lane[i];
-        }
-    }
+    simd::deinterleave(line.as_chunks::<M>().0, lanes);
 }
 
 /// Where one image's outputs go and what is added to them.
@@ -595,7 +567,7 @@ fn transform_outputs<const M: usize, const T: usize, const L: usize, S: Scheme<M
                         if y >= height {
                             break;
                         }
-                        interleave(slices::<M>(phases, padded), row.as_chunks_mut::<M>().0);
+                        simd::interleave(slices::<M>(phases, padded), row.as_chunks_mut::<M>().0);
                         // SAFETY: row `y` of plane `out_channel` is inside the image, and only
                         // this channel's task writes it.
                         unsafe {
