@@ -136,7 +136,11 @@ impl DepthModel {
             TensorData::new(data, [batch, 3, height, width]),
             &self.device,
         );
-        self.engine.forward(input)
+        // On one of the pool's threads, the kernels' parallel loops are pushed to its own
+        // queue and run there; from any other thread each one is injected into the pool and
+        // the caller sleeps on a lock until it is done, a wake-up per loop.
+        let (depth, ()) = rayon::join(|| self.engine.forward(input), || ());
+        depth
     }
 
     /// Runs one pre-processed image.
