@@ -570,10 +570,9 @@ pub(crate) fn deinterleave<const M: usize>(groups: &[[f32; M]], lanes: [&mut [f3
     let len = lanes[0].len();
     assert!(lanes.iter().all(|lane| lane.len() == len) && len <= groups.len());
     let mut lanes = lanes.map(|lane| lane.as_mut_ptr());
-    let mut done = 0;
+    let done = shuffled::<M>(len);
     #[cfg(target_arch = "x86_64")]
-    if Isa::detected() != Isa::Baseline && (M == 2 || M == 4) {
-        done = len / 8 * 8;
+    if done > 0 {
         // SAFETY: AVX2 was detected; `done <= len` values of each lane and `done` groups
         // are in bounds (asserted above).
         unsafe { deinterleave_avx2::<M>(groups.as_ptr().cast(), lanes, done) };
@@ -592,10 +591,9 @@ pub(crate) fn deinterleave<const M: usize>(groups: &[[f32; M]], lanes: [&mut [f3
 pub(crate) fn interleave<const M: usize>(lanes: [&[f32]; M], groups: &mut [[f32; M]]) {
     let len = lanes[0].len();
     assert!(lanes.iter().all(|lane| lane.len() == len) && len <= groups.len());
-    let mut done = 0;
+    let done = shuffled::<M>(len);
     #[cfg(target_arch = "x86_64")]
-    if Isa::detected() != Isa::Baseline && (M == 2 || M == 4) {
-        done = len / 8 * 8;
+    if done > 0 {
         // SAFETY: as in `deinterleave`.
         unsafe {
             interleave_avx2::<M>(
@@ -609,6 +607,17 @@ pub(crate) fn interleave<const M: usize>(lanes: [&[f32]; M], groups: &mut [[f32;
         for (value, lane) in group.iter_mut().zip(&lanes) {
             *value = lane[i];
         }
+    }
+}
+
+/// How many of `len` groups of `M` [`deinterleave`] and [`interleave`] move by AVX2 shuffles
+/// (whole steps of eight, for pairs and fours on a vector path); the rest go one by one.
+fn shuffled<const M: usize>(len: usize) -> usize {
+    let shuffles = cfg!(target_arch = "x86_64") && Isa::detected() != Isa::Baseline;
+    if shuffles && (M == 2 || M == 4) {
+        len / 8 * 8
+    } else {
+        0
     }
 }
 
@@ -718,7 +727,7 @@ mod tests {
             let mut lanes = vec![f32::NAN; M * len];
             let mut joined = vec![[f32::NAN; M]; len + 3];
             vectorised_on(isa, || {
-                let mut chunks = lanes.chunks_exact_mut(len.max(1));
+                let mut chunks = lanes.chunks_exact_mut(len);
                 let split: [&mut [f32]; M] =
                     std::array::from_fn(|_| &mut chunks.next().expect("M lanes")[..len]);
                 deinterleave(&groups, split);
@@ -733,7 +742,7 @@ mod tests {
                 }
             }
             vectorised_on(isa, || {
-                let mut chunks = lanes.chunks_exact(len.max(1));
+                let mut chunks = lanes.chunks_exact(len);
                 let split: [&[f32]; M] =
                     std::array::from_fn(|_| &chunks.next().expect("M lanes")[..len]);
                 interleave(split, &mut joined);
