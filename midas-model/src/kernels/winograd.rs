@@ -26,6 +26,13 @@ use super::{Activation, Bands, FeatureMap, SharedOut, bias_values, simd, tensor_
 /// Bytes of transformed inputs and products per band (L2-sized).
 const BAND_BYTES: usize = 1 << 20;
 
+/// The fewest tiles a band holds, whatever its bytes. Each band reads every filter panel once
+/// to multiply its tiles, and the wide layers' filters (9.4 MB at 256 x 256 channels on
+/// F(4x4)) come from memory: a band of one 24-tile row of DPT-Hybrid's 96x96 maps left the
+/// products waiting on them (65 GFLOP/s a core against the 100 of a 1x1 convolution). With
+/// at least 64 tiles the decoder took 0.88 of its time at 384x384; 192 made the head slower.
+const MIN_BAND_TILES: usize = 64;
+
 /// Neighbouring tiles transformed at once on rows of at least as many tiles: one AVX-512
 /// register, two AVX2 ones.
 const LANES: usize = 16;
@@ -98,6 +105,13 @@ impl<const L: usize> Mul<Lanes<L>> for f32 {
 /// 2.4 MB in the Winograd domain (the 256-channel layers' would take 9.4 MB each).
 const LARGE_TILE_MAX_WEIGHTS: usize = 128 * 128;
 
+/// The same bound for a layer on a fine map ([`WinogradTile::for_fine_map`]): 256 x 256. On
+/// DPT-Hybrid's 48x48 and 96x96 maps (a 384x384 input) its 256-channel fusion layers took
+/// 0.76 to 0.86 of their F(2x2) time, worth their filters' 5.2 MB more each; on the deep maps
+/// of a few tiles, where MiDaS small has its 256-channel layers, the larger tile gained little
+/// and would have cost it 21 MB.
+const FINE_LARGE_TILE_MAX_WEIGHTS: usize = 256 * 256;
+
 /// The output block a tile yields.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WinogradTile {
@@ -110,7 +124,18 @@ pub enum WinogradTile {
 impl WinogradTile {
     /// The tile a layer of this many channels gets (see the module's documentation).
     pub fn for_channels(in_channels: usize, out_channels: usize) -> Self {
-        if in_channels * out_channels <= LARGE_TILE_MAX_WEIGHTS {
+        Self::within(in_channels * out_channels, LARGE_TILE_MAX_WEIGHTS)
+    }
+
+    /// The tile a layer of this many channels gets on a fine map, 1/8 of the input's side or
+    /// more (the decoder's two finest levels and its head), where every call has hundreds of
+    /// tiles to share the larger filters' cost.
+    pub fn for_fine_map(in_channels: usize, out_channels: usize) -> Self {
+        Self::within(in_channels * out_channels, FINE_LARGE_TILE_MAX_WEIGHTS)
+    }
+
+    fn within(weights: usize, max_weights: usize) -> Self {
+        if weights <= max_weights {
             Self::Four
         } else {
             Self::Two
@@ -234,6 +259,13 @@ impl WinogradConv {
     pub fn from_conv(conv: Conv2d) -> Self {
         let [out_channels, in_channels, ..] = conv.weight.dims();
         Self::with_tile(conv, WinogradTile::for_channels(in_channels, out_channels))
+    }
+
+    /// [`WinogradConv::from_conv`] for a layer on a fine map, with the tile
+    /// [`WinogradTile::for_fine_map`] picks.
+    pub fn on_fine_map(conv: Conv2d) -> Self {
+        let [out_channels, in_channels, ..] = conv.weight.dims();
+        Self::with_tile(conv, WinogradTile::for_fine_map(in_channels, out_channels))
     }
 
     /// [`WinogradConv::from_conv`] with the tile given.
@@ -645,7 +677,9 @@ impl Layer<'_> {
         } = Bands::split(
             input.batch,
             tiles_y,
-            (BAND_BYTES / row_bytes).clamp(1, tiles_y),
+            (BAND_BYTES / row_bytes)
+                .max(MIN_BAND_TILES.div_ceil(tiles_x))
+                .clamp(1, tiles_y),
         );
 
         let out_len = out_channels * height * width;

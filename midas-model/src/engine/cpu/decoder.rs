@@ -23,10 +23,16 @@ struct Unit {
 }
 
 impl Unit {
-    fn pack(unit: ResidualConvUnit) -> Self {
+    /// `fine`: the unit runs on a fine map (see [`WinogradConv::on_fine_map`]).
+    fn pack(unit: ResidualConvUnit, fine: bool) -> Self {
+        let pack = if fine {
+            WinogradConv::on_fine_map
+        } else {
+            WinogradConv::from_conv
+        };
         Self {
-            conv1: WinogradConv::from_conv(unit.conv1),
-            conv2: WinogradConv::from_conv(unit.conv2),
+            conv1: pack(unit.conv1),
+            conv2: pack(unit.conv2),
         }
     }
 
@@ -55,10 +61,11 @@ struct Fusion {
 }
 
 impl Fusion {
-    fn pack(block: FeatureFusionBlock) -> Self {
+    /// `fine`: the block runs on a fine map (see [`WinogradConv::on_fine_map`]).
+    fn pack(block: FeatureFusionBlock, fine: bool) -> Self {
         Self {
-            unit1: block.res_conf_unit1.map(Unit::pack),
-            unit2: Unit::pack(block.res_conf_unit2),
+            unit1: block.res_conf_unit1.map(|unit| Unit::pack(unit, fine)),
+            unit2: Unit::pack(block.res_conf_unit2, fine),
             out_conv: PackedConv::from_conv(block.out_conv),
         }
     }
@@ -96,8 +103,8 @@ struct Head {
 impl Head {
     fn pack(head: OutputHead) -> Self {
         Self {
-            conv1: WinogradConv::from_conv(head.conv1),
-            conv2: WinogradConv::from_conv(head.conv2),
+            conv1: WinogradConv::on_fine_map(head.conv1),
+            conv2: WinogradConv::on_fine_map(head.conv2),
             conv3: PackedConv::from_conv(head.conv3),
             align_corners: head.align_corners,
             max_depth: head.max_depth,
@@ -163,20 +170,21 @@ pub struct CpuDecoder {
 }
 
 impl CpuDecoder {
-    /// Packs the weights of a loaded decoder, taking them over.
+    /// Packs the weights of a loaded decoder, taking them over. The two finest levels (1/4 and
+    /// 1/8 of the input's side) and the head run on fine maps.
     pub fn pack(scratch: Scratch) -> Self {
         Self {
             projections: [
-                WinogradConv::from_conv(scratch.layer1_rn),
-                WinogradConv::from_conv(scratch.layer2_rn),
+                WinogradConv::on_fine_map(scratch.layer1_rn),
+                WinogradConv::on_fine_map(scratch.layer2_rn),
                 WinogradConv::from_conv(scratch.layer3_rn),
                 WinogradConv::from_conv(scratch.layer4_rn),
             ],
             fusions: [
-                Fusion::pack(scratch.refinenet1),
-                Fusion::pack(scratch.refinenet2),
-                Fusion::pack(scratch.refinenet3),
-                Fusion::pack(scratch.refinenet4),
+                Fusion::pack(scratch.refinenet1, true),
+                Fusion::pack(scratch.refinenet2, true),
+                Fusion::pack(scratch.refinenet3, false),
+                Fusion::pack(scratch.refinenet4, false),
             ],
             head: Head::pack(scratch.output_conv),
         }
