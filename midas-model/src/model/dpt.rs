@@ -43,33 +43,32 @@ impl DptEncoder {
     }
 }
 
-/// DPT-Hybrid taken apart, each part whole, so that another engine can run the heavy ones (the
-/// ResNet and the transformer blocks, nearly all the encoder's work) its own way.
+/// DPT-Hybrid taken apart, each part whole, so that another engine can run it its own way.
 #[derive(Debug)]
 pub struct DptParts {
     /// The ResNet-50 stem and stages.
     pub backbone: ResNetV2,
+    /// The token embedding of the ResNet's 1/16 features.
+    pub embedding: HybridTokens,
     /// The twelve transformer blocks.
     pub blocks: Vec<TransformerBlock>,
-    /// What joins the backbone, the blocks and the decoder.
-    pub bridge: TokenBridge,
+    /// The reassembly of the blocks in [`super::HOOKS`] into the decoder's 1/16 and 1/32
+    /// features.
+    pub reassembly: [Reassemble; 2],
     /// The fusion decoder.
     pub decoder: Scratch,
 }
 
-/// DPT-Hybrid's joints between its heavy parts: the token embedding of the ResNet's 1/16
-/// features, and the reassembly of the hooked blocks' tokens into feature maps (together 3 %
-/// of the work).
+/// The hybrid ViT's token embedding, owned: the projection of the ResNet's 1/16 features, the
+/// class token and the position embedding.
 #[derive(Debug)]
-pub struct TokenBridge {
+pub struct HybridTokens {
     proj: Conv2d,
     cls_token: Param<Tensor<3>>,
     pos_embed: Param<Tensor<3>>,
-    reassemble3: Reassemble,
-    reassemble4: Reassemble,
 }
 
-impl TokenBridge {
+impl HybridTokens {
     /// The ResNet's 1/16 features as the tokens the blocks start from, `[batch, 1 + h * w,
     /// 768]`, and the token grid `(h, w)`.
     pub fn tokens(&self, sixteenth: Tensor<4>) -> (Tensor<3>, (usize, usize)) {
@@ -79,18 +78,6 @@ impl TokenBridge {
             pos_embed: &self.pos_embed,
         }
         .tokens(sixteenth)
-    }
-
-    /// The hooked blocks' tokens as the decoder's 1/16 and 1/32 feature maps.
-    pub fn reassemble(
-        &self,
-        [tokens3, tokens4]: [Tensor<3>; 2],
-        grid: (usize, usize),
-    ) -> [Tensor<4>; 2] {
-        [
-            self.reassemble3.forward(tokens3, grid),
-            self.reassemble4.forward(tokens4, grid),
-        ]
     }
 }
 
@@ -138,14 +125,13 @@ impl DptHybrid {
         } = self.pretrained;
         DptParts {
             backbone: model.patch_embed.backbone,
-            blocks: model.blocks,
-            bridge: TokenBridge {
+            embedding: HybridTokens {
                 proj: model.patch_embed.proj,
                 cls_token: model.cls_token,
                 pos_embed: model.pos_embed,
-                reassemble3,
-                reassemble4,
             },
+            blocks: model.blocks,
+            reassembly: [reassemble3, reassemble4],
             decoder: self.scratch,
         }
     }

@@ -29,7 +29,7 @@ pub use depth_anything::{
     DepthAnythingHead, DepthAnythingParts, DepthAnythingV2, Reassembly, TokenEmbedding,
 };
 pub use dinov2::{Dinov2, PATCH, VitSize};
-pub use dpt::{DptEncoder, DptHybrid, DptParts, TokenBridge};
+pub use dpt::{DptEncoder, DptHybrid, DptParts, HybridTokens};
 pub use efficientnet::{DepthwiseSeparableConv, EfficientNetLite3, InvertedResidual};
 pub use fusion::{DecoderConfig, FeatureFusionBlock, OutputHead, ResidualConvUnit, Scratch};
 pub use kind::{
@@ -39,7 +39,7 @@ pub use kind::{
 pub use midas::MidasSmall;
 pub use resnet::{Bottleneck, ConvNorm, ResNetV2, group_norm};
 pub use transformer::{HEAD_DIM, LN_EPSILON, LayerScale, TransformerBlock};
-pub use vit::{EMBED_DIM, HOOKS};
+pub use vit::{EMBED_DIM, HOOKS, Reassemble};
 
 use burn::nn::Initializer;
 use burn::nn::PaddingConfig2d;

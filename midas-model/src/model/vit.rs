@@ -115,7 +115,7 @@ impl HybridVit {
 }
 
 /// The token embedding's parameters, wherever they are kept: in [`HybridVit`] (where the
-/// weights load them under upstream's names) or in [`super::TokenBridge`] (once the network is
+/// weights load them under upstream's names) or in [`super::HybridTokens`] (once the network is
 /// taken apart).
 pub(crate) struct TokenEmbedding<'a> {
     pub(crate) proj: &'a Conv2d,

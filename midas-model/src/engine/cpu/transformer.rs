@@ -14,8 +14,6 @@
 //! from upstream's order by rounding only).
 
 use burn::nn::{LayerNorm, Linear};
-use burn::prelude::*;
-use burn::tensor::TensorData;
 use rayon::prelude::*;
 
 use crate::kernels::{SharedOut, WorkBuffer, bias_values, gemm, simd, strided_gemm, tensor_values};
@@ -26,7 +24,7 @@ const ROWS_PER_TASK: usize = 32;
 
 /// A linear layer's parameters: `weights` `[inputs, outputs]` row-major, as Burn keeps them.
 #[derive(Debug)]
-struct PackedLinear {
+pub(super) struct PackedLinear {
     weights: Vec<f32>,
     bias: Vec<f32>,
     inputs: usize,
@@ -34,7 +32,7 @@ struct PackedLinear {
 }
 
 impl PackedLinear {
-    fn pack(linear: Linear) -> Self {
+    pub(super) fn pack(linear: Linear) -> Self {
         let [inputs, outputs] = linear.weight.dims();
         let bias = bias_values(linear.bias, outputs);
         Self {
@@ -43,6 +41,25 @@ impl PackedLinear {
             inputs,
             outputs,
         }
+    }
+
+    /// The layer taken apart at input `at`: the inputs before it with the bias, and those from
+    /// it with a zero bias, so that the two products add up to the layer's.
+    pub(super) fn split_inputs(mut self, at: usize) -> (Self, Self) {
+        assert!(at <= self.inputs);
+        let rest = Self {
+            weights: self.weights.split_off(at * self.outputs),
+            bias: vec![0.0; self.outputs],
+            inputs: self.inputs - at,
+            outputs: self.outputs,
+        };
+        self.inputs = at;
+        (self, rest)
+    }
+
+    /// The bias, one per output.
+    pub(super) fn bias(&self) -> &[f32] {
+        &self.bias
     }
 
     /// Multiplies output column `j` (weights and bias) by `scale[j]`: a LayerScale after the
@@ -57,7 +74,7 @@ impl PackedLinear {
 
     /// `out (+)= input @ weights` over `rows` rows, without the bias; `accumulate` adds to what
     /// `out` holds.
-    fn product(&self, input: &[f32], rows: usize, out: &mut [f32], accumulate: bool) {
+    pub(super) fn product(&self, input: &[f32], rows: usize, out: &mut [f32], accumulate: bool) {
         assert_eq!(input.len(), rows * self.inputs);
         assert_eq!(out.len(), rows * self.outputs);
         // SAFETY: `out` holds rows x outputs values at row stride `outputs` (checked above).
@@ -177,7 +194,11 @@ impl PackedBlock {
 }
 
 /// Runs `pass` on chunks of whole rows of `width` values, in parallel.
-fn for_row_chunks(values: &mut [f32], width: usize, pass: impl Fn(&mut [f32]) + Send + Sync) {
+pub(super) fn for_row_chunks(
+    values: &mut [f32],
+    width: usize,
+    pass: impl Fn(&mut [f32]) + Send + Sync,
+) {
     values.par_chunks_mut(ROWS_PER_TASK * width).for_each(pass);
 }
 
@@ -264,15 +285,6 @@ impl CpuTransformer {
         }
     }
 
-    /// Runs the blocks on the embedded tokens, `[batch, tokens, dim]`: the outputs of the
-    /// blocks `hooks` names (indices from 0, ascending), as tensors of the same shape.
-    pub fn forward<const N: usize>(&self, tokens: Tensor<3>, hooks: [usize; N]) -> [Tensor<3>; N] {
-        let device = tokens.device();
-        let shape = tokens.dims();
-        self.run(tensor_values(tokens), shape[1], hooks)
-            .map(|values| Tensor::from_data(TensorData::new(values, shape), &device))
-    }
-
     /// Runs every block on `x`, `[images, tokens, dim]` row-major, and returns the outputs of
     /// the blocks `hooks` names (indices from 0, ascending).
     pub fn run<const N: usize>(
@@ -312,6 +324,7 @@ impl CpuTransformer {
 mod tests {
     use burn::module::Param;
     use burn::nn::LayerNormConfig;
+    use burn::prelude::*;
     use burn::tensor::Distribution;
 
     use super::*;
