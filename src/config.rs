@@ -333,6 +333,11 @@ pub struct ServeArgs {
     /// Most inputs run through the network together when requests queue up (1 disables batching).
     #[arg(long, env = "MIDAS_MAX_BATCH", default_value_t = 1)]
     pub max_batch: usize,
+    /// Forward passes run at once when requests queue up, sharing the model and the CPU threads
+    /// (0: two for MiDaS small, whose passes leave threads waiting on their narrow layers, one
+    /// for the larger models, whose activations take hundreds of MB a pass).
+    #[arg(long, env = "MIDAS_FORWARD_WORKERS", default_value_t = 0)]
+    pub forward_workers: usize,
     /// Most simultaneous connections; further ones wait in the kernel's accept queue, and
     /// connections with no request in flight are asked to close to make room for them.
     #[arg(long, env = "MIDAS_MAX_CONNECTIONS", default_value_t = 512)]

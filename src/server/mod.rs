@@ -157,10 +157,17 @@ pub async fn run(config: ServeArgs) -> Result<(), ServerError> {
             },
         })
         .set(1);
-    let (queue, _worker) = InferenceQueue::start(
+    let workers = match config.forward_workers {
+        0 if model.kind == ModelKind::MidasV21Small256 => 2,
+        0 => 1,
+        workers => workers,
+    };
+    tracing::info!(workers, "forward workers");
+    let (queue, _workers) = InferenceQueue::start(
         loaded.model,
         config.queue_size,
         config.max_batch,
+        workers,
         metrics.clone(),
     )
     .map_err(|error| ServerError::Io {
