@@ -354,6 +354,56 @@ mod tests {
         assert_eq!(queue.admits(), Ok(()));
     }
 
+    /// Answers, in every value of its depth map, the most of its passes that ran at once before
+    /// this one ended, each pass waiting (up to a second) for a second to start.
+    #[derive(Default)]
+    struct Overlap {
+        /// Passes running now, and the most that ever ran at once.
+        running: Mutex<(usize, usize)>,
+        changed: std::sync::Condvar,
+    }
+
+    impl QueuedModel for Overlap {
+        fn depths(&self, inputs: Vec<NetInput>) -> Result<Vec<DepthMap>, InferenceError> {
+            let mut running = self.running.lock().unwrap();
+            running.0 += 1;
+            running.1 = running.1.max(running.0);
+            self.changed.notify_all();
+            let (mut running, _) = self
+                .changed
+                .wait_timeout_while(running, Duration::from_secs(1), |running| running.1 < 2)
+                .unwrap();
+            running.0 -= 1;
+            let seen = running.1 as f32;
+            Ok(inputs
+                .iter()
+                .map(|i| DepthMap {
+                    width: i.width,
+                    height: i.height,
+                    data: vec![seen; i.width * i.height],
+                })
+                .collect())
+        }
+    }
+
+    /// Two jobs queued together run at once on two workers, one after the other on one.
+    #[test]
+    fn workers_run_queued_jobs_at_once() {
+        for (workers, expected) in [(2, 2.0), (1, 1.0)] {
+            let (queue, _threads) =
+                InferenceQueue::start(Overlap::default(), 4, 1, workers, Metrics::default())
+                    .unwrap();
+            let replies = [
+                queue.submit(input(4)).unwrap(),
+                queue.submit(input(4)).unwrap(),
+            ];
+            for reply in replies {
+                let depth = reply.blocking_recv().unwrap().unwrap().depth;
+                assert_eq!(depth.data[0], expected, "{workers} worker(s)");
+            }
+        }
+    }
+
     #[test]
     fn a_dead_thread_is_reported_as_stopped_not_full() {
         let alive = Arc::new(AtomicBool::new(true));
