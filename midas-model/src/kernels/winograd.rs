@@ -10,8 +10,9 @@
 //! fewer, and reads and writes 2.25 transformed values per output instead of 4, but its
 //! filters take 36 values where F(2x2)'s take 16, and its larger constants round a little more
 //! (still far inside f32's margin for these layers). Layers with few channels, whose filters
-//! are small, take F(4x4); the wide ones keep F(2x2) so that their filters (many MB) are not
-//! more than doubled in memory. Tiles are processed in bands of tile rows sized to stay in
+//! are small, take F(4x4), and so do layers of up to 256 channels on the decoder's fine maps,
+//! whose hundreds of tiles a call repay the larger filters; the others keep F(2x2) so that
+//! their filters (many MB) are not more than doubled in memory. Tiles are processed in bands of tile rows sized to stay in
 //! cache, so the transformed inputs and the products never leave it.
 
 use std::ops::{Add, Mul, Sub};
