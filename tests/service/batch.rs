@@ -167,7 +167,8 @@ fn predicted() -> BTreeMap<&'static str, Vec<u8>> {
         .collect()
 }
 
-/// Every file under `root`, by `/`-separated relative name.
+/// Every file under `root`, by `/`-separated relative name. A file that goes away between the
+/// listing and its reading (a running task renaming its temporary file into place) is left out.
 fn files(root: &Path) -> Objects {
     fn walk(dir: &Path, prefix: &str, found: &mut Objects) {
         for entry in std::fs::read_dir(dir).unwrap() {
@@ -176,7 +177,13 @@ fn files(root: &Path) -> Objects {
             if entry.file_type().unwrap().is_dir() {
                 walk(&entry.path(), &format!("{name}/"), found);
             } else {
-                found.insert(name, std::fs::read(entry.path()).unwrap());
+                match std::fs::read(entry.path()) {
+                    Ok(bytes) => {
+                        found.insert(name, bytes);
+                    }
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(error) => panic!("cannot read {name}: {error}"),
+                }
             }
         }
     }
